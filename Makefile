@@ -1,0 +1,35 @@
+# Every target creates or updates .venv first: nothing is installed by hand.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: run test lint bench bench-queue bench-seed clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/salesdash up
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy salesdash api db worker
+
+bench: bench-queue bench-seed
+
+bench-queue: $(STAMP)
+	$(BIN)/python bench/queue.py
+
+bench-seed: $(STAMP)
+	$(BIN)/python bench/seed.py
+
+clean:
+	rm -rf $(VENV) .salesdash .pytest_cache .mypy_cache .ruff_cache

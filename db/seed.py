@@ -1,0 +1,911 @@
+"""Demo-data generator behind ``salesdash seed``: customers, products, orders and order items.
+
+The data is synthetic but shaped like a real shop, so that every job has something to find:
+
+* **Time.** Orders follow a yearly season (November and December peak, Black Friday and Cyber
+  Monday spikes, a Christmas-day dip), a weekday pattern (Saturday is the quietest day) and an
+  hour-of-day curve (evenings busiest, 3-5 am quietest; buckets are UTC). Day-to-day noise on top.
+* **Customers.** Each customer has a signup time (about a third existed before the window), an
+  active window (signup or window start until churn) and a class: one-time buyers, occasional
+  buyers and loyal ones whose expected order count is heavy-tailed (Pareto). Orders are drawn
+  among the customers active at the order's instant, weighted by their rate, so frequency and
+  recency vary the way RFM segmentation needs, and a customer's ``created_at`` always precedes
+  their first order. Some customers never order (prospects).
+* **Products.** 12 categories with their own price level, margin, lead time and basket quantity;
+  popularity is Zipf-like. ``reorder_point`` comes from the generated demand of the last 28 days
+  (``d̄·L + 1.65·σ·√L``), and about 3% of the products hold stock at or under it.
+* **Orders.** 1-5 lines each (distinct products), historic unit prices (yearly drift, promotions,
+  deeper ones around Black Friday), ``total_amount`` = the exact sum of ``quantity * unit_price``
+  (everything is integer cents until PostgreSQL reads it as ``numeric``), and a status mix by age:
+  recent orders are pending, paid or shipped, older ones delivered; about 5% cancelled and 3%
+  refunded. ``updated_at`` follows the status.
+
+Same ``seed`` and same ``now`` give byte-identical tables.
+
+Speed: everything is generated with numpy in chunks of whole hours (about ``CHUNK_ORDERS`` orders)
+and written straight into PostgreSQL's binary COPY format (fixed-layout numpy records, variable
+text squeezed out with a byte mask), on a worker thread that prepares chunk *k+1* while the
+connection streams chunk *k* into the month partitions. All of it happens in one transaction
+that starts with ``TRUNCATE ... RESTART IDENTITY``, so a failure leaves the previous data intact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["CHUNK_ORDERS", "SeedSummary", "seed"]
+
+CHUNK_ORDERS = 100_000
+"""Orders generated and copied per step (a chunk ends on an hour boundary, so sizes vary a little)."""
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+
+_US_PER_SECOND = 1_000_000
+_US_PER_HOUR = 3_600 * _US_PER_SECOND
+_US_PER_DAY = 24 * _US_PER_HOUR
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_PG_EPOCH_US = 946_684_800 * _US_PER_SECOND  # 2000-01-01 UTC, the origin of binary timestamps
+_NEVER = np.iinfo(np.int64).max // 4  # churn time of customers who never churn
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
+_COPY_TRAILER = b"\xff\xff"
+_COPY_PIECE = 1 << 20  # bytes per CopyData message
+
+# --------------------------------------------------------------------------------------------------
+# Domain tables
+# --------------------------------------------------------------------------------------------------
+
+STATUSES = ("pending", "paid", "shipped", "delivered", "cancelled", "refunded")
+_STATUS_BYTES = np.array([s.encode() for s in STATUSES], dtype="S9")
+_STATUS_LEN = np.array([len(s) for s in STATUSES], dtype=np.int32)
+
+# Status mix by order age (rows: age under 2 h, 1 d, 3 d, 7 d, 30 d, older; columns: STATUSES).
+_STATUS_AGE_EDGES_H = np.array([2, 24, 72, 168, 720], dtype=np.float64)
+_STATUS_MIX = np.array(
+    [
+        [0.45, 0.50, 0.00, 0.00, 0.05, 0.00],
+        [0.10, 0.60, 0.25, 0.00, 0.05, 0.00],
+        [0.02, 0.18, 0.70, 0.05, 0.05, 0.00],
+        [0.00, 0.03, 0.40, 0.50, 0.05, 0.02],
+        [0.00, 0.00, 0.03, 0.89, 0.05, 0.03],
+        [0.00, 0.00, 0.00, 0.92, 0.05, 0.03],
+    ]
+)
+# updated_at = created_at + uniform(lo, hi) hours, by status (capped at now).
+_STATUS_DELAY_H = np.array([[0, 0], [0.02, 0.5], [12, 48], [48, 168], [0.2, 24], [240, 720]], dtype=np.float64)
+_REVENUE_STATUSES = np.array([s in ("paid", "shipped", "delivered") for s in STATUSES])
+
+_ITEMS_PER_ORDER_P = np.array([0.45, 0.25, 0.15, 0.09, 0.06])  # 1..5 lines, mean ~2.06
+
+# Month (Jan..Dec), weekday (Mon..Sun) and hour-of-day (UTC) demand factors.
+_MONTH_FACTOR = np.array([0.86, 0.80, 0.92, 0.93, 0.97, 0.93, 0.91, 0.94, 0.96, 1.02, 1.30, 1.50])
+_WEEKDAY_FACTOR = np.array([1.06, 1.02, 1.00, 1.00, 0.95, 0.84, 1.03])
+_HOUR_FACTOR = np.array(
+    [0.45, 0.30, 0.20, 0.14, 0.12, 0.15, 0.30, 0.55, 0.80, 1.00, 1.10, 1.15,
+     1.25, 1.20, 1.10, 1.05, 1.05, 1.10, 1.25, 1.45, 1.60, 1.50, 1.15, 0.75]
+)  # fmt: skip
+_YEARLY_GROWTH = 1.25  # signups grow 25% a year
+
+# Customer classes: share, expected-order shape, mean active lifetime in days.
+_ONE_TIME, _OCCASIONAL, _LOYAL = 0, 1, 2
+_CLASS_SHARE = np.array([0.42, 0.43, 0.15])
+_CLASS_LIFETIME_DAYS = np.array([10.0, 240.0, 900.0])
+_PRE_EXISTING_SHARE = 0.35  # customers who signed up before the window
+
+_COUNTRIES = (
+    ("US", 34), ("GB", 10), ("DE", 9), ("FR", 7), ("CA", 6), ("AU", 4), ("NL", 3), ("ES", 3),
+    ("IT", 3), ("SE", 2), ("PL", 2), ("BR", 3), ("MX", 2), ("IN", 3), ("JP", 3), ("IE", 1),
+    ("BE", 1), ("CH", 1), ("AT", 1), ("DK", 1), ("NO", 1), ("NZ", 1), ("SG", 1), ("ZA", 1),
+)  # fmt: skip
+
+_FIRST_NAMES = (
+    "James", "Mary", "John", "Patricia", "Robert", "Jennifer", "Michael", "Linda", "David", "Elizabeth",
+    "William", "Barbara", "Richard", "Susan", "Joseph", "Jessica", "Thomas", "Sarah", "Charles", "Karen",
+    "Daniel", "Lisa", "Matthew", "Nancy", "Anthony", "Sandra", "Mark", "Ashley", "Paul", "Emily", "Steven",
+    "Michelle", "Andrew", "Amanda", "Joshua", "Melissa", "Kevin", "Laura", "Brian", "Rebecca", "Oliver",
+    "Emma", "Noah", "Olivia", "Liam", "Sophia", "Lucas", "Mia", "Hugo", "Chloe", "Leon", "Hannah", "Felix",
+    "Lea", "Jonas", "Lena", "Mateo", "Sofia", "Luca", "Giulia", "Marco", "Chiara", "Pablo", "Lucia",
+    "Diego", "Carmen", "Lars", "Ingrid", "Sven", "Astrid", "Piotr", "Anna", "Jakub", "Zofia", "Rahul",
+    "Priya", "Arjun", "Ananya", "Kenji", "Yuki", "Haruto", "Sakura", "Wei", "Mei", "Chen", "Li", "Ahmed",
+    "Fatima", "Omar", "Aisha", "Kwame", "Amara", "Tariq", "Leila", "Ivan", "Olga", "Mateus", "Ana",
+    "Gabriel", "Beatriz", "Sean", "Siobhan", "Finn", "Niamh"
+)  # fmt: skip
+_LAST_NAMES = (
+    "Smith", "Johnson", "Williams", "Brown", "Jones", "Garcia", "Miller", "Davis", "Rodriguez", "Martinez",
+    "Hernandez", "Lopez", "Gonzalez", "Wilson", "Anderson", "Thomas", "Taylor", "Moore", "Jackson",
+    "Martin", "Lee", "Thompson", "White", "Harris", "Clark", "Lewis", "Walker", "Young", "Allen", "King",
+    "Wright", "Scott", "Green", "Baker", "Adams", "Nelson", "Hill", "Campbell", "Mitchell", "Roberts",
+    "Muller", "Schmidt", "Schneider", "Fischer", "Weber", "Meyer", "Wagner", "Becker", "Dubois", "Moreau",
+    "Laurent", "Bernard", "Rossi", "Russo", "Ferrari", "Esposito", "Bianchi", "Fernandez", "Ruiz",
+    "Navarro", "Torres", "Jansen", "DeVries", "Bakker", "Visser", "Andersson", "Johansson", "Nilsson",
+    "Kowalski", "Nowak", "Wisniewski", "Silva", "Santos", "Oliveira", "Costa", "Sato", "Suzuki",
+    "Takahashi", "Tanaka", "Wang", "Zhang", "Liu", "Patel", "Sharma", "Singh", "Kumar", "Khan", "Ali",
+    "Hassan", "Murphy", "Kelly", "OBrien", "Byrne", "Walsh", "Novak", "Horvat", "Petrov", "Ivanova",
+    "Okafor", "Mensah", "Nkosi"
+)  # fmt: skip
+_EMAIL_DOMAINS = ("example.com", "example.net", "example.org")
+_BRANDS = (
+    "Acme", "Northwind", "Contoso", "Fabrikam", "Tailspin", "Litware", "Proseware", "Adatum", "Woodgrove",
+    "Lumen", "Nordic", "Summit", "Evergreen", "Bluebird", "Ironclad", "Polar", "Harbor", "Cobalt",
+    "Juniper", "Meridian"
+)  # fmt: skip
+_ADJECTIVES = (
+    "Classic", "Premium", "Compact", "Deluxe", "Essential", "Smart", "Ultra", "Eco", "Pro", "Lite", "Urban",
+    "Vintage", "Everyday", "Advanced", "Signature"
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Category:
+    name: str
+    code: str
+    demand: float  # relative share of order lines
+    median_price: float  # dollars
+    price_sigma: float
+    margin: float  # mean gross margin
+    lead_time_days: int
+    qty_p: float  # geometric parameter of the line quantity (1.0 = always 1)
+    nouns: tuple[str, ...]
+
+
+_CATEGORIES = (
+    _Category("Electronics", "ELC", 1.3, 120.0, 0.8, 0.22, 14, 0.92,
+              ("Headphones", "Speaker", "Smartwatch", "Charger", "Camera", "Earbuds", "Drone", "Tablet")),
+    _Category("Computers", "CMP", 0.6, 450.0, 0.7, 0.15, 21, 0.95,
+              ("Laptop", "Monitor", "Keyboard", "Mouse", "Docking Station", "SSD", "Router", "Webcam")),
+    _Category("Home & Kitchen", "HOM", 1.4, 38.0, 0.7, 0.42, 10, 0.8,
+              ("Blender", "Cookware Set", "Kettle", "Knife Set", "Toaster", "Coffee Maker", "Lamp", "Pillow")),
+    _Category("Clothing", "CLO", 1.6, 32.0, 0.55, 0.55, 12, 0.7,
+              ("T-Shirt", "Hoodie", "Jeans", "Jacket", "Sweater", "Dress", "Socks", "Cap")),
+    _Category("Shoes", "SHO", 0.8, 75.0, 0.45, 0.48, 18, 0.9,
+              ("Sneakers", "Boots", "Sandals", "Loafers", "Running Shoes", "Slippers")),
+    _Category("Beauty & Personal Care", "BEA", 1.1, 18.0, 0.6, 0.60, 7, 0.6,
+              ("Moisturizer", "Shampoo", "Serum", "Lipstick", "Perfume", "Razor", "Sunscreen")),
+    _Category("Sports & Outdoors", "SPO", 0.9, 45.0, 0.8, 0.38, 14, 0.85,
+              ("Yoga Mat", "Tent", "Backpack", "Dumbbells", "Bike Helmet", "Water Bottle", "Jersey")),
+    _Category("Toys & Games", "TOY", 0.9, 25.0, 0.7, 0.45, 21, 0.8,
+              ("Board Game", "Puzzle", "Building Set", "Plush Toy", "Action Figure", "RC Car")),
+    _Category("Books", "BOK", 1.0, 15.0, 0.4, 0.30, 5, 0.85,
+              ("Novel", "Cookbook", "Biography", "Travel Guide", "Notebook", "Comic")),
+    _Category("Grocery", "GRO", 1.2, 7.0, 0.6, 0.25, 3, 0.45,
+              ("Coffee Beans", "Olive Oil", "Tea", "Granola", "Chocolate", "Pasta", "Honey")),
+    _Category("Garden & Outdoor", "GAR", 0.5, 42.0, 0.8, 0.40, 14, 0.75,
+              ("Planter", "Hose", "Pruner", "Grill", "Seed Kit", "Lantern")),
+    _Category("Pet Supplies", "PET", 0.7, 22.0, 0.7, 0.35, 7, 0.6,
+              ("Dog Food", "Cat Litter", "Leash", "Pet Bed", "Chew Toy", "Aquarium Filter")),
+)  # fmt: skip
+CATEGORIES = tuple(c.name for c in _CATEGORIES)
+
+_LOW_STOCK_SHARE = 0.03
+_ROP_Z = 1.65  # 95% cycle service level
+_DEMAND_DAYS = 28
+
+# --------------------------------------------------------------------------------------------------
+# Result
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeedSummary:
+    """What `seed` loaded. ``timings`` splits ``seconds`` into phases (``generate`` runs on a worker
+    thread while ``copy_orders``/``copy_items`` stream, so the phases overlap)."""
+
+    customers: int
+    products: int
+    orders: int
+    order_items: int
+    seconds: float
+    seed: int = 0
+    months: int = 0
+    window_start: datetime | None = None
+    window_end: datetime | None = None
+    revenue: Decimal = Decimal("0.00")  # sum of total_amount over paid, shipped and delivered orders
+    low_stock_products: int = 0
+    timings: dict[str, float] = field(default_factory=dict, compare=False)
+
+    @property
+    def orders_per_second(self) -> float:
+        return self.orders / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def items_per_second(self) -> float:
+        return self.order_items / self.seconds if self.seconds > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Binary COPY encoding
+# --------------------------------------------------------------------------------------------------
+
+# Column kinds: "int2", "int4", "int8", "ts" (int64 microseconds since the Unix epoch),
+# "money" (int64 cents -> numeric with scale 2), ("bytes", n) (fixed n bytes: char(n) / text),
+# ("text", n) (variable text of at most n bytes; lengths are passed alongside).
+Kind = str | tuple[str, int]
+
+
+class _RowLayout:
+    """A fixed-size numpy record per COPY row; variable text columns are padded to their maximum and
+    the padding is cut out with a byte mask, so encoding a chunk is a handful of vector operations."""
+
+    def __init__(self, kinds: Sequence[Kind]) -> None:
+        self.kinds = list(kinds)
+        names: list[str] = ["nf"]
+        formats: list[Any] = [">i2"]
+        for k, kind in enumerate(self.kinds):
+            names += [f"l{k}", f"v{k}"]
+            formats.append(">i4")
+            if kind == "int2":
+                formats.append(">i2")
+            elif kind == "int4":
+                formats.append(">i4")
+            elif kind in ("int8", "ts"):
+                formats.append(">i8")
+            elif kind == "money":
+                formats.append((">i2", (8,)))  # ndigits, weight, sign, dscale, 4 base-10000 digits
+            elif isinstance(kind, tuple) and kind[0] in ("bytes", "text"):
+                formats.append(f"S{kind[1]}")
+            else:  # pragma: no cover - programming error
+                raise ValueError(f"unknown column kind {kind!r}")
+        self.dtype = np.dtype({"names": names, "formats": formats})
+        self.variable = [k for k, kind in enumerate(self.kinds) if isinstance(kind, tuple) and kind[0] == "text"]
+
+    def encode(self, columns: Sequence[npt.NDArray[Any]], lengths: dict[int, npt.NDArray[Any]] | None = None) -> bytes:
+        """COPY BINARY body (no header/trailer) of the given column arrays."""
+        n = len(columns[0])
+        rows = np.empty(n, dtype=self.dtype)
+        rows["nf"] = len(self.kinds)
+        for k, (kind, values) in enumerate(zip(self.kinds, columns, strict=True)):
+            length_field, value_field = f"l{k}", f"v{k}"
+            if kind == "money":
+                rows[length_field] = 16
+                cents = values.astype(np.int64, copy=False)
+                whole = cents // 100
+                numeric = rows[value_field]
+                numeric[:, 0] = 4
+                numeric[:, 1] = 2
+                numeric[:, 2] = 0
+                numeric[:, 3] = 2
+                numeric[:, 4] = whole // 100_000_000
+                numeric[:, 5] = (whole // 10_000) % 10_000
+                numeric[:, 6] = whole % 10_000
+                numeric[:, 7] = (cents % 100) * 100
+            elif kind == "ts":
+                rows[length_field] = 8
+                rows[value_field] = values - _PG_EPOCH_US
+            elif isinstance(kind, tuple):
+                rows[length_field] = lengths[k] if (lengths is not None and k in lengths) else kind[1]
+                rows[value_field] = values
+            else:
+                rows[length_field] = rows.dtype[value_field].itemsize
+                rows[value_field] = values
+        raw = rows.view(np.uint8).reshape(n, self.dtype.itemsize)
+        if not self.variable or n == 0:
+            return raw.tobytes()
+        keep = np.ones(raw.shape, dtype=bool)
+        for k in self.variable:
+            start = self.dtype.fields[f"v{k}"][1]  # type: ignore[index]
+            width = self.dtype[f"v{k}"].itemsize
+            assert lengths is not None
+            keep[:, start : start + width] = np.arange(width) < lengths[k][:, None]
+        return raw[keep].tobytes()
+
+
+_ORDER_LAYOUT = _RowLayout(["int8", "int8", ("text", 9), "money", "ts", "ts"])
+_ORDER_COLUMNS = ("id", "customer_id", "status", "total_amount", "created_at", "updated_at")
+_ITEM_LAYOUT = _RowLayout(["int8", "int2", "int8", "int4", "money", "ts"])
+_ITEM_COLUMNS = ("order_id", "line_no", "product_id", "quantity", "unit_price", "created_at")
+_CUSTOMER_COLUMNS = ("id", "email", "name", "country", "created_at")
+_PRODUCT_COLUMNS = (
+    "id", "sku", "name", "category", "price", "cost", "stock_quantity", "reorder_point", "lead_time_days",
+    "created_at",
+)  # fmt: skip
+
+
+async def _pieces(body: bytes) -> AsyncIterator[bytes | memoryview]:
+    view = memoryview(body)
+    yield _COPY_HEADER
+    for start in range(0, len(view), _COPY_PIECE):
+        yield view[start : start + _COPY_PIECE]
+    yield _COPY_TRAILER
+
+
+async def _copy(conn: asyncpg.Connection, table: str, columns: Sequence[str], body: bytes) -> None:
+    await conn.copy_to_table(table, source=_pieces(body), columns=list(columns), format="binary")
+
+
+def _text_column(values: Sequence[str]) -> tuple[npt.NDArray[np.bytes_], npt.NDArray[np.int32]]:
+    encoded = [v.encode() for v in values]
+    lengths = np.fromiter((len(b) for b in encoded), dtype=np.int32, count=len(encoded))
+    width = max(int(lengths.max()) if len(encoded) else 1, 1)
+    return np.array(encoded, dtype=f"S{width}"), lengths
+
+
+# --------------------------------------------------------------------------------------------------
+# Time helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _to_us(moment: datetime) -> int:
+    return (moment - _UNIX_EPOCH) // timedelta(microseconds=1)
+
+
+def _from_us(us: int) -> datetime:
+    return _UNIX_EPOCH + timedelta(microseconds=us)
+
+
+def _months_before(moment: datetime, months: int) -> datetime:
+    """``moment - interval 'N months'`` the way PostgreSQL does it (day clamped to the month's end)."""
+    index = moment.year * 12 + (moment.month - 1) - months
+    year, month = divmod(index, 12)
+    month += 1
+    next_first = date(year + (month == 12), month % 12 + 1, 1)
+    last_day = (next_first - timedelta(days=1)).day
+    return moment.replace(year=year, month=month, day=min(moment.day, last_day))
+
+
+def _calendar(us: IntArray) -> tuple[IntArray, IntArray, IntArray, IntArray, IntArray]:
+    """(month 1-12, day of month, weekday Mon=0, hour of day, days since epoch) of UTC instants."""
+    days = us // _US_PER_DAY
+    as_day = days.astype("datetime64[D]")
+    month_start = as_day.astype("datetime64[M]")
+    month = month_start.astype(np.int64) % 12 + 1
+    day_of_month = (as_day - month_start.astype("datetime64[D]")).astype(np.int64) + 1
+    weekday = (days + 3) % 7
+    hour = (us // _US_PER_HOUR) % 24
+    return month, day_of_month, weekday, hour, days
+
+
+def _is_black_friday(days: IntArray) -> npt.NDArray[np.bool_]:
+    month, dom, weekday, _, _ = _calendar(days * _US_PER_DAY)
+    return (month == 11) & (weekday == 4) & (dom >= 22) & (dom <= 28)
+
+
+def _day_factor(days: IntArray) -> FloatArray:
+    """Special days: Black Friday, Cyber Monday, the run-up to Christmas, Christmas and New Year."""
+    month, dom, _, _, _ = _calendar(days * _US_PER_DAY)
+    factor = np.ones(len(days))
+    factor[_is_black_friday(days)] = 2.6
+    factor[_is_black_friday(days - 1) | _is_black_friday(days - 2)] = 1.6  # the weekend after
+    factor[_is_black_friday(days - 3)] = 2.1  # Cyber Monday
+    factor[(month == 12) & (dom <= 20)] *= 1.1
+    factor[(month == 12) & (dom == 24)] = 0.8
+    factor[(month == 12) & (dom == 25)] = 0.55
+    factor[(month == 12) & (dom == 26)] = 0.85
+    factor[(month == 1) & (dom == 1)] = 0.6
+    return factor
+
+
+def _promo_rate(days: IntArray) -> FloatArray:
+    """Share of order lines sold at a discount on each day."""
+    month, _, _, _, _ = _calendar(days * _US_PER_DAY)
+    rate = np.full(len(days), 0.06)
+    rate[month == 12] = 0.15
+    black_week = np.zeros(len(days), dtype=bool)
+    for lag in range(-2, 5):
+        black_week |= _is_black_friday(days - lag)
+    rate[black_week] = 0.5
+    return rate
+
+
+# --------------------------------------------------------------------------------------------------
+# Generator
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Chunk:
+    orders_body: bytes
+    items_body: bytes
+    orders: int
+    items: int
+    revenue_cents: int
+    seconds: float
+
+
+def _rng(seed: int, *stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, *stream]))
+
+
+class _Generator:
+    """Holds the per-run model (time grid, customers, products) and produces order chunks in time
+    order. Chunk *k* uses its own random stream, so the result does not depend on thread timing."""
+
+    def __init__(self, *, customers: int, products: int, orders: int, seed: int, start_us: int, now_us: int):
+        self.n_customers, self.n_products, self.n_orders, self.seed = customers, products, orders, seed
+        self.start_us, self.now_us = start_us, now_us
+        self._hour_grid()
+        self._products()
+        self._customers()
+        self._order_counts()
+        self._bucket_cache: dict[int, tuple[IntArray, FloatArray]] = {}
+        self.recent_units = np.zeros((max(products, 1), _DEMAND_DAYS), dtype=np.int64)
+
+    # --- time grid ---------------------------------------------------------------------------------
+
+    def _hour_grid(self) -> None:
+        rng = _rng(self.seed, 1)
+        self.grid_us = self.start_us - self.start_us % _US_PER_HOUR
+        n_hours = max(1, -(-(self.now_us - self.grid_us) // _US_PER_HOUR))
+        hour_start = self.grid_us + np.arange(n_hours, dtype=np.int64) * _US_PER_HOUR
+        self.hour_lo = np.maximum(hour_start, self.start_us)
+        self.hour_hi = np.minimum(hour_start + _US_PER_HOUR, self.now_us)
+        month, _, weekday, hour, days = _calendar(hour_start)
+        first_day = int(days[0])
+        unique_days = np.arange(first_day, int(days[-1]) + 1, dtype=np.int64)
+        day_noise = rng.lognormal(0.0, 0.08, len(unique_days))
+        day_index = days - first_day
+        self.hour_weight = (
+            _MONTH_FACTOR[month - 1]
+            * _WEEKDAY_FACTOR[weekday]
+            * _HOUR_FACTOR[hour]
+            * (_day_factor(unique_days) * day_noise)[day_index]
+            * ((self.hour_hi - self.hour_lo) / _US_PER_HOUR)
+        )
+        self.weight_cum = np.concatenate([[0.0], np.cumsum(self.hour_weight)])
+        self.hour_promo = _promo_rate(unique_days)[day_index]
+
+    def _hour_of(self, us: IntArray) -> IntArray:
+        return np.clip((us - self.grid_us) // _US_PER_HOUR, 0, len(self.hour_weight) - 1)
+
+    def _sample_in_window(self, rng: np.random.Generator, weight: FloatArray, n: int) -> IntArray:
+        """n instants in [start, now) distributed like the hourly `weight`."""
+        cum = np.cumsum(weight)
+        hours = np.minimum(np.searchsorted(cum, rng.random(n) * cum[-1], side="right"), len(cum) - 1)
+        span = self.hour_hi[hours] - self.hour_lo[hours]
+        return self.hour_lo[hours] + (rng.random(n) * span).astype(np.int64)
+
+    # --- products ----------------------------------------------------------------------------------
+
+    def _products(self) -> None:
+        n = self.n_products
+        rng = _rng(self.seed, 2)
+        demand = np.array([c.demand for c in _CATEGORIES])
+        category = rng.choice(len(_CATEGORIES), size=n, p=demand / demand.sum())
+        if n >= len(_CATEGORIES):  # every category present
+            category[: len(_CATEGORIES)] = np.arange(len(_CATEGORIES))
+            rng.shuffle(category)
+        median = np.array([c.median_price for c in _CATEGORIES])[category]
+        sigma = np.array([c.price_sigma for c in _CATEGORIES])[category]
+        dollars = np.maximum(np.floor(median * rng.lognormal(0.0, sigma)), 1.0)
+        ending = rng.choice(np.array([99, 95, 49, 0]), size=n, p=[0.6, 0.15, 0.15, 0.1])
+        self.price_cents = (dollars.astype(np.int64) - (ending == 0)) * 100 + np.where(ending == 0, 100, ending)
+        margin = np.clip(np.array([c.margin for c in _CATEGORIES])[category] + rng.normal(0.0, 0.06, n), 0.05, 0.85)
+        self.cost_cents = np.rint(self.price_cents * (1.0 - margin)).astype(np.int64)
+        self.lead_time = np.maximum(
+            1, np.rint(np.array([c.lead_time_days for c in _CATEGORIES])[category] * rng.uniform(0.6, 1.5, n))
+        ).astype(np.int64)
+        self.qty_p = np.array([c.qty_p for c in _CATEGORIES])[category]
+        self.category = category
+        # Zipf-like popularity, scaled by the category's share of demand.
+        rank = rng.permutation(n) + 1
+        popularity = rank**-0.8 * rng.lognormal(0.0, 0.3, n)
+        cat_total = np.bincount(category, weights=popularity, minlength=len(_CATEGORIES))
+        popularity = popularity / cat_total[category] * demand[category] if n else popularity
+        self.product_cum = np.cumsum(popularity)
+        self.price_drift = rng.uniform(0.0, 0.06, n)  # yearly price increase
+        self.product_created_us = self.start_us - (rng.uniform(1, 730, n) * _US_PER_DAY).astype(np.int64)
+
+    def _pick_products(self, rng: np.random.Generator, n: int) -> IntArray:
+        u = rng.random(n) * self.product_cum[-1]
+        return np.minimum(np.searchsorted(self.product_cum, u, side="right"), self.n_products - 1).astype(np.int64)
+
+    # --- customers ---------------------------------------------------------------------------------
+
+    def _customers(self) -> None:
+        n = self.n_customers
+        rng = _rng(self.seed, 3)
+        klass = rng.choice(3, size=n, p=_CLASS_SHARE)
+        pre = rng.random(n) < _PRE_EXISTING_SHARE
+        if n:
+            pre[0] = True  # someone is always there to buy
+        signup = np.empty(n, dtype=np.int64)
+        n_pre = int(pre.sum())
+        # Pre-existing: up to three years before the window, at plausible hours.
+        pre_days = (self.start_us // _US_PER_DAY) - 1 - rng.integers(0, 3 * 365, n_pre)
+        pre_hours = rng.choice(24, size=n_pre, p=_HOUR_FACTOR / _HOUR_FACTOR.sum())
+        signup[pre] = pre_days * _US_PER_DAY + pre_hours * _US_PER_HOUR + rng.integers(0, _US_PER_HOUR, n_pre)
+        # New signups follow the seasonal pattern plus growth.
+        years = (self.hour_lo - self.start_us) / (365.25 * _US_PER_DAY)
+        signup[~pre] = self._sample_in_window(rng, self.hour_weight * _YEARLY_GROWTH**years, n - n_pre)
+        # Active from signup (or the window start, or -- one-time buyers who existed before --
+        # from some moment in the window) until churn.
+        active = np.maximum(signup, self.start_us)
+        returning = pre & (klass == _ONE_TIME)
+        active[returning] = self._sample_in_window(rng, self.hour_weight, int(returning.sum()))
+        lifetime = rng.exponential(_CLASS_LIFETIME_DAYS[klass]) * _US_PER_DAY + _US_PER_HOUR
+        churn = active + lifetime.astype(np.int64)
+        # Orders over a customer's whole lifetime: one-time buyers 1, occasional ~3.5, loyal a Pareto
+        # tail. The rate spreads them over the (untruncated) lifetime, so customers who joined late or
+        # churned early simply place fewer orders inside the window: recency and frequency vary.
+        lifetime_orders = np.ones(n)
+        occasional = klass == _OCCASIONAL
+        loyal = klass == _LOYAL
+        lifetime_orders[occasional] = 1.5 + rng.lognormal(np.log(2.0), 0.6, int(occasional.sum()))
+        lifetime_orders[loyal] = np.minimum(6.0 * (1.0 + rng.pareto(1.4, int(loyal.sum()))), 150.0)
+        rate = lifetime_orders / (lifetime / _US_PER_HOUR * self.hour_weight.mean())
+        # Sort by signup: ids follow signup order; the earliest customer never churns (and buys rarely).
+        order = np.argsort(signup, kind="stable")
+        self.signup, self.active, self.churn = signup[order], active[order], churn[order]
+        self.klass, rate, loyal = klass[order], rate[order], loyal[order]
+        if n:
+            self.active[0], self.churn[0] = self.start_us, _NEVER
+            rate[0] = rate.min()
+        first_hour = self._hour_of(self.active)
+        last_hour = self._hour_of(np.minimum(self.churn, self.now_us - 1))
+        live = self.active < self.now_us
+        rate[~live] = 0.0
+        # Expected orders inside the window; the loyal customers absorb the difference to `orders`
+        # (when there are fewer orders than the others alone would place, the sampler scales everyone).
+        in_window = rate * (self.weight_cum[last_hour + 1] - self.weight_cum[first_hour])
+        fixed, flexible = in_window[~loyal].sum(), in_window[loyal].sum()
+        if flexible > 0 and self.n_orders > fixed:
+            rate[loyal] *= (self.n_orders - fixed) / flexible
+        self.rate = rate
+        delta = np.zeros(len(self.hour_weight) + 1)
+        np.add.at(delta, first_hour[live], rate[live])
+        np.add.at(delta, last_hour[live] + 1, -rate[live])
+        self.active_rate = np.cumsum(delta)[:-1]
+        self.country = rng.choice(len(_COUNTRIES), size=n, p=self._country_p())
+        self.first_name = rng.integers(0, len(_FIRST_NAMES), n)
+        self.last_name = rng.integers(0, len(_LAST_NAMES), n)
+        self.email_domain = rng.choice(len(_EMAIL_DOMAINS), size=n, p=[0.6, 0.25, 0.15])
+
+    @staticmethod
+    def _country_p() -> FloatArray:
+        weights = np.array([w for _, w in _COUNTRIES], dtype=np.float64)
+        return weights / weights.sum()
+
+    def _candidates(self, bucket: int) -> tuple[IntArray, FloatArray]:
+        """Customers active at some instant of the week `bucket`, and their cumulative rates."""
+        cached = self._bucket_cache.get(bucket)
+        if cached is None:
+            lo = self.grid_us + bucket * 7 * _US_PER_DAY
+            hi = lo + 7 * _US_PER_DAY
+            index = np.flatnonzero((self.active < hi) & (self.churn > lo) & (self.rate > 0))
+            cached = (index, np.cumsum(self.rate[index]))
+            self._bucket_cache = {bucket: cached}  # chunks move forward in time: keep one week
+        return cached
+
+    def _pick_customers(self, rng: np.random.Generator, when: IntArray) -> IntArray:
+        """Customer index for each order instant: weighted by rate among customers active then."""
+        result = np.zeros(len(when), dtype=np.int64)
+        buckets = (when - self.grid_us) // (7 * _US_PER_DAY)
+        edges = np.flatnonzero(np.diff(buckets)) + 1
+        for lo, hi in zip(np.r_[0, edges], np.r_[edges, len(when)], strict=True):
+            index, cum = self._candidates(int(buckets[lo]))
+            t = when[lo:hi]
+            todo = np.arange(hi - lo)
+            for _ in range(64):
+                pick = index[
+                    np.minimum(np.searchsorted(cum, rng.random(len(todo)) * cum[-1], side="right"), len(cum) - 1)
+                ]
+                ok = (self.active[pick] < t[todo]) & (self.churn[pick] > t[todo])
+                result[lo + todo[ok]] = pick[ok]
+                todo = todo[~ok]
+                if not len(todo):
+                    break
+            # Whatever is left (practically never) goes to the first customer, who is always active.
+        return result
+
+    # --- orders ------------------------------------------------------------------------------------
+
+    def _order_counts(self) -> None:
+        rng = _rng(self.seed, 4)
+        if self.n_orders == 0:
+            self.hour_counts = np.zeros(len(self.hour_weight), dtype=np.int64)
+        else:
+            intensity = self.active_rate * self.hour_weight
+            self.hour_counts = rng.multinomial(self.n_orders, intensity / intensity.sum()).astype(np.int64)
+        cum = np.cumsum(self.hour_counts)
+        if self.n_orders == 0:
+            self.chunk_hours, self.order_offset, self.chunk_sizes = [], np.zeros(0, dtype=np.int64), []
+            return
+        # Chunks are runs of whole hours of about CHUNK_ORDERS orders.
+        targets = np.arange(CHUNK_ORDERS, self.n_orders, CHUNK_ORDERS)
+        ends = np.unique(np.searchsorted(cum, targets, side="left") + 1)
+        bounds = np.unique(np.r_[0, ends[ends < len(cum)], len(cum)])
+        self.chunk_hours = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
+        self.order_offset = np.r_[0, cum][bounds[:-1]]  # id - 1 of each chunk's first order
+        self.chunk_sizes = (np.r_[0, cum][bounds[1:]] - self.order_offset).tolist()
+
+    def chunk(self, k: int) -> _Chunk:
+        started = time.perf_counter()
+        rng = _rng(self.seed, 100, k)
+        h0, h1 = self.chunk_hours[k]
+        counts = self.hour_counts[h0:h1]
+        n = int(counts.sum())
+        hours = np.repeat(np.arange(h0, h1), counts)
+        span = self.hour_hi[hours] - self.hour_lo[hours]
+        created = np.sort(self.hour_lo[hours] + (rng.random(n) * span).astype(np.int64))
+        hours = self._hour_of(created)
+        order_ids = int(self.order_offset[k]) + 1 + np.arange(n, dtype=np.int64)
+        customer_ids = self._pick_customers(rng, created) + 1
+
+        # Lines: 1-5 distinct products.
+        lines = rng.choice(5, size=n, p=_ITEMS_PER_ORDER_P) + 1
+        m = int(lines.sum())
+        first_line = np.r_[0, np.cumsum(lines)[:-1]]
+        owner = np.repeat(np.arange(n), lines)
+        line_no = np.arange(m) - first_line[owner] + 1
+        product = self._pick_products(rng, m)
+        for _ in range(8):
+            dup = np.zeros(m, dtype=bool)
+            for lag in range(1, 5):
+                dup[lag:] |= (line_no[lag:] > lag) & (product[lag:] == product[:-lag])
+            if not dup.any() or self.n_products < 5:
+                break
+            product[dup] = self._pick_products(rng, int(dup.sum()))
+        quantity = np.minimum(rng.geometric(self.qty_p[product]), 12).astype(np.int64)
+        item_created = created[owner]
+        item_hours = hours[owner]
+        years_ago = (self.now_us - item_created) / (365.25 * _US_PER_DAY)
+        factor = 1.0 - self.price_drift[product] * years_ago
+        promo = rng.random(m) < self.hour_promo[item_hours]
+        factor[promo] *= 1.0 - rng.choice(np.array([0.10, 0.15, 0.20, 0.25, 0.30]), size=int(promo.sum()))
+        unit_cents = np.maximum(np.rint(self.price_cents[product] * factor), 1).astype(np.int64)
+        total_cents = np.add.reduceat(quantity * unit_cents, first_line)
+
+        # Status by age; updated_at follows the status.
+        age_hours = (self.now_us - created) / _US_PER_HOUR
+        mix = np.cumsum(_STATUS_MIX, axis=1)[np.searchsorted(_STATUS_AGE_EDGES_H, age_hours, side="right")]
+        status = np.minimum((rng.random(n)[:, None] >= mix).sum(axis=1), len(STATUSES) - 1)
+        delay_lo, delay_hi = _STATUS_DELAY_H[status, 0], _STATUS_DELAY_H[status, 1]
+        delay = ((delay_lo + rng.random(n) * (delay_hi - delay_lo)) * _US_PER_HOUR).astype(np.int64)
+        updated = np.clip(created + delay, created, np.maximum(created, self.now_us))
+
+        # Demand of the last 28 days, for the products' reorder points.
+        recent_day = (self.now_us - item_created) // _US_PER_DAY
+        recent = recent_day < _DEMAND_DAYS
+        if recent.any():
+            np.add.at(self.recent_units, (product[recent], recent_day[recent]), quantity[recent])
+
+        orders_body = _ORDER_LAYOUT.encode(
+            [order_ids, customer_ids, _STATUS_BYTES[status], total_cents, created, updated],
+            {2: _STATUS_LEN[status]},
+        )
+        items_body = _ITEM_LAYOUT.encode([order_ids[owner], line_no, product + 1, quantity, unit_cents, item_created])
+        revenue = int(total_cents[_REVENUE_STATUSES[status]].sum())
+        return _Chunk(orders_body, items_body, n, m, revenue, time.perf_counter() - started)
+
+    # --- customer and product rows -----------------------------------------------------------------
+
+    def customers_body(self) -> bytes:
+        n = self.n_customers
+        first = [_FIRST_NAMES[i] for i in self.first_name.tolist()]
+        last = [_LAST_NAMES[i] for i in self.last_name.tolist()]
+        domains = [_EMAIL_DOMAINS[i] for i in self.email_domain.tolist()]
+        names, name_len = _text_column([f"{f} {la}" for f, la in zip(first, last, strict=True)])
+        emails, email_len = _text_column(
+            [
+                f"{f.lower()}.{la.lower()}{i}@{d}"
+                for i, (f, la, d) in enumerate(zip(first, last, domains, strict=True), 1)
+            ]
+        )
+        countries = np.array([c.encode() for c, _ in _COUNTRIES], dtype="S2")[self.country]
+        layout = _RowLayout(["int8", ("text", emails.itemsize), ("text", names.itemsize), ("bytes", 2), "ts"])
+        return layout.encode(
+            [np.arange(1, n + 1, dtype=np.int64), emails, names, countries, self.signup],
+            {1: email_len, 2: name_len},
+        )
+
+    def products_body(self) -> tuple[bytes, int]:
+        """Product rows; reorder points come from the generated demand, so call after the chunks."""
+        n = self.n_products
+        rng = _rng(self.seed, 5)
+        units = self.recent_units[:n].astype(np.float64)
+        daily = units.mean(axis=1)
+        sd = units.std(axis=1, ddof=1) if _DEMAND_DAYS > 1 else np.zeros(n)
+        lead = self.lead_time.astype(np.float64)
+        reorder = np.ceil(daily * lead + _ROP_Z * sd * np.sqrt(lead)).astype(np.int64)
+        monthly = daily * 30
+        stock = reorder + np.ceil(monthly * rng.uniform(0.3, 3.0, n)).astype(np.int64) + rng.integers(1, 40, n)
+        # A handful at or under the reorder point, picked among the products that actually sell.
+        n_low = max(1, round(n * _LOW_STOCK_SHARE)) if n >= 10 else 0
+        if n_low:
+            selling = np.flatnonzero(daily > 0)
+            pool = selling if len(selling) >= n_low else np.arange(n)
+            low = rng.choice(pool, size=n_low, replace=False)
+            reorder[low] = np.maximum(reorder[low], 5)
+            stock[low] = np.where(rng.random(n_low) < 0.3, 0, rng.integers(0, reorder[low] + 1))
+        cats = [_CATEGORIES[c] for c in self.category.tolist()]
+        brand = rng.integers(0, len(_BRANDS), n).tolist()
+        adjective = rng.integers(0, len(_ADJECTIVES), n).tolist()
+        noun = rng.integers(0, 1 << 30, n).tolist()
+        names, name_len = _text_column(
+            [
+                f"{_BRANDS[b]} {_ADJECTIVES[a]} {c.nouns[x % len(c.nouns)]}"
+                for b, a, x, c in zip(brand, adjective, noun, cats, strict=True)
+            ]
+        )
+        skus, sku_len = _text_column([f"{c.code}-{i:06d}" for i, c in enumerate(cats, 1)])
+        categories, category_len = _text_column([c.name for c in cats])
+        layout = _RowLayout(
+            [
+                "int8", ("text", skus.itemsize), ("text", names.itemsize), ("text", categories.itemsize),
+                "money", "money", "int4", "int4", "int4", "ts",
+            ]
+        )  # fmt: skip
+        body = layout.encode(
+            [
+                np.arange(1, n + 1, dtype=np.int64),
+                skus,
+                names,
+                categories,
+                self.price_cents,
+                self.cost_cents,
+                stock,
+                reorder,
+                self.lead_time,
+                self.product_created_us,
+            ],
+            {1: sku_len, 2: name_len, 3: category_len},
+        )
+        return body, int((stock <= reorder).sum())
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def _validate(customers: int, products: int, orders: int, months: int, seed: int, now: datetime | None) -> None:
+    for name, value in (("customers", customers), ("products", products), ("orders", orders),
+                        ("months", months), ("seed", seed)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if months < 1:
+        raise ValueError(f"months must be >= 1, got {months}")
+    if orders > 0 and customers < 1:
+        raise ValueError(f"customers must be >= 1 when orders > 0, got {customers}")
+    if orders > 0 and products < 1:
+        raise ValueError(f"products must be >= 1 when orders > 0, got {products}")
+    if now is not None and (now.tzinfo is None or now.utcoffset() is None):
+        raise ValueError("now must be a timezone-aware datetime")
+
+
+def _progress_bar(enabled: bool) -> Any:
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
+
+
+async def seed(
+    conn: asyncpg.Connection,
+    *,
+    customers: int,
+    products: int,
+    orders: int,
+    months: int,
+    seed: int,
+    progress: bool = True,
+    now: datetime | None = None,
+) -> SeedSummary:
+    """Replace customers, products, orders and order_items with generated demo data.
+
+    Orders span ``now - months`` .. ``now`` (``now`` defaults to the current time; pass it for
+    reproducible data). Everything runs in one transaction (a savepoint if ``conn`` is already in
+    one): TRUNCATE ... RESTART IDENTITY, month partitions via ``ensure_order_partitions``, binary
+    COPY of all rows, identity/sequence values set past the loaded ids. Raises ValueError naming
+    the bad argument before touching the database.
+    """
+    _validate(customers, products, orders, months, seed, now)
+    started = time.perf_counter()
+    end = (now if now is not None else datetime.now(UTC)).astimezone(UTC)
+    start = _months_before(end, months)
+    start_us, now_us = _to_us(start), _to_us(end)
+    timings: dict[str, float] = {}
+
+    def mark(phase: str, since: float) -> float:
+        moment = time.perf_counter()
+        timings[phase] = timings.get(phase, 0.0) + moment - since
+        return moment
+
+    generator = await asyncio.to_thread(
+        _Generator, customers=customers, products=products, orders=orders, seed=seed,
+        start_us=start_us, now_us=now_us,
+    )  # fmt: skip
+    tick = mark("model", started)
+    total_items = 0
+    revenue_cents = 0
+    low_stock = 0
+    async with conn.transaction():
+        await conn.execute("SET LOCAL synchronous_commit = off")
+        await conn.execute("TRUNCATE order_items, orders, customers, products RESTART IDENTITY")
+        await conn.execute("SELECT ensure_order_partitions($1::date, $2::date)", start.date(), end.date())
+        tick = mark("prepare", tick)
+
+        body = await asyncio.to_thread(generator.customers_body)
+        tick = mark("generate", tick)
+        await _copy(conn, "customers", _CUSTOMER_COLUMNS, body)
+        del body
+        tick = mark("copy_customers", tick)
+
+        n_chunks = len(generator.chunk_sizes)
+        with _progress_bar(progress and orders > 0) as bar:
+            task = bar.add_task("Seeding orders", total=orders, rate="") if bar is not None else None
+            next_chunk: asyncio.Future[_Chunk] | None = None
+            try:
+                if n_chunks:
+                    next_chunk = asyncio.ensure_future(asyncio.to_thread(generator.chunk, 0))
+                done = 0
+                for k in range(n_chunks):
+                    assert next_chunk is not None
+                    chunk = await next_chunk
+                    tick = mark("wait_generate", tick)
+                    timings["generate"] = timings.get("generate", 0.0) + chunk.seconds
+                    next_chunk = (
+                        asyncio.ensure_future(asyncio.to_thread(generator.chunk, k + 1)) if k + 1 < n_chunks else None
+                    )
+                    await _copy(conn, "orders", _ORDER_COLUMNS, chunk.orders_body)
+                    tick = mark("copy_orders", tick)
+                    await _copy(conn, "order_items", _ITEM_COLUMNS, chunk.items_body)
+                    tick = mark("copy_items", tick)
+                    total_items += chunk.items
+                    revenue_cents += chunk.revenue_cents
+                    done += chunk.orders
+                    if bar is not None:
+                        elapsed = time.perf_counter() - started
+                        bar.update(task, advance=chunk.orders, rate=f"{done / elapsed:,.0f} orders/s")
+            finally:
+                if next_chunk is not None:  # a COPY failed: let the worker thread finish
+                    with contextlib.suppress(Exception):
+                        await next_chunk
+
+        body, low_stock = await asyncio.to_thread(generator.products_body)
+        tick = mark("generate", tick)
+        await _copy(conn, "products", _PRODUCT_COLUMNS, body)
+        del body
+        tick = mark("copy_products", tick)
+
+        for table, count in (("customers", customers), ("products", products), ("orders", orders)):
+            await conn.execute(
+                "SELECT setval(pg_get_serial_sequence($1, 'id'), $2, $3)", table, max(count, 1), count > 0
+            )
+    mark("commit", tick)
+    seconds = time.perf_counter() - started
+    return SeedSummary(
+        customers=customers,
+        products=products,
+        orders=orders,
+        order_items=total_items,
+        seconds=seconds,
+        seed=seed,
+        months=months,
+        window_start=start,
+        window_end=end,
+        revenue=Decimal(revenue_cents).scaleb(-2),
+        low_stock_products=low_stock,
+        timings=timings,
+    )

@@ -1,0 +1,1 @@
+"""What the API, the workers and the CLI share: settings, embedded servers, logging, the operator CLI."""

@@ -1,0 +1,50 @@
+"""One settings object for every process (CONTRACT §2), read from the environment and `.env`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
+    redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
+    data_dir: Path = Field(default=Path(".salesdash"), validation_alias="SALESDASH_DATA_DIR")
+    timezone: str = Field(default="UTC", validation_alias="SALESDASH_TIMEZONE")
+    log_json: bool = Field(default=False, validation_alias="SALESDASH_LOG_JSON")
+    log_level: str = Field(default="INFO", validation_alias="SALESDASH_LOG_LEVEL")
+    db_pool_max: int = Field(default=10, validation_alias="SALESDASH_DB_POOL_MAX")
+    job_history_days: int = Field(default=30, validation_alias="SALESDASH_JOB_HISTORY_DAYS")
+    shutdown_timeout: int = Field(default=30, validation_alias="SALESDASH_SHUTDOWN_TIMEOUT")
+    alert_recipient: str = Field(default="ops@example.com", validation_alias="SALESDASH_ALERT_RECIPIENT")
+    api_host: str = Field(default="127.0.0.1", validation_alias="SALESDASH_API_HOST")
+    api_port: int = Field(default=8000, validation_alias="SALESDASH_API_PORT")
+
+    @field_validator("database_url")
+    @classmethod
+    def _plain_postgres_scheme(cls, value: str | None) -> str | None:
+        # asyncpg wants postgresql://; SQLAlchemy users often write postgresql+asyncpg://
+        if value and value.startswith("postgresql+asyncpg://"):
+            return "postgresql://" + value.removeprefix("postgresql+asyncpg://")
+        return value or None
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        ZoneInfo(value)  # raises a clear error naming the zone when unknown
+        return value
+
+    @property
+    def tzinfo(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,61 @@
+"""Turning the configured URLs into connections: one asyncpg pool and one arq Redis pool per process."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import unquote, urlsplit
+
+import asyncpg
+from arq.connections import ArqRedis, RedisSettings, create_pool
+
+from salesdash.config import Settings, get_settings
+from salesdash.embedded import resolve_urls
+
+
+def database_url(settings: Settings | None = None) -> str:
+    return resolve_urls(settings or get_settings())[0]
+
+
+def redis_settings(settings: Settings | None = None) -> RedisSettings:
+    """RedisSettings from REDIS_URL; `redis+sentinel://h1:p1,h2:p2/service_name[/db]` selects Sentinel."""
+    url = resolve_urls(settings or get_settings())[1]
+    if not url.startswith("redis+sentinel://"):
+        return RedisSettings.from_dsn(url)
+    parts = urlsplit(url)
+    hosts = []
+    for host_port in parts.netloc.rsplit("@", 1)[-1].split(","):
+        host, _, port = host_port.partition(":")
+        hosts.append((host, int(port or 26379)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path:
+        raise ValueError("REDIS_URL: redis+sentinel:// needs the service name as its path")
+    return RedisSettings(
+        host=hosts,  # type: ignore[arg-type]  # arq accepts a host list for sentinel
+        sentinel=True,
+        sentinel_master=path[0],
+        database=int(path[1]) if len(path) > 1 else 0,
+        password=unquote(parts.password) if parts.password else None,
+    )
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # jsonb in and out as Python values, so queries never hand-serialise JSON
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def open_db_pool(settings: Settings | None = None, max_size: int | None = None) -> asyncpg.Pool:
+    settings = settings or get_settings()
+    pool = await asyncpg.create_pool(
+        database_url(settings),
+        min_size=1,
+        max_size=max_size or settings.db_pool_max,
+        init=_init_connection,
+        command_timeout=None,
+    )
+    assert pool is not None
+    return pool
+
+
+async def open_redis(settings: Settings | None = None) -> ArqRedis:
+    return await create_pool(redis_settings(settings))

@@ -1,0 +1,108 @@
+"""`salesdash up`: the whole system on one machine, stopped as a whole by Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
+
+from rich.console import Console
+
+from salesdash.config import Settings
+from salesdash.embedded import resolve_urls, stop_started
+
+console = Console()
+
+DEMO = {"customers": 2_000, "products": 200, "orders": 20_000, "months": 12, "seed": 42}
+QUEUES = ("analytics", "maintenance", "notifications")
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # children get SIGTERM if `up` itself is killed outright, so none is left behind
+    try:
+        ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+async def _prepare() -> tuple[bool, str]:
+    """Seed demo data when the database is empty, and mint an admin token for this run."""
+    from db.queries.tokens import create_token
+    from db.seed import seed
+    from salesdash.connections import open_db_pool
+
+    db = await open_db_pool(max_size=2)
+    try:
+        seeded = False
+        async with db.acquire() as conn:
+            if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM orders)"):
+                await seed(conn, progress=True, **DEMO)
+                seeded = True
+        _, token = await create_token(db, f"salesdash up {time.strftime('%Y-%m-%d %H:%M:%S')}", "admin")
+        return seeded, token
+    finally:
+        await db.close()
+
+
+def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, env=os.environ.copy(), start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def run_up(settings: Settings, host: str, port: int) -> int:
+    stopping = False
+
+    def request_stop(signum: int, _: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        database_url, redis_url = resolve_urls(settings)
+        console.print(f"PostgreSQL: {database_url}\nRedis:      {redis_url}")
+        from db.migrate import upgrade
+
+        upgrade(database_url)
+        seeded, token = asyncio.run(_prepare())
+        if seeded:
+            console.print(f"seeded demo data: {DEMO}")
+        children.append(_spawn([sys.executable, "-m", "uvicorn", "api.main:app", "--host", host,
+                                "--port", str(port), "--no-access-log"]))
+        children += [_spawn([sys.executable, "-m", "arq", f"worker.{q}.Settings"]) for q in QUEUES]
+        base = f"http://{host}:{port}"
+        console.print(f"[bold green]salesdash is up[/bold green]\n  API      {base}\n  GraphQL  {base}/graphql\n"
+                      f"  health   {base}/healthz\n  metrics  {base}/metrics\n"
+                      f"  admin token (this run): {token}\nCtrl-C stops everything.")
+        while not stopping:
+            if any(child.poll() is not None for child in children):
+                console.print("[red]a child process exited; stopping[/red]")
+                return_code = 1
+                break
+            time.sleep(0.3)
+        else:
+            return_code = 0
+        return return_code
+    finally:
+        _stop(children)
+        stop_started()
+        console.print("stopped")
+
+
+def _stop(children: list[subprocess.Popen[bytes]], timeout_s: float = 40) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for child in children:
+        try:
+            child.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()

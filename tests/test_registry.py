@@ -1,0 +1,71 @@
+"""The registry and the three queues' Settings agree, and the schedule is the documented one."""
+
+from __future__ import annotations
+
+import importlib
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+from arq.cron import CronJob
+from arq.worker import get_kwargs
+
+from worker.registry import TASKS, Queue
+
+SETTINGS = {q: importlib.import_module(f"worker.{q.value}").Settings for q in Queue}
+
+
+def test_every_task_is_on_exactly_one_queue_and_registered_there() -> None:
+    for name, spec in TASKS.items():
+        registering = [q for q, settings in SETTINGS.items() if name in {f.name for f in settings.functions}]
+        assert registering == [spec.queue], name
+
+
+def test_each_settings_registers_only_its_own_tasks() -> None:
+    for queue, settings in SETTINGS.items():
+        names = {f.name for f in settings.functions} | {c.name for c in settings.cron_jobs}
+        assert names == {s.name for s in TASKS.values() if s.queue is queue}
+        assert settings.queue_name == queue.redis_key
+
+
+def test_settings_are_plain_classes_read_by_arq() -> None:
+    for settings in SETTINGS.values():
+        assert settings.__bases__ == (object,)  # arq ignores inherited attributes
+        kwargs = get_kwargs(settings)
+        assert kwargs["health_check_interval"] <= 30
+        assert kwargs["job_serializer"]({"a": 1}) == b'{"a": 1}'  # JSON, never pickle
+        assert kwargs["on_startup"] and kwargs["on_shutdown"]
+    assert len({s.queue_name for s in SETTINGS.values()}) == 3
+
+
+def _next_runs(cron_job: CronJob, start: datetime, count: int) -> list[datetime]:
+    runs, moment = [], start
+    for _ in range(count):
+        cron_job.calculate_next(moment)
+        assert cron_job.next_run is not None
+        runs.append(cron_job.next_run)
+        moment = cron_job.next_run
+    return runs
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("refresh_realtime_materialized_views", [f"2026-01-05 10:{m:02d}" for m in (5, 10, 15)]),
+    ("refresh_daily_materialized_views", ["2026-01-05 11:00", "2026-01-05 12:00"]),
+    ("check_low_stock_products", ["2026-01-06 09:00", "2026-01-07 09:00"]),
+])
+def test_cron_schedule_matches_contract(name: str, expected: list[str]) -> None:
+    spec = TASKS[name]
+    cron_job = SETTINGS[spec.queue].cron_jobs[[c.name for c in SETTINGS[spec.queue].cron_jobs].index(name)]
+    start = datetime(2026, 1, 5, 10, 0, 30, tzinfo=ZoneInfo("UTC"))  # a Monday
+    runs = _next_runs(cron_job, start, len(expected))
+    assert [r.strftime("%Y-%m-%d %H:%M") for r in runs] == expected
+    assert all(r.second == 0 for r in runs)
+
+
+def test_realtime_refresh_runs_twelve_times_an_hour() -> None:
+    spec = TASKS["refresh_realtime_materialized_views"]
+    cron_job = spec.arq_cron()
+    start = datetime(2026, 1, 5, 0, 0, 30, tzinfo=ZoneInfo("UTC"))
+    runs = _next_runs(cron_job, start, 12)
+    assert runs[-1] - runs[0] == timedelta(minutes=55)
+    assert [r.minute for r in runs] == list(range(5, 60, 5)) + [0]
