@@ -74,10 +74,10 @@ _STATUS_LEN = np.array([len(s) for s in STATUSES], dtype=np.int32)
 _STATUS_AGE_EDGES_H = np.array([2, 24, 72, 168, 720], dtype=np.float64)
 _STATUS_MIX = np.array(
     [
-        [0.45, 0.50, 0.00, 0.00, 0.05, 0.00],
-        [0.10, 0.60, 0.25, 0.00, 0.05, 0.00],
-        [0.02, 0.18, 0.70, 0.05, 0.05, 0.00],
-        [0.00, 0.03, 0.40, 0.50, 0.05, 0.02],
+        [0.60, 0.35, 0.00, 0.00, 0.05, 0.00],
+        [0.25, 0.50, 0.20, 0.00, 0.05, 0.00],
+        [0.08, 0.17, 0.65, 0.05, 0.05, 0.00],
+        [0.02, 0.03, 0.40, 0.48, 0.05, 0.02],
         [0.00, 0.00, 0.03, 0.89, 0.05, 0.03],
         [0.00, 0.00, 0.00, 0.92, 0.05, 0.03],
     ]
@@ -101,7 +101,7 @@ _YEARLY_GROWTH = 1.25  # signups grow 25% a year
 _ONE_TIME, _OCCASIONAL, _LOYAL = 0, 1, 2
 _CLASS_SHARE = np.array([0.42, 0.43, 0.15])
 _CLASS_LIFETIME_DAYS = np.array([10.0, 240.0, 900.0])
-_PRE_EXISTING_SHARE = 0.35  # customers who signed up before the window
+_RETURNING_ONE_TIME_SHARE = 0.3  # one-time buyers who had signed up before the window
 
 _COUNTRIES = (
     ("US", 34), ("GB", 10), ("DE", 9), ("FR", 7), ("CA", 6), ("AU", 4), ("NL", 3), ("ES", 3),
@@ -505,7 +505,13 @@ class _Generator:
         n = self.n_customers
         rng = _rng(self.seed, 3)
         klass = rng.choice(3, size=n, p=_CLASS_SHARE)
-        pre = rng.random(n) < _PRE_EXISTING_SHARE
+        # Signed up before the window: the steady-state share T / (T + window) of each class, so the
+        # active customer base (and with it the order volume) neither explodes nor dies out.
+        window_days = (self.now_us - self.start_us) / _US_PER_DAY
+        lifetime_days = _CLASS_LIFETIME_DAYS[klass]
+        steady = lifetime_days / (lifetime_days + window_days)
+        pre_share = np.where(klass == _ONE_TIME, _RETURNING_ONE_TIME_SHARE, steady)
+        pre = rng.random(n) < pre_share
         if n:
             pre[0] = True  # someone is always there to buy
         signup = np.empty(n, dtype=np.int64)
@@ -524,19 +530,19 @@ class _Generator:
         active[returning] = self._sample_in_window(rng, self.hour_weight, int(returning.sum()))
         lifetime = rng.exponential(_CLASS_LIFETIME_DAYS[klass]) * _US_PER_DAY + _US_PER_HOUR
         churn = active + lifetime.astype(np.int64)
-        # Orders over a customer's whole lifetime: one-time buyers 1, occasional ~3.5, loyal a Pareto
-        # tail. The rate spreads them over the (untruncated) lifetime, so customers who joined late or
-        # churned early simply place fewer orders inside the window: recency and frequency vary.
-        lifetime_orders = np.ones(n)
+        # Purchase rates: one-time buyers place one order over their (short) lifetime, occasional
+        # buyers a few a year, loyal ones a Pareto tail. Customers who joined late or churned early
+        # place fewer orders inside the window, so recency and frequency vary.
+        per_year = 1.0 / (lifetime / (365.25 * _US_PER_DAY))
         occasional = klass == _OCCASIONAL
         loyal = klass == _LOYAL
-        lifetime_orders[occasional] = 1.5 + rng.lognormal(np.log(2.0), 0.6, int(occasional.sum()))
-        lifetime_orders[loyal] = np.minimum(6.0 * (1.0 + rng.pareto(1.4, int(loyal.sum()))), 150.0)
-        rate = lifetime_orders / (lifetime / _US_PER_HOUR * self.hour_weight.mean())
+        per_year[occasional] = rng.lognormal(np.log(4.0), 0.5, int(occasional.sum()))
+        per_year[loyal] = 6.0 * np.minimum(1.0 + rng.pareto(2.0, int(loyal.sum())), 10.0)
+        rate = per_year / (365.25 * 24 * self.hour_weight.mean())  # orders per unit of hour weight
         # Sort by signup: ids follow signup order; the earliest customer never churns (and buys rarely).
         order = np.argsort(signup, kind="stable")
         self.signup, self.active, self.churn = signup[order], active[order], churn[order]
-        self.klass, rate, loyal = klass[order], rate[order], loyal[order]
+        self.klass, rate = klass[order], rate[order]
         if n:
             self.active[0], self.churn[0] = self.start_us, _NEVER
             rate[0] = rate.min()
@@ -544,12 +550,14 @@ class _Generator:
         last_hour = self._hour_of(np.minimum(self.churn, self.now_us - 1))
         live = self.active < self.now_us
         rate[~live] = 0.0
-        # Expected orders inside the window; the loyal customers absorb the difference to `orders`
-        # (when there are fewer orders than the others alone would place, the sampler scales everyone).
+        # Expected orders inside the window; the repeat buyers absorb the difference to `orders`
+        # (when there are fewer orders than the one-time buyers alone would place, the sampler
+        # scales everyone down).
         in_window = rate * (self.weight_cum[last_hour + 1] - self.weight_cum[first_hour])
-        fixed, flexible = in_window[~loyal].sum(), in_window[loyal].sum()
+        repeat = self.klass != _ONE_TIME
+        fixed, flexible = in_window[~repeat].sum(), in_window[repeat].sum()
         if flexible > 0 and self.n_orders > fixed:
-            rate[loyal] *= (self.n_orders - fixed) / flexible
+            rate[repeat] *= (self.n_orders - fixed) / flexible
         self.rate = rate
         delta = np.zeros(len(self.hour_weight) + 1)
         np.add.at(delta, first_hour[live], rate[live])

@@ -141,16 +141,20 @@ def arq_burst(queue: str, timeout: float = 120, extra_env: dict[str, str] | None
 
 
 @pytest.fixture
-def spawn_worker() -> Iterator[Any]:
-    """Start long-running worker processes (any Settings path); all are killed at teardown."""
-    procs: list[subprocess.Popen[str]] = []
+def spawn_worker(tmp_path: Path) -> Iterator[Any]:
+    """Start long-running worker processes (any Settings path); output goes to `proc.log_path` (a file, so a
+    chatty worker never blocks on a full pipe). All are killed at teardown."""
+    procs: list[subprocess.Popen[bytes]] = []
 
     def start(settings_path: str, extra_env: dict[str, str] | None = None,
-              args: list[str] | None = None) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "arq", settings_path, *(args or [])], cwd=ROOT,
-            env={**os.environ, **(extra_env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
+              args: list[str] | None = None) -> subprocess.Popen[bytes]:
+        log_path = tmp_path / f"worker-{len(procs)}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "arq", settings_path, *(args or [])], cwd=ROOT,
+                env={**os.environ, **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT,
+            )
+        proc.log_path = log_path  # type: ignore[attr-defined]
         procs.append(proc)
         return proc
 

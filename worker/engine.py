@@ -279,7 +279,7 @@ class SalesdashWorker(arq.worker.Worker):
         try:
             kwargs = self._bind_arguments(task_name, job["kwargs"])
             async with asyncio.timeout(timeout_s) as deadline:
-                result = await function.coroutine(ctx, *job["args"], **kwargs)
+                result = await function.coroutine(ctx, *(job["args"] or []), **kwargs)
         except asyncio.CancelledError:
             if running.aborting:
                 logger.info("job aborted", extra=log)

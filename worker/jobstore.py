@@ -158,6 +158,8 @@ for _, id in ipairs(expired) do
   local payload = redis.call('GET', ARGV[2] .. id)
   if payload then
     local job = cjson.decode(payload)
+    job['tries'] = job['tries'] + 1  -- the lost try counts toward max tries: a job that kills workers ends
+    redis.call('SET', ARGV[2] .. id, cjson.encode(job), 'KEEPTTL')
     local score = (9 - job['priority']) * 1e13 + job['enqueued_ms']
     redis.call('ZADD', KEYS[1], string.format('%.0f', score), id)
     moved[#moved + 1] = id

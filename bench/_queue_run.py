@@ -1,0 +1,668 @@
+"""The driver behind bench/queue.py (method and usage are in that module's docstring)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psutil
+import psycopg2
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from redis.asyncio import Redis
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEMS = ("ours", "ours-100", "arq-default", "arq-tuned", "celery")
+WARMUP_JOBS = 100
+RTT_WARMUP = 20
+ENQUEUE_CONCURRENCY = 32
+POLL_S = 0.005
+SETTLE_S = 2.5
+SCRATCH_DB = "salesdash_bench_queue"
+
+# a pipe or a log file gets a table wide enough to read; a terminal keeps its own width
+console = Console(width=None if sys.stdout.isatty() else max(shutil.get_terminal_size((170, 24)).columns, 170))
+
+
+# ---- processes -------------------------------------------------------------------------------------------
+_started: list[subprocess.Popen[bytes]] = []
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    # each worker is the leader of its own process group (start_new_session), so this reaches celery's
+    # pool children too and nothing else
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    _started.append(proc)
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
+    if proc.poll() is None:
+        _signal_group(proc, signal.SIGCONT)  # a frozen process would hold SIGTERM pending
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait(5)
+    _signal_group(proc, signal.SIGKILL)  # pool children left behind by the leader, if any
+    with contextlib.suppress(ValueError):
+        _started.remove(proc)
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for proc in list(_started):
+        _signal_group(proc, signal.SIGCONT)
+        _signal_group(proc, signal.SIGKILL)
+
+
+def _group_cpu_s(proc: subprocess.Popen[bytes]) -> float:
+    """User + system CPU seconds of the worker and its children (celery's pool)."""
+    total = 0.0
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(proc.pid)
+        for p in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+    return total
+
+
+class WorkerDiedError(RuntimeError):
+    pass
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+# ---- configuration ---------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    jobs: int
+    rtt: int
+    idle_s: float
+    redis_base: str  # redis://host:port
+    db: int
+    pg_base: str  # postgresql://user@host:port
+    log_level: str
+    log_dir: Path
+
+    def redis_url(self, db: int | None = None) -> str:
+        return f"{self.redis_base}/{self.db if db is None else db}"
+
+    @property
+    def database_url(self) -> str:
+        return f"{self.pg_base}/{SCRATCH_DB}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               "REDIS_URL": self.redis_url(), "BENCH_REDIS_URL": self.redis_url(),
+               "DATABASE_URL": self.database_url, "SALESDASH_LOG_LEVEL": self.log_level,
+               "BENCH_CELERY_BROKER": self.redis_url(), "BENCH_CELERY_BACKEND": self.redis_url(self.db + 1)}
+        env.update(extra)
+        return env
+
+
+# ---- one system --------------------------------------------------------------------------------------------
+@dataclass
+class Measured:
+    key: str
+    label: str
+    jobs: int = 0
+    drain_s: float | None = None
+    rtt_ms: list[float] = field(default_factory=list)
+    idle_cmds_s: float | None = None
+    idle_detail: str = ""
+    worker_cpu_us: float | None = None
+    redis_cpu_us: float | None = None
+    notes: list[str] = field(default_factory=list)
+    ok: bool = True
+
+    @property
+    def jobs_s(self) -> float | None:
+        return self.jobs / self.drain_s if self.drain_s else None
+
+    def pct(self, q: float) -> float | None:
+        if not self.rtt_ms:
+            return None
+        xs = sorted(self.rtt_ms)
+        return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+class Bench:
+    """What differs between systems: how to start, enqueue, count unfinished jobs, and do one round trip."""
+
+    key = ""
+    label = ""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.redis: ArqRedis | None = None
+
+    @property
+    def r(self) -> ArqRedis:
+        assert self.redis is not None
+        return self.redis
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return self.cfg.env()
+
+    def databases(self) -> list[int]:
+        return [self.cfg.db]
+
+    async def open(self) -> None:
+        self.redis = await create_pool(RedisSettings.from_dsn(self.cfg.redis_url()))
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.close(close_connection_pool=True)
+
+    async def prepare(self) -> None:
+        """Before the worker starts (Redis is already flushed)."""
+
+    async def enqueue(self, task: str, ids: list[str]) -> None:
+        raise NotImplementedError
+
+    async def unfinished(self) -> int:
+        raise NotImplementedError
+
+    async def roundtrip(self) -> None:
+        raise NotImplementedError
+
+    async def results_stored(self, prefix: str) -> int:
+        raise NotImplementedError
+
+    async def checks(self, m: Measured, drained_at: float) -> None:
+        """Extra checks after the drain (ours: history and metrics)."""
+
+    async def _gather_limited(self, make: Callable[[str], Awaitable[Any]], ids: list[str]) -> None:
+        for i in range(0, len(ids), ENQUEUE_CONCURRENCY):
+            await asyncio.gather(*(make(x) for x in ids[i:i + ENQUEUE_CONCURRENCY]))
+
+    async def _scan_count(self, redis: Redis, pattern: str) -> int:
+        n = 0
+        async for _ in redis.scan_iter(match=pattern, count=1000):
+            n += 1
+        return n
+
+
+class Ours(Bench):
+    def __init__(self, cfg: Config, key: str, settings: str, max_jobs: int) -> None:
+        super().__init__(cfg)
+        self.key, self.settings = key, settings
+        self.label = f"ours (max_jobs={max_jobs})"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "arq", self.settings]
+
+    async def prepare(self) -> None:
+        await asyncio.to_thread(_pg_exec, self.cfg.database_url, "TRUNCATE job_runs")
+
+    async def enqueue(self, task: str, ids: list[str]) -> None:
+        from worker import jobstore as js
+
+        await self._gather_limited(
+            lambda i: js.enqueue_raw(self.r, task_name=task, queue="bench", kwargs={}, job_id=i), ids)
+
+    async def unfinished(self) -> int:
+        from worker import jobstore as js
+
+        keys = js.QueueKeys.of("bench")
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.zcard(keys.ready)
+            pipe.zcard(keys.running)
+            pipe.zcard(keys.deferred)
+            counts = await pipe.execute()
+        return int(sum(counts))
+
+    async def roundtrip(self) -> None:
+        from worker import jobstore as js
+
+        job = await js.enqueue_raw(self.r, task_name="ping", queue="bench", kwargs={}, notify_done=True)
+        assert job is not None
+        if not await js.wait_done(self.r, job.job_id, 10):
+            raise TimeoutError("round trip: no done signal within 10 s")
+
+    async def results_stored(self, prefix: str) -> int:
+        return await self._scan_count(self.r, f"salesdash:result:{prefix}*")
+
+    async def checks(self, m: Measured, drained_at: float) -> None:
+        from worker.metrics import METRICS_KEY, _field
+
+        metric_field = _field("total", "noop", "bench", "success")
+        rows = counted = 0
+        rows_at = counted_at = None
+        deadline = time.perf_counter() + 60
+        while time.perf_counter() < deadline and (rows_at is None or counted_at is None):
+            if rows_at is None:
+                rows = await asyncio.to_thread(
+                    _pg_scalar, self.cfg.database_url,
+                    "SELECT count(*) FROM job_runs WHERE task_name = 'noop' AND queue = 'bench'"
+                    " AND status = 'complete'")
+                if rows >= m.jobs:
+                    rows_at = time.perf_counter()
+            if counted_at is None:
+                counted = int(float(await self.r.hget(METRICS_KEY, metric_field) or 0))
+                if counted >= m.jobs:
+                    counted_at = time.perf_counter()
+            await asyncio.sleep(0.05)
+
+        def lag(t: float | None) -> str:
+            return f" (+{t - drained_at:.1f} s)" if t is not None else " (timed out)"
+
+        m.notes.append(f"job_runs {rows}/{m.jobs}{lag(rows_at)}")
+        m.notes.append(f"metrics {counted}/{m.jobs}{lag(counted_at)}")
+        m.ok = m.ok and rows == m.jobs and counted == m.jobs
+
+
+class PlainArq(Bench):
+    QUEUE = "arq:benchq"
+
+    def __init__(self, cfg: Config, key: str, settings: str, label: str) -> None:
+        super().__init__(cfg)
+        self.key, self.settings, self.label = key, settings, label
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "arq", self.settings]
+        if self.cfg.log_level.upper() != "INFO":
+            cmd += ["--custom-log-dict", "bench._queue_arq.QUIET_LOG"]
+        return cmd
+
+    async def enqueue(self, task: str, ids: list[str]) -> None:
+        await self._gather_limited(lambda i: self.r.enqueue_job(task, _job_id=i, _queue_name=self.QUEUE), ids)
+
+    async def unfinished(self) -> int:
+        return int(await self.r.zcard(self.QUEUE))
+
+    async def roundtrip(self) -> None:
+        job = await self.r.enqueue_job("ping", _queue_name=self.QUEUE)
+        assert job is not None
+        await job.result(timeout=10, poll_delay=0.001)
+
+    async def results_stored(self, prefix: str) -> int:
+        return await self._scan_count(self.r, f"arq:result:{prefix}*")
+
+
+class CeleryBench(Bench):
+    key = "celery"
+    label = "celery (prefork, 2 procs)"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="celery-client")  # celery clients: one thread
+        self.results: Redis | None = None
+        self.expected = 0
+        self.apps: tuple[Any, Any] | None = None
+
+    def databases(self) -> list[int]:
+        return [self.cfg.db, self.cfg.db + 1]
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "celery", "-A", "bench._queue_celery", "worker", "-P", "prefork", "-c", "2",
+                "-Q", "benchq", "-n", f"bench-{os.getpid()}@%h", "--without-heartbeat", "--without-gossip",
+                "--without-mingle", "--loglevel", self.cfg.log_level.upper()]
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+        return asyncio.get_running_loop().run_in_executor(self.thread, fn, *args)
+
+    async def open(self) -> None:
+        await super().open()
+        self.results = Redis.from_url(self.cfg.redis_url(self.cfg.db + 1))
+
+        def make() -> tuple[Any, Any]:
+            os.environ["BENCH_CELERY_BROKER"] = self.cfg.redis_url()
+            os.environ["BENCH_CELERY_BACKEND"] = self.cfg.redis_url(self.cfg.db + 1)
+            from bench import _queue_celery
+
+            return _queue_celery.make_app(result_backend=False), _queue_celery.make_app()
+
+        self.apps = await self._call(make)
+
+    async def close(self) -> None:
+        if self.apps is not None:
+            await self._call(lambda: [app.close() for app in self.apps or ()])
+        if self.results is not None:
+            await self.results.close(close_connection_pool=True)
+        self.thread.shutdown(wait=True)
+        await super().close()
+
+    async def enqueue(self, task: str, ids: list[str]) -> None:
+        assert self.apps is not None
+        enq = self.apps[0]
+
+        def send() -> None:
+            with enq.producer_or_acquire() as producer:
+                for i in ids:
+                    enq.send_task(task, task_id=i, producer=producer)
+
+        self.expected += len(ids)
+        await self._call(send)
+
+    async def unfinished(self) -> int:
+        assert self.results is not None
+        return max(self.expected - int(await self.results.dbsize()), 0)
+
+    async def roundtrip(self) -> None:
+        assert self.apps is not None
+        rtt_app = self.apps[1]
+
+        def once() -> None:
+            rtt_app.send_task("ping").get(timeout=10, interval=0.001)
+
+        self.expected += 1
+        await self._call(once)
+
+    async def results_stored(self, prefix: str) -> int:
+        assert self.results is not None
+        return await self._scan_count(self.results, f"celery-task-meta-{prefix}*")
+
+
+# ---- PostgreSQL scratch database -----------------------------------------------------------------------
+def _pg_exec(url: str, sql: str) -> None:
+    conn = psycopg2.connect(url)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()
+
+
+def _pg_scalar(url: str, sql: str) -> int:
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            row = cur.fetchone()
+            return int(row[0]) if row else 0
+    finally:
+        conn.close()
+
+
+def create_scratch_db(cfg: Config) -> None:
+    admin = f"{cfg.pg_base}/postgres"
+    _pg_exec(admin, f"DROP DATABASE IF EXISTS {SCRATCH_DB} WITH (FORCE)")
+    _pg_exec(admin, f"CREATE DATABASE {SCRATCH_DB}")
+    from db.migrate import upgrade
+
+    upgrade(cfg.database_url)  # sync; runs its own event loop, so outside ours
+
+
+def drop_scratch_db(cfg: Config) -> None:
+    with contextlib.suppress(psycopg2.Error):
+        _pg_exec(f"{cfg.pg_base}/postgres", f"DROP DATABASE IF EXISTS {SCRATCH_DB} WITH (FORCE)")
+
+
+# ---- measuring ---------------------------------------------------------------------------------------------
+async def _wait_finished(b: Bench, proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> float:
+    """Poll until no enqueued job is unfinished; returns perf_counter() of the first poll that saw that."""
+    deadline = time.perf_counter() + timeout_s
+    while True:
+        if await b.unfinished() == 0:
+            return time.perf_counter()
+        if proc.poll() is not None:
+            raise WorkerDiedError(f"{b.key} worker exited with {proc.returncode}; log {log}:\n{_log_tail(log)}")
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"{b.key}: {await b.unfinished()} jobs still unfinished after {timeout_s:.0f} s")
+        await asyncio.sleep(POLL_S)
+
+
+async def _redis_cpu_s(r: Redis) -> float:
+    info = await r.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def count_commands(cfg: Config, dbs: list[int], seconds: float) -> tuple[float, str]:
+    """Top-level commands on the given databases per second, seen through MONITOR, plus a breakdown."""
+    host, port = urlsplit(cfg.redis_base).hostname or "127.0.0.1", urlsplit(cfg.redis_base).port or 6379
+    reader, writer = await asyncio.open_connection(host, port)
+    wanted = {str(d) for d in dbs}
+    seen: Counter[str] = Counter()
+    try:
+        writer.write(b"MONITOR\r\n")
+        await writer.drain()
+        first = await asyncio.wait_for(reader.readline(), 5)
+        if not first.startswith(b"+OK"):
+            raise RuntimeError(f"MONITOR refused: {first!r}")
+        end = time.perf_counter() + seconds
+        while (left := end - time.perf_counter()) > 0:
+            try:
+                line = await asyncio.wait_for(reader.readline(), left)
+            except TimeoutError:
+                break
+            # +1700000000.123456 [12 127.0.0.1:50766] "BLPOP" "key" "1"   (inside Lua: [12 lua])
+            text = line.decode(errors="replace")
+            head, _, rest = text.partition("] ")
+            db, _, addr = head.partition("[")[2].partition(" ")
+            if db in wanted and addr != "lua":
+                seen[rest.split(" ", 1)[0].strip('"').upper()] += 1
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    detail = " ".join(f"{cmd} {n / seconds:.1f}" for cmd, n in seen.most_common(6))
+    return sum(seen.values()) / seconds, detail
+
+
+async def run_system(b: Bench, cfg: Config) -> Measured:
+    m = Measured(b.key, b.label, jobs=cfg.jobs)
+    log = cfg.log_dir / f"{b.key}.log"
+    admin = Redis.from_url(cfg.redis_url())
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        for db in b.databases():
+            flusher = Redis.from_url(cfg.redis_url(db))
+            await flusher.flushdb()
+            await flusher.close(close_connection_pool=True)
+        await b.open()
+        await b.prepare()
+        proc = _spawn(b.command(), b.env(), log)
+
+        # 1. warm-up and readiness
+        await b.enqueue("ping", [f"warm-{i}" for i in range(WARMUP_JOBS)])
+        await _wait_finished(b, proc, log, timeout_s=90)
+
+        # 2. idle commands per second
+        await asyncio.sleep(SETTLE_S)
+        m.idle_cmds_s, m.idle_detail = await count_commands(cfg, b.databases(), cfg.idle_s)
+
+        # 3. idle round trip
+        for i in range(RTT_WARMUP + cfg.rtt):
+            t = time.perf_counter()
+            await b.roundtrip()
+            if i >= RTT_WARMUP:
+                m.rtt_ms.append((time.perf_counter() - t) * 1000)
+        await asyncio.sleep(0.5)
+
+        # 4. drain: freeze, enqueue, release, time until every result exists
+        _signal_group(proc, signal.SIGSTOP)
+        ids = [f"bench-{i:06d}" for i in range(cfg.jobs)]
+        await b.enqueue("noop", ids)
+        waiting = await b.unfinished()
+        if waiting != cfg.jobs:
+            m.notes.append(f"{waiting} waiting at release (expected {cfg.jobs})")
+        cpu0, rcpu0 = _group_cpu_s(proc), await _redis_cpu_s(admin)
+        t0 = time.perf_counter()
+        _signal_group(proc, signal.SIGCONT)
+        t1 = await _wait_finished(b, proc, log, timeout_s=max(300.0, cfg.jobs / 20))
+        m.drain_s = t1 - t0
+        m.worker_cpu_us = (_group_cpu_s(proc) - cpu0) / cfg.jobs * 1e6
+        m.redis_cpu_us = (await _redis_cpu_s(admin) - rcpu0) / cfg.jobs * 1e6
+
+        # 5. checks
+        stored = await b.results_stored("bench-")
+        m.notes.append(f"results {stored}/{cfg.jobs}")
+        m.ok = stored == cfg.jobs
+        await b.checks(m, t1)
+    except Exception as exc:  # one system failing must not lose the others' numbers
+        m.ok = False
+        m.notes.append(f"ERROR {type(exc).__name__}: {exc}")
+        console.print(f"[red]{b.key} failed:[/red] {exc}  (log: {log})")
+    finally:
+        if proc is not None:
+            await asyncio.to_thread(_stop, proc)
+        with contextlib.suppress(Exception):
+            await b.close()
+        with contextlib.suppress(Exception):
+            await admin.close(close_connection_pool=True)
+    errors = _count_log_errors(log)
+    if errors:
+        m.notes.append(f"{errors} error lines in log")
+    return m
+
+
+def _count_log_errors(log: Path) -> int:
+    with contextlib.suppress(OSError):
+        return sum(1 for line in log.read_text(errors="replace").splitlines()
+                   if " ERROR " in line or line.startswith("Traceback"))
+    return 0
+
+
+# ---- report ------------------------------------------------------------------------------------------------
+def render(results: list[Measured], cfg: Config) -> Table:
+    ours = next((m.jobs_s for m in results if m.key == "ours" and m.jobs_s), None)
+    table = Table(title=f"Queue bench: {cfg.jobs:,} no-op jobs per system, one worker process, "
+                        f"{os.cpu_count()} cores, logging {cfg.log_level.upper()} to a file")
+    for col in ("system", "jobs/s", "drain s", "× ours", "RTT p50 ms", "RTT p99 ms", "idle cmds/s",
+                "worker CPU µs/job", "redis CPU µs/job", "checks / notes"):
+        table.add_column(col, justify="left" if col in ("system", "checks / notes") else "right",
+                         overflow="fold")
+
+    def f(v: float | None, spec: str) -> str:
+        return "—" if v is None else format(v, spec)
+
+    for m in results:
+        table.add_row(
+            m.label, f(m.jobs_s, ",.0f"), f(m.drain_s, ".2f"),
+            f(m.jobs_s / ours if (ours and m.jobs_s) else None, ".2f"),
+            f(m.pct(0.5), ".2f"), f(m.pct(0.99), ".2f"), f(m.idle_cmds_s, ".1f"),
+            f(m.worker_cpu_us, ",.0f"), f(m.redis_cpu_us, ",.0f"),
+            ("" if m.ok else "[red]FAILED[/red] ") + "; ".join(m.notes),
+        )
+    return table
+
+
+def targets(results: list[Measured]) -> list[str]:
+    lines = []
+    for m in results:
+        if not m.key.startswith("ours"):
+            continue
+        p50 = m.pct(0.5)
+        checks = [
+            ("≥ 1,000 jobs/s with history and metrics on", m.jobs_s is not None and m.jobs_s >= 1000 and m.ok),
+            ("idle round trip p50 ≤ 5 ms", p50 is not None and p50 <= 5),
+            ("idle worker ≤ 20 Redis commands/s", m.idle_cmds_s is not None and m.idle_cmds_s <= 20),
+        ]
+        lines.append(f"{m.label}: " + ", ".join(
+            f"{name} [{'green]PASS' if ok else 'red]FAIL'}[/]" for name, ok in checks))
+    return lines
+
+
+# ---- entry point -------------------------------------------------------------------------------------------
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/queue.py", description=__doc__)
+    p.add_argument("--jobs", type=int, default=10_000, help="no-op jobs drained per system (default 10000)")
+    p.add_argument("--only", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    p.add_argument("--rtt", type=int, default=200, help="sequential idle round trips measured (default 200)")
+    p.add_argument("--idle-seconds", type=float, default=5.0, help="idle command-count window (default 5)")
+    p.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis server, without a database")
+    p.add_argument("--db", type=int, default=12, help="Redis database (celery's results use db+1); flushed")
+    p.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432",
+                   help=f"PostgreSQL server, without a database; {SCRATCH_DB} is created and dropped")
+    p.add_argument("--log-level", default="INFO", choices=["INFO", "WARNING"],
+                   help="worker log level (INFO, each worker's default, goes to a file)")
+    p.add_argument("--log-dir", type=Path, default=None, help="where worker logs go (default: a temp dir)")
+    args = p.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(SYSTEMS)
+    if unknown:
+        p.error(f"--only: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SYSTEMS)}")
+    if args.jobs < 1:
+        p.error("--jobs must be positive")
+    return args
+
+
+def _benches(cfg: Config, only: list[str]) -> list[Bench]:
+    made: dict[str, Callable[[], Bench]] = {
+        "ours": lambda: Ours(cfg, "ours", "bench._queue_ours.Settings", 20),
+        "ours-100": lambda: Ours(cfg, "ours-100", "bench._queue_ours.Settings100", 100),
+        "arq-default": lambda: PlainArq(cfg, "arq-default", "bench._queue_arq.DefaultSettings",
+                                        "arq 0.28 default (max_jobs=10, poll 0.5 s)"),
+        "arq-tuned": lambda: PlainArq(cfg, "arq-tuned", "bench._queue_arq.TunedSettings",
+                                      "arq 0.28 tuned (max_jobs=100, poll 0.01 s)"),
+        "celery": lambda: CeleryBench(cfg),
+    }
+    return [made[k]() for k in SYSTEMS if k in only]
+
+
+async def _run_all(cfg: Config, benches: list[Bench]) -> list[Measured]:
+    results = []
+    for b in benches:
+        console.print(f"[bold]{b.label}[/bold] …", end=" ")
+        t = time.perf_counter()
+        m = await run_system(b, cfg)
+        console.print(f"{f'{m.jobs_s:,.0f} jobs/s' if m.jobs_s else 'no result'} ({time.perf_counter() - t:.0f} s)")
+        results.append(m)
+    return results
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="salesdash-bench-queue-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    redis_base = args.redis.rstrip("/")
+    cfg = Config(jobs=args.jobs, rtt=args.rtt, idle_s=args.idle_seconds, redis_base=redis_base, db=args.db,
+                 pg_base=args.postgres.rstrip("/"), log_level=args.log_level, log_dir=log_dir)
+    only = args.only.split(",")
+    signal.signal(signal.SIGTERM, _terminate)
+    needs_pg = any(k.startswith("ours") for k in only)
+    results: list[Measured] = []
+    try:
+        if needs_pg:
+            console.print(f"PostgreSQL: creating and migrating {SCRATCH_DB} …")
+            create_scratch_db(cfg)
+        results = asyncio.run(_run_all(cfg, _benches(cfg, only)))
+    finally:
+        for proc in list(_started):
+            _stop(proc, grace_s=5)
+        if needs_pg:
+            drop_scratch_db(cfg)
+    console.print(render(results, cfg))
+    for line in targets(results):
+        console.print(line)
+    console.print(f"Redis {urlunsplit(urlsplit(redis_base))} db {cfg.db}; worker logs in {log_dir}")
+    return 0 if results and all(m.ok for m in results) else 1

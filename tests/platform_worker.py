@@ -1,0 +1,88 @@
+"""Worker settings with test tasks for the job-platform tests (`arq tests.platform_worker.Settings`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from arq import cron, func
+
+from salesdash.config import get_settings
+from salesdash.connections import redis_settings
+from worker import context
+from worker.engine import SalesdashWorker  # noqa: F401  (installs our job loop)
+from worker.progress import report_progress
+from worker.registry import RetryPolicy
+
+
+async def record(ctx: dict[str, Any], tag: str) -> str:
+    await ctx["redis"].rpush("test:order", tag)
+    return tag
+
+
+async def sleep(ctx: dict[str, Any], seconds: float, tag: str = "") -> dict[str, Any]:
+    await ctx["redis"].rpush("test:started", f"{tag}|{os.getpid()}|{ctx['worker_id']}")
+    await asyncio.sleep(seconds)
+    return {"slept": seconds, "pid": os.getpid()}
+
+
+async def flaky(ctx: dict[str, Any], key: str, failures: int) -> int:
+    attempt = int(await ctx["redis"].incr(key))
+    if attempt <= failures:
+        raise ConnectionError(f"transient fault on attempt {attempt}")
+    return attempt
+
+
+async def broken(ctx: dict[str, Any]) -> None:
+    raise ValueError("bad input for broken")
+
+
+async def hang(ctx: dict[str, Any]) -> None:
+    await asyncio.sleep(3600)
+
+
+async def halfway(ctx: dict[str, Any], release_key: str) -> str:
+    await report_progress(ctx, 0.5, "half way")
+    while not await ctx["redis"].exists(release_key):
+        await asyncio.sleep(0.05)
+    return "done"
+
+
+async def tick(ctx: dict[str, Any]) -> None:
+    await ctx["redis"].incr(f"test:tick:{ctx['job_id']}")
+
+
+async def noop(ctx: dict[str, Any]) -> None:
+    return None
+
+
+def _functions() -> list[Any]:
+    return [
+        func(record, name="record"), func(sleep, name="sleep", timeout=120), func(flaky, name="flaky", max_tries=4),
+        func(broken, name="broken", keep_result=3), func(hang, name="hang", timeout=1),
+        func(halfway, name="halfway", timeout=60), func(noop, name="noop"),
+    ]
+
+
+class Settings:
+    queue_name = "salesdash:queue:platform"
+    functions = _functions()
+    redis_settings = redis_settings()
+    on_startup = context.startup
+    on_shutdown = context.shutdown
+    ctx = {"retry_policies": {"flaky": RetryPolicy(max_tries=4, backoff_base_s=0.2, backoff_cap_s=0.5)}}
+    max_jobs = int(os.environ.get("TEST_MAX_JOBS", "10"))
+    job_completion_wait = int(os.environ.get("SALESDASH_SHUTDOWN_TIMEOUT", "3"))
+    health_check_interval = 30
+    timezone = get_settings().tzinfo
+
+
+class CronSettings:
+    queue_name = "salesdash:queue:platformcron"
+    functions = [func(noop, name="noop")]
+    cron_jobs = [cron(tick, name="tick", second=set(range(60)))]
+    redis_settings = redis_settings()
+    on_startup = context.startup
+    on_shutdown = context.shutdown
+    health_check_interval = 30
