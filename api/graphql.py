@@ -120,7 +120,8 @@ class Mutation:
             if not principal.allows(spec.scope):
                 return TriggerResult(success=False, task_id=None, queue=spec.queue.value,
                                      message=f"{task_name} needs the {spec.scope.value!r} scope")
-            job = await client.enqueue_task(info.context.redis, task_name, args, kwargs, priority, defer_seconds)
+            job = await client.enqueue_task(info.context.redis, task_name, args, kwargs,  # type: ignore[arg-type]
+                                            priority, defer_seconds)
         except (UnknownTaskError, ValueError) as exc:
             return TriggerResult(success=False, task_id=None, message=str(exc), queue=None)
         return TriggerResult(success=True, task_id=job.task_id, queue=job.queue,

@@ -15,7 +15,7 @@ from worker.registry import TASKS, Queue, UnknownTaskError, get_task
 router = APIRouter()
 
 
-class JobRequest(BaseModel):
+class JobRequest(BaseModel):  # type: ignore[no-redef]  # the pydantic plugin trips on a field named kwargs
     task_name: str
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict)

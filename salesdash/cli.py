@@ -137,7 +137,8 @@ def token_create(
     if as_json:
         _emit({"id": token_id, "name": name, "scope": scope, "token": token}, True)
     else:
-        console.print(f"token {token_id} ({scope}) for {name}:\n{token}\n[dim]store it now: it is not shown again[/dim]")
+        console.print(f"token {token_id} ({scope}) for {name}:\n{token}")
+        console.print("[dim]store it now: it is not shown again[/dim]")
 
 
 @token_app.command("list")

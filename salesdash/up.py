@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import signal
@@ -25,10 +26,8 @@ _PR_SET_PDEATHSIG = 1
 
 def _die_with_parent() -> None:
     # children get SIGTERM if `up` itself is killed outright, so none is left behind
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 async def _prepare() -> tuple[bool, str]:
@@ -42,7 +41,8 @@ async def _prepare() -> tuple[bool, str]:
         seeded = False
         async with db.acquire() as conn:
             if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM orders)"):
-                await seed(conn, progress=True, **DEMO)
+                await seed(conn, progress=True, customers=DEMO["customers"], products=DEMO["products"],
+                           orders=DEMO["orders"], months=DEMO["months"], seed=DEMO["seed"])
                 seeded = True
         _, token = await create_token(db, f"salesdash up {time.strftime('%Y-%m-%d %H:%M:%S')}", "admin")
         return seeded, token

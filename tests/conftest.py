@@ -132,7 +132,8 @@ def auth(tokens: dict[str, str]) -> dict[str, dict[str, str]]:
     return {scope: {"Authorization": f"Bearer {token}"} for scope, token in tokens.items()}
 
 
-def arq_burst(queue: str, timeout: float = 120, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def arq_burst(queue: str, timeout: float = 120,
+              extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `arq worker.<queue>.Settings --burst` as a real process and return its output."""
     return subprocess.run(
         [sys.executable, "-m", "arq", f"worker.{queue}.Settings", "--burst"],

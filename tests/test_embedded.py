@@ -26,6 +26,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     # resolve_urls exports the URLs; monkeypatch restores the environment afterwards
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.delenv("REDIS_URL", raising=False)
+    # a list of its own, so stop_started() here never stops the servers the rest of the suite runs on
+    monkeypatch.setattr(embedded, "_started", [])
     yield
     embedded.stop_started()  # never leave servers behind, even when the test fails
 

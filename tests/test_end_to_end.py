@@ -16,7 +16,8 @@ from worker import client, jobstore
 
 VIEW_VS_BASE = {
     "mv_hourly_sales_metrics": (
-        "SELECT hour, orders_count, paid_orders, revenue, unique_customers, cancelled_orders FROM mv_hourly_sales_metrics",
+        """SELECT hour, orders_count, paid_orders, revenue, unique_customers, cancelled_orders
+             FROM mv_hourly_sales_metrics""",
         """SELECT date_trunc('hour', created_at AT TIME ZONE 'UTC'), count(*),
                   count(*) FILTER (WHERE status IN ('paid','shipped','delivered')),
                   coalesce(sum(total_amount) FILTER (WHERE status IN ('paid','shipped','delivered')), 0),

@@ -4,6 +4,7 @@ runs as a subprocess of the test, its children are real arq workers on the test 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,7 +18,8 @@ import psutil
 import pytest
 from redis.asyncio import Redis
 
-from salesdash.supervisor import MAX_JOBS_ENV, backoff_s, child_env
+import salesdash.supervisor as supervisor_module
+from salesdash.supervisor import MAX_JOBS_ENV, Supervisor, backoff_s, child_env
 from tests.conftest import ROOT, wait_for
 from worker import jobstore
 
@@ -153,6 +155,47 @@ def test_child_env_sets_or_clears_the_job_limit() -> None:
     assert child_env(0, {"A": "1", MAX_JOBS_ENV: "7"}) == {"A": "1"}
 
 
+def _python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_crashing_children_back_off(caplog: pytest.LogCaptureFixture) -> None:
+    sup = Supervisor(_python("raise SystemExit(3)"), dict(os.environ), processes=1)
+    caplog.set_level(logging.INFO, "salesdash.supervisor")
+    deadline = time.monotonic() + 2.5
+    try:
+        while time.monotonic() < deadline:
+            sup.step()
+            time.sleep(0.05)
+    finally:
+        sup.stop()
+    starts = [r for r in caplog.records if r.getMessage() == "child started"]
+    crashes = [r for r in caplog.records if getattr(r, "reason", None) == "crashed"]
+    # at once, then after 1 s, then 2 s: three or four starts in 2.5 s, not dozens
+    assert 2 <= len(starts) <= 4, [r.__dict__.get("pid") for r in starts]
+    assert crashes and all(getattr(r, "code", None) == 3 for r in crashes)
+    assert sup.slots[0].crashes >= 2
+
+
+def test_stop_kills_a_child_that_ignores_sigterm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(supervisor_module, "KILL_AFTER_EXTRA_S", 0.5)
+    ready = tmp_path / "ready"
+    code = ("import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60)")
+    sup = Supervisor(_python(code), dict(os.environ), processes=1, shutdown_timeout_s=0)
+    sup.step()
+    child = sup.slots[0].child
+    assert child is not None
+    deadline = time.monotonic() + 10
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    sup.stop()
+    assert time.monotonic() - started < 3
+    assert child.proc.returncode == -signal.SIGKILL
+    assert not sup.retiring
+
+
 # ---- real processes ---------------------------------------------------------------------------------------
 async def test_runs_the_requested_number_of_workers(supervisor: Start, clean_redis: Redis) -> None:
     run = supervisor("--processes", "2")
@@ -162,32 +205,6 @@ async def test_runs_the_requested_number_of_workers(supervisor: Start, clean_red
         cmdline = psutil.Process(pid).cmdline()
         assert cmdline[1:] == ["-m", "arq", "worker.analytics.Settings"], cmdline
         assert psutil.Process(pid).environ().get(MAX_JOBS_ENV) is None
-
-
-async def test_recycles_children_after_n_jobs(supervisor: Start, clean_redis: Redis) -> None:
-    run = supervisor("--processes", "2", "--max-tasks-per-child", "3")
-    first = await wait_registered(clean_redis, run, 2)
-    assert all(psutil.Process(pid).environ().get(MAX_JOBS_ENV) == "3" for pid in first)
-    jobs = [await jobstore.enqueue_raw(clean_redis, task_name="refresh_realtime_materialized_views",
-                                       queue="analytics", kwargs={}) for _ in range(10)]
-    ids = [job.job_id for job in jobs if job is not None]
-    assert len(ids) == 10
-
-    async def all_done() -> list[dict[str, object]] | None:
-        raw = await clean_redis.mget([jobstore.result_key(i) for i in ids])
-        return [json.loads(r) for r in raw] if all(raw) else None
-
-    try:
-        records = await wait_for(all_done, timeout=40, interval=0.2)
-    except AssertionError:
-        raise AssertionError(f"not all jobs finished: {await job_states(clean_redis, ids)}\n{run.log()}") from None
-    assert {r["status"] for r in records} == {"complete"}, records
-    per_worker = Counter(str(r["worker_id"]) for r in records)
-    pids = {int(w.split(":")[1]) for w in per_worker}
-    assert len(pids) >= 4, per_worker  # 10 jobs, at most 3 per process
-    assert max(per_worker.values()) <= 3, f"a process ran more than --max-tasks-per-child jobs: {per_worker}"
-    await run.wait_children(lambda now: len(now) == 2)  # capacity is back
-    assert "recycled after 3 jobs" in run.log()
 
 
 async def test_replaces_a_child_above_the_memory_limit(supervisor: Start, clean_redis: Redis) -> None:
@@ -230,3 +247,31 @@ async def test_children_die_with_a_killed_supervisor(supervisor: Start, clean_re
         return not any(alive(pid) for pid in pids)
 
     await wait_for(gone, timeout=SHUTDOWN_TIMEOUT_S + 10)
+
+
+async def test_recycles_children_after_n_jobs(supervisor: Start, clean_redis: Redis) -> None:
+    run = supervisor("--processes", "2", "--max-tasks-per-child", "3")
+    first = await wait_registered(clean_redis, run, 2)
+    assert all(psutil.Process(pid).environ().get(MAX_JOBS_ENV) == "3" for pid in first)
+    # an unscheduled task: a scheduled one (refresh_realtime_…) keeps its result 1 s, not 24 h (the worker's
+    # functions map holds its CronJob, keep_result_s=0), so the records would expire while we wait
+    jobs = [await jobstore.enqueue_raw(clean_redis, task_name="refresh_all_materialized_views",
+                                       queue="analytics", kwargs={}) for _ in range(10)]
+    ids = [job.job_id for job in jobs if job is not None]
+    assert len(ids) == 10
+
+    async def all_done() -> list[dict[str, object]] | None:
+        raw = await clean_redis.mget([jobstore.result_key(i) for i in ids])
+        return [json.loads(r) for r in raw] if all(raw) else None
+
+    try:
+        records = await wait_for(all_done, timeout=40, interval=0.2)
+    except AssertionError:
+        raise AssertionError(f"not all jobs finished: {await job_states(clean_redis, ids)}\n{run.log()}") from None
+    assert {r["status"] for r in records} == {"complete"}, records
+    per_worker = Counter(str(r["worker_id"]) for r in records)  # worker_id is host:pid:random
+    assert len({w.split(":")[1] for w in per_worker}) > 1, per_worker
+    assert max(per_worker.values()) <= 3, f"a process ran more than --max-tasks-per-child jobs: {per_worker}"
+    assert len(per_worker) >= 4, per_worker  # 10 jobs, at most 3 per process
+    # 3 + 3 + 3 + 1: at least three processes reached the limit and exited; two children run again
+    await run.wait_children(lambda now: len(now) == 2 and run.log().count("recycled after 3 jobs") >= 3)

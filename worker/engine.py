@@ -120,9 +120,10 @@ class SalesdashWorker(arq.worker.Worker):
     async def _job_loop(self) -> None:
         st = self._state
         while not st.stopping:
-            if not self.allow_pick_jobs or self._recycle_due():
+            budget = self._jobs_budget()
+            if not self.allow_pick_jobs or budget == 0:
                 break
-            free = self.max_jobs - len(st.running)
+            free = min(self.max_jobs - len(st.running), budget)
             if free <= 0:
                 st.slot_free.clear()
                 await st.slot_free.wait()
@@ -136,9 +137,10 @@ class SalesdashWorker(arq.worker.Worker):
                 await self._wait_for_work(next_due_ms)
         await self._drain()
 
-    def _recycle_due(self) -> bool:
+    def _jobs_budget(self) -> int:
+        """Jobs this process may still start: unbounded (a large number) unless recycling or --burst caps it."""
         limit = self._state.max_jobs_per_process or (self.max_burst_jobs if self.burst else -1)
-        return limit > 0 and self._state.started_total >= limit
+        return max(limit - self._state.started_total, 0) if limit > 0 else 1 << 30
 
     async def _queue_empty(self) -> bool:
         counts = await js.queue_counts(self.pool, self.queue_label)
@@ -223,10 +225,8 @@ class SalesdashWorker(arq.worker.Worker):
         st = self._state
         k = st.keys
         now = js.now_ms()
-        reply = await self.pool.eval(  # type: ignore[misc]
-            js.CLAIM_LUA, 4, k.ready, k.deferred, k.running, k.owners,
-            now, limit, now + js.LEASE_MS, st.worker_id, js.job_key(""),
-        )
+        reply = await js.run_script(self.pool, js.CLAIM_LUA, [k.ready, k.deferred, k.running, k.owners],
+                                    [now, limit, now + js.LEASE_MS, st.worker_id, js.job_key("")])
         next_due = int(reply[0])
         for i in range(1, len(reply), 2):
             payload = json.loads(reply[i + 1])
@@ -264,6 +264,7 @@ class SalesdashWorker(arq.worker.Worker):
         try_no = job["tries"] + 1
         st.metrics.task_event(task_name, self.queue_label, "started")
         st.metrics.queue_wait(self.queue_label, max(running.started_ms - job["run_at_ms"], 0) / 1000)
+        exc: Exception
         if function is None:
             exc = LookupError(f"task {task_name!r} is not registered on queue {self.queue_label!r}")
             logger.error("job failed", extra={**log, "error": str(exc)})
@@ -449,8 +450,8 @@ class SalesdashWorker(arq.worker.Worker):
 
     async def _sweep(self) -> None:
         k = self._state.keys
-        moved = await self.pool.eval(  # type: ignore[misc]
-            js.SWEEP_LUA, 4, k.ready, k.running, k.owners, k.wake, js.now_ms(), js.job_key(""))
+        moved = await js.run_script(self.pool, js.SWEEP_LUA, [k.ready, k.running, k.owners, k.wake],
+                                    [js.now_ms(), js.job_key("")])
         if moved:
             logger.warning("re-queued jobs of a dead worker", extra={
                 "queue": self.queue_label, "job_ids": [m.decode() for m in moved]})

@@ -19,11 +19,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 
 PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 0, 9, 5
 PRIORITY_BAND = 10**13  # wider than any enqueue-ms span, so priority always dominates age
@@ -170,6 +172,17 @@ return moved
 """
 
 
+_SCRIPTS: dict[str, AsyncScript] = {}
+
+
+async def run_script(redis: Redis, lua: str, keys: Sequence[str], args: Sequence[object]) -> Any:
+    """EVALSHA a Lua script (loaded on first use; re-loaded if the server lost it)."""
+    script = _SCRIPTS.get(lua)
+    if script is None:
+        script = _SCRIPTS[lua] = redis.register_script(lua)
+    return await script(keys=list(keys), args=[str(a) for a in args], client=redis)
+
+
 @dataclass(frozen=True)
 class EnqueuedJob:
     job_id: str
@@ -214,11 +227,11 @@ async def enqueue_raw(
     }
     keys = QueueKeys.of(queue)
     dedupe = f"{PREFIX}:unique:{job_id}" if dedupe_ms else ""
-    added = await redis.eval(  # type: ignore[misc]
-        ENQUEUE_LUA, 5, job_key(job_id), keys.ready, keys.deferred, keys.wake, dedupe or job_key(job_id),
-        json.dumps(payload), ready_score(priority, enqueued),
-        deferred_score(priority, run_at) if defer_ms > 0 else "", JOB_TTL_MS + max(defer_ms, 0),
-        dedupe_ms or "", job_id,
+    added = await run_script(
+        redis, ENQUEUE_LUA, [job_key(job_id), keys.ready, keys.deferred, keys.wake, dedupe or job_key(job_id)],
+        [json.dumps(payload), ready_score(priority, enqueued),
+         deferred_score(priority, run_at) if defer_ms > 0 else "", JOB_TTL_MS + max(defer_ms, 0),
+         dedupe_ms or "", job_id],
     )
     return EnqueuedJob(job_id, queue, priority, run_at) if added else None
 
@@ -281,8 +294,8 @@ async def abort(redis: Redis, job_id: str, keep_result_ms: int = 24 * 3600 * 100
         await store_final(redis, job, record, keep_result_ms)
         return "deferred" if removed_deferred else "queued"
     if await redis.zscore(keys.running, job_id) is not None:
-        # the owning worker sees this key at its next heartbeat and cancels the task; the key dies with
-        # the job's lease, so it can never reach another job
+        # the owning worker sees this key at its next heartbeat (or, if that worker died, the one that
+        # re-runs the job does) and cancels it; finishing the job deletes the key, so no later job sees it
         await redis.set(abort_key(job_id), "1", px=JOB_TTL_MS)
         return "in_progress"
     return None
@@ -312,7 +325,7 @@ async def store_final(redis: Redis, job: dict[str, Any], record: dict[str, Any],
 
 async def wait_done(redis: Redis, job_id: str, timeout_s: float) -> bool:
     """Block until the worker signals the job finished (needs notify_done=True at enqueue)."""
-    return await redis.blpop([done_key(job_id)], timeout=timeout_s) is not None  # type: ignore[misc]
+    return await redis.blpop([done_key(job_id)], timeout=timeout_s) is not None  # type: ignore[arg-type,misc]
 
 
 async def queue_counts(redis: Redis, queue: str) -> dict[str, int]:

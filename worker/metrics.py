@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -27,7 +27,7 @@ class MetricsBuffer:
     """Counts kept in process between flushes; histogram buckets are stored cumulative."""
 
     def __init__(self) -> None:
-        self.values: Counter[str] = Counter()
+        self.values: dict[str, float] = defaultdict(float)
 
     def task_event(self, task: str, queue: str, status: str) -> None:
         self.values[_field("total", task, queue, status)] += 1
@@ -48,14 +48,15 @@ class MetricsBuffer:
     async def flush(self, redis: Redis) -> None:
         if not self.values:
             return
-        pending, self.values = self.values, Counter()
+        pending, self.values = self.values, defaultdict(float)
         try:
             async with redis.pipeline(transaction=True) as pipe:
                 for name, amount in pending.items():
                     pipe.hincrbyfloat(METRICS_KEY, name, amount)
                 await pipe.execute()
         except BaseException:
-            self.values.update(pending)
+            for name, amount in pending.items():
+                self.values[name] += amount
             raise
 
 

@@ -92,14 +92,17 @@ class TaskSpec:
         return model.model_dump(mode="json")
 
     def arq_function(self) -> Function:
-        return func(self.function, name=self.name, timeout=self.timeout_s, max_tries=self.retry.max_tries,
+        coroutine: Any = self.function  # arq's WorkerCoroutine protocol is narrower than our callables
+        return func(coroutine, name=self.name, timeout=self.timeout_s, max_tries=self.retry.max_tries,
                     keep_result=self.keep_result_s)
 
     def arq_cron(self) -> CronJob:
         assert self.schedule is not None
         s = self.schedule
-        return cron(self.function, name=self.name, minute=s.minute, hour=s.hour, day=s.day,  # type: ignore[arg-type]
-                    weekday=s.weekday, timeout=self.timeout_s, max_tries=self.retry.max_tries)
+        coroutine: Any = self.function
+        weekday: Any = s.weekday
+        return cron(coroutine, name=self.name, minute=s.minute, hour=s.hour, day=s.day, weekday=weekday,
+                    timeout=self.timeout_s, max_tries=self.retry.max_tries)
 
 
 class TaskArgumentError(ValueError):

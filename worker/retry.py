@@ -20,6 +20,7 @@ _TRANSIENT_SQLSTATES = {"55P03"}  # lock_not_available: lock_timeout hit
 TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     TransientError,
     ConnectionError,  # builtin: refused/reset sockets
+    TimeoutError,  # a client-side timeout inside the job (the job's own time limit is handled before this)
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     asyncpg.exceptions.InterfaceError,  # e.g. connection closed mid-query
