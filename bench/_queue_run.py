@@ -119,6 +119,7 @@ class Config:
     quiet_wait_s: float
     quiet_pct: float
     profile: bool = False
+    py_spy: bool = False
 
     def profiler(self, key: str) -> list[str]:
         """`--profile`: run an asyncio worker under cProfile (written when it exits on SIGTERM)."""
@@ -498,6 +499,50 @@ def _busy_cpu_s() -> float:
     return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
+def _start_py_spy(cfg: Config, key: str, proc: subprocess.Popen[bytes],
+                  run: int) -> subprocess.Popen[bytes] | None:
+    """`--py-spy`: sample the (still frozen) worker from its release until the drain is done."""
+    exe = Path(sys.executable).with_name("py-spy")
+    if not cfg.py_spy or key == "celery" or not exe.exists():
+        return None
+    target = psutil.Process(proc.pid)
+    if target.children():  # under cProfile or a wrapper: sample the python process that runs the loop
+        target = target.children()[0]
+    spy = subprocess.Popen([str(exe), "record", "-p", str(target.pid), "-r", "997", "--format", "raw", "--nonblocking",
+                            "-o", str(cfg.log_dir / f"{key}.run{run}.raw")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _started.append(spy)
+    time.sleep(0.5)  # attached before the release
+    return spy
+
+
+def _finish_py_spy(spy: subprocess.Popen[bytes], summary: Path) -> None:
+    """Stop the sampler (it writes on SIGINT) and summarise: share of samples per function, self and total."""
+    raw = Path(spy.args[-1])  # type: ignore[index]
+    spy.send_signal(signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        spy.wait(20)
+    _stop(spy, grace_s=1)
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    samples = 0
+    with contextlib.suppress(OSError):
+        for line in raw.read_text().splitlines():
+            stack, _, n = line.rpartition(" ")
+            frames = [f.split(" (", 1)[0] + " (" + f.rsplit("/", 1)[-1] if " (" in f else f
+                      for f in stack.split(";")]
+            k = int(n)
+            samples += k
+            own[frames[-1]] += k
+            for frame in set(frames):
+                total[frame] += k
+    lines = [f"{samples} samples (only while the worker was on CPU)", "", "self %   function"]
+    lines += [f"{100 * c / max(samples, 1):5.1f}   {f}" for f, c in own.most_common(40)]
+    lines += ["", "total %  function (with callees)"]
+    lines += [f"{100 * c / max(samples, 1):5.1f}   {f}" for f, c in total.most_common(60)]
+    summary.write_text("\n".join(lines) + "\n")
+
+
 async def _wait_quiet(cfg: Config, proc: subprocess.Popen[bytes]) -> float:
     """Other people's processes share this machine's 2 cores: before a timed phase, wait (up to
     --quiet-wait seconds) until processes other than this bench and its worker use less than --quiet-pct
@@ -524,9 +569,12 @@ async def _drain_once(b: Bench, m: Measured, cfg: Config, proc: subprocess.Popen
         m.notes.append(f"{waiting} waiting at release (expected {cfg.jobs})")
     me = psutil.Process()
     cpu0, rcpu0, self0, busy0 = _group_cpu_s(proc), await _redis_cpu_s(admin), sum(me.cpu_times()[:2]), _busy_cpu_s()
+    spy = _start_py_spy(cfg, b.key, proc, run)
     t0 = time.perf_counter()
     _signal_group(proc, signal.SIGCONT)
     t1 = await _wait_finished(b, proc, log, timeout_s=max(300.0, cfg.jobs / 20))
+    if spy is not None:
+        await asyncio.to_thread(_finish_py_spy, spy, cfg.log_dir / f"{b.key}.run{run}.spy.txt")
     worker, redis_cpu = _group_cpu_s(proc) - cpu0, await _redis_cpu_s(admin) - rcpu0
     others = _busy_cpu_s() - busy0 - worker - redis_cpu - (sum(me.cpu_times()[:2]) - self0)
     m.drains.append(t1 - t0)
@@ -680,6 +728,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="'calm' means other processes use less than this %% of one core (default 25)")
     p.add_argument("--profile", action="store_true",
                    help="run our and arq's workers under cProfile; <log dir>/<system>.prof (slows them down)")
+    p.add_argument("--py-spy", action="store_true",
+                   help="sample our and arq's workers with py-spy (if installed in the venv) during each drain; "
+                        "summaries in <log dir>/<system>.run<N>.spy.txt")
     p.add_argument("--log-dir", type=Path, default=None, help="where worker logs go (default: a temp dir)")
     args = p.parse_args(argv)
     unknown = set(args.only.split(",")) - set(SYSTEMS)
@@ -725,7 +776,8 @@ def main(argv: list[str] | None = None) -> int:
     redis_base = args.redis.rstrip("/")
     cfg = Config(jobs=args.jobs, repeat=args.repeat, rtt=args.rtt, idle_s=args.idle_seconds, redis_base=redis_base,
                  db=args.db, pg_base=args.postgres.rstrip("/"), log_level=args.log_level, log_dir=log_dir,
-                 quiet_wait_s=args.quiet_wait, quiet_pct=args.quiet_pct, profile=args.profile)
+                 quiet_wait_s=args.quiet_wait, quiet_pct=args.quiet_pct, profile=args.profile,
+                 py_spy=args.py_spy)
     only = args.only.split(",")
     signal.signal(signal.SIGTERM, _terminate)
     needs_pg = any(k.startswith("ours") for k in only)
@@ -743,6 +795,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(render(results, cfg))
     for line in targets(results):
         console.print(line)
+    if cfg.py_spy:
+        console.print(f"py-spy summaries: {', '.join(str(p) for p in sorted(log_dir.glob('*.spy.txt')))}")
     if cfg.profile:
         console.print(f"profiles: {', '.join(str(p) for p in sorted(log_dir.glob('*.prof')))} "
                       "(python -m pstats FILE, then: sort tottime, stats 25)")

@@ -69,3 +69,11 @@ def test_realtime_refresh_runs_twelve_times_an_hour() -> None:
     runs = _next_runs(cron_job, start, 12)
     assert runs[-1] - runs[0] == timedelta(minutes=55)
     assert [r.minute for r in runs] == list(range(5, 60, 5)) + [0]
+
+
+def test_scheduled_tasks_keep_their_policy_when_arq_registers_the_cron_job() -> None:
+    settings = SETTINGS[Queue.ANALYTICS]
+    spec = TASKS["refresh_realtime_materialized_views"]
+    cron_job = next(c for c in settings.cron_jobs if c.name == spec.name)
+    assert cron_job.keep_result_s == spec.keep_result_s and cron_job.timeout_s == spec.timeout_s
+    assert cron_job.max_tries == spec.retry.max_tries

@@ -360,8 +360,13 @@ class SalesdashWorker(arq.worker.Worker):
             self.jobs_complete += 1
         else:
             self.jobs_failed += 1
-        function = self.functions.get(job["task"])
-        keep_s = function.keep_result_s if function and function.keep_result_s is not None else self.keep_result_s
+        spec, function = TASKS.get(job["task"]), self.functions.get(job["task"])
+        if spec is not None:
+            keep_s = spec.keep_result_s
+        elif function is not None and function.keep_result_s is not None:
+            keep_s = function.keep_result_s
+        else:
+            keep_s = self.keep_result_s
         return _Outcome(job, record, keep_result_ms=int(keep_s * 1000))
 
     # ---- writing outcomes back -------------------------------------------------------------------------

@@ -102,7 +102,7 @@ class TaskSpec:
         coroutine: Any = self.function
         weekday: Any = s.weekday
         return cron(coroutine, name=self.name, minute=s.minute, hour=s.hour, day=s.day, weekday=weekday,
-                    timeout=self.timeout_s, max_tries=self.retry.max_tries)
+                    timeout=self.timeout_s, max_tries=self.retry.max_tries, keep_result=self.keep_result_s)
 
 
 class TaskArgumentError(ValueError):
