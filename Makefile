@@ -2,16 +2,23 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+HASH   := $(shell cksum pyproject.toml | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(HASH)
+BENCH_STAMP := $(VENV)/.bench-$(HASH)
 
 .PHONY: run test lint bench bench-queue bench-seed clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m pip install -q -e '.[dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	@rm -f $(VENV)/.bench-*
+	@touch $(BENCH_STAMP)
 
 run: $(STAMP)
 	$(BIN)/salesdash up
@@ -25,10 +32,10 @@ lint: $(STAMP)
 
 bench: bench-queue bench-seed
 
-bench-queue: $(STAMP)
+bench-queue: $(BENCH_STAMP)
 	$(BIN)/python bench/queue.py
 
-bench-seed: $(STAMP)
+bench-seed: $(BENCH_STAMP)
 	$(BIN)/python bench/seed.py
 
 clean:
