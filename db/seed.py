@@ -319,8 +319,16 @@ async def _pieces(body: bytes) -> AsyncIterator[bytes | memoryview]:
     yield _COPY_TRAILER
 
 
-async def _copy(conn: asyncpg.Connection, table: str, columns: Sequence[str], body: bytes) -> None:
-    await conn.copy_to_table(table, source=_pieces(body), columns=list(columns), format="binary")
+DIRECT = False
+FREEZE = False
+
+
+async def _copy(
+    conn: asyncpg.Connection, table: str, columns: Sequence[str], body: bytes, freeze: bool = False
+) -> None:
+    await conn.copy_to_table(
+        table, source=_pieces(body), columns=list(columns), format="binary", freeze=True if freeze else None
+    )
 
 
 def _text_column(values: Sequence[str]) -> tuple[npt.NDArray[np.bytes_], npt.NDArray[np.int32]]:
@@ -404,8 +412,7 @@ def _promo_rate(days: IntArray) -> FloatArray:
 
 @dataclass
 class _Chunk:
-    orders_body: bytes
-    items_body: bytes
+    segments: list[tuple[str, bytes, bytes]]  # (partition suffix "YYYY_MM", orders rows, order_items rows)
     orders: int
     items: int
     revenue_cents: int
@@ -677,13 +684,22 @@ class _Generator:
         if recent.any():
             np.add.at(self.recent_units, (product[recent], recent_day[recent]), quantity[recent])
 
-        orders_body = _ORDER_LAYOUT.encode(
-            [order_ids, customer_ids, _STATUS_BYTES[status], total_cents, created, updated],
-            {2: _STATUS_LEN[status]},
-        )
-        items_body = _ITEM_LAYOUT.encode([order_ids[owner], line_no, product + 1, quantity, unit_cents, item_created])
+        # One segment per month partition (orders are in time order, their items follow them).
+        month = created.astype("datetime64[us]").astype("datetime64[M]")
+        cuts = np.flatnonzero(month[1:] != month[:-1]) + 1
+        item_cuts = np.r_[first_line, m]
+        order_cols = [order_ids, customer_ids, _STATUS_BYTES[status], total_cents, created, updated]
+        item_cols = [order_ids[owner], line_no, product + 1, quantity, unit_cents, item_created]
+        status_len = _STATUS_LEN[status]
+        segments = []
+        for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, n].tolist(), strict=True):
+            ilo, ihi = int(item_cuts[lo]), int(item_cuts[hi])
+            suffix = str(month[lo]).replace("-", "_")
+            orders_body = _ORDER_LAYOUT.encode([c[lo:hi] for c in order_cols], {2: status_len[lo:hi]})
+            items_body = _ITEM_LAYOUT.encode([c[ilo:ihi] for c in item_cols])
+            segments.append((suffix, orders_body, items_body))
         revenue = int(total_cents[_REVENUE_STATUSES[status]].sum())
-        return _Chunk(orders_body, items_body, n, m, revenue, time.perf_counter() - started)
+        return _Chunk(segments, n, m, revenue, time.perf_counter() - started)
 
     # --- customer and product rows -----------------------------------------------------------------
 
@@ -764,6 +780,38 @@ class _Generator:
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
+
+
+REBUILD = False
+PAR = 0
+_SEEDED_TABLES = ("customers", "products", "orders", "order_items")
+
+# Indexes of the seeded tables (partitioned parents included) with the statements that drop and
+# recreate them. Left alone: indexes a foreign key depends on, replica-identity and clustered
+# indexes, indexes in a non-default tablespace, and partition-level indexes of a parent index.
+_INDEX_DDL = r"""
+SELECT CASE WHEN c.oid IS NULL THEN format('DROP INDEX %s', i.indexrelid::regclass)
+            ELSE format('ALTER TABLE %s DROP CONSTRAINT %I', i.indrelid::regclass, c.conname) END AS drop_sql,
+       CASE WHEN c.oid IS NULL THEN regexp_replace(pg_get_indexdef(i.indexrelid), '^(.*? ON )ONLY ', '\1')
+            ELSE format('ALTER TABLE %s ADD CONSTRAINT %I %s', i.indrelid::regclass, c.conname,
+                        pg_get_constraintdef(c.oid)) END AS create_sql
+  FROM pg_index i
+  JOIN pg_class ic ON ic.oid = i.indexrelid
+  LEFT JOIN pg_constraint c ON c.conindid = i.indexrelid AND c.conrelid = i.indrelid AND c.contype IN ('p', 'u', 'x')
+ WHERE i.indrelid = ANY($1::regclass[])
+   AND NOT i.indisreplident AND NOT i.indisclustered AND ic.reltablespace = 0
+   AND NOT EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' AND f.conindid = i.indexrelid)
+   AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.indexrelid)
+ ORDER BY c.oid IS NULL, i.indexrelid
+"""
+
+
+async def _drop_indexes(conn: asyncpg.Connection) -> list[str]:
+    """Drop the seeded tables' indexes; return the statements that rebuild them after the load."""
+    rows = await conn.fetch(_INDEX_DDL, list(_SEEDED_TABLES))
+    for row in rows:
+        await conn.execute(row["drop_sql"])
+    return [row["create_sql"] for row in rows]
 
 
 def _validate(customers: int, products: int, orders: int, months: int, seed: int, now: datetime | None) -> None:
@@ -852,6 +900,7 @@ async def seed(
         await conn.execute("SET LOCAL synchronous_commit = off")
         await conn.execute("TRUNCATE order_items, orders, customers, products RESTART IDENTITY")
         await conn.execute("SELECT ensure_order_partitions($1::date, $2::date)", start.date(), end.date())
+        rebuild = await _drop_indexes(conn) if REBUILD else []
         tick = mark("prepare", tick)
 
         body = await asyncio.to_thread(generator.customers_body)
@@ -876,10 +925,12 @@ async def seed(
                     next_chunk = (
                         asyncio.ensure_future(asyncio.to_thread(generator.chunk, k + 1)) if k + 1 < n_chunks else None
                     )
-                    await _copy(conn, "orders", _ORDER_COLUMNS, chunk.orders_body)
-                    tick = mark("copy_orders", tick)
-                    await _copy(conn, "order_items", _ITEM_COLUMNS, chunk.items_body)
-                    tick = mark("copy_items", tick)
+                    for suffix, orders_body, items_body in chunk.segments:
+                        part = f"_p{suffix}" if DIRECT else ""
+                        await _copy(conn, f"orders{part}", _ORDER_COLUMNS, orders_body, FREEZE)
+                        tick = mark("copy_orders", tick)
+                        await _copy(conn, f"order_items{part}", _ITEM_COLUMNS, items_body, FREEZE)
+                        tick = mark("copy_items", tick)
                     total_items += chunk.items
                     revenue_cents += chunk.revenue_cents
                     done += chunk.orders
@@ -897,6 +948,13 @@ async def seed(
         del body
         tick = mark("copy_products", tick)
 
+        if rebuild and PAR:
+            await conn.execute(f"SET LOCAL max_parallel_maintenance_workers = {PAR}")
+            await conn.execute("SET LOCAL min_parallel_table_scan_size = 0")
+            await conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
+        for statement in rebuild:
+            await conn.execute(statement)
+        tick = mark("build_indexes", tick)
         for table, count in (("customers", customers), ("products", products), ("orders", orders)):
             await conn.execute(
                 "SELECT setval(pg_get_serial_sequence($1, 'id'), $2, $3)", table, max(count, 1), count > 0

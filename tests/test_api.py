@@ -100,3 +100,19 @@ async def test_background_tasks_lists_the_registry(app_client: httpx.AsyncClient
     tasks = {t["name"]: t for t in body["data"]["backgroundTasks"]}
     assert tasks["refresh_realtime_materialized_views"]["queue"] == "analytics"
     assert tasks["refresh_all_materialized_views"]["schedule"] == "on demand"
+
+
+async def test_dashboard_page_shows_queues_and_jobs(app_client: httpx.AsyncClient, clean_redis: Redis,
+                                                    tokens: dict[str, str], auth: dict[str, dict[str, str]]) -> None:
+    job = await app_client.post("/jobs", json={"task_name": "refresh_all_materialized_views"},
+                                headers=auth["trigger"])
+    anonymous = await app_client.get("/dashboard")
+    assert anonymous.status_code == 401 and "API token" in anonymous.text
+    page = await app_client.get("/dashboard", headers=auth["read"])
+    assert page.status_code == 200
+    assert "analytics" in page.text and job.json()["task_id"][:12] in page.text and "queued" in page.text
+    login = await app_client.post("/dashboard/login", data={"token": tokens["read"]})
+    assert login.status_code == 303 and "salesdash_token" in login.headers["set-cookie"]
+    with_cookie = await app_client.get("/dashboard", cookies={"salesdash_token": tokens["read"]})
+    assert with_cookie.status_code == 200 and "Recent jobs" in with_cookie.text
+    app_client.cookies.clear()
