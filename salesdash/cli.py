@@ -116,6 +116,8 @@ def seed(
         _fail(str(exc))
     data = dataclasses.asdict(summary)
     if not as_json:
+        data.pop("timings", None)
+    if not as_json:
         data["orders_per_s"] = round(summary.orders / summary.seconds) if summary.seconds else None
     _emit(data, as_json, title="seeded")
 
