@@ -37,7 +37,10 @@ class Settings(BaseSettings):
     @field_validator("timezone")
     @classmethod
     def _known_timezone(cls, value: str) -> str:
-        ZoneInfo(value)  # raises a clear error naming the zone when unknown
+        try:
+            ZoneInfo(value)
+        except (KeyError, ValueError):
+            raise ValueError(f"SALESDASH_TIMEZONE: unknown timezone {value!r} (use an IANA name such as UTC)") from None
         return value
 
     @property
