@@ -136,6 +136,7 @@ class Config:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                "REDIS_URL": self.redis_url(), "BENCH_REDIS_URL": self.redis_url(),
                "DATABASE_URL": self.database_url, "SALESDASH_LOG_LEVEL": self.log_level,
+               "SALESDASH_MAX_JOBS_PER_PROCESS": "",  # no recycling mid-drain, whatever the caller's shell says
                "BENCH_CELERY_BROKER": self.redis_url(), "BENCH_CELERY_BACKEND": self.redis_url(self.db + 1)}
         env.update(extra)
         return env
@@ -635,8 +636,8 @@ async def run_system(b: Bench, cfg: Config) -> Measured:
         m.ok = False
         m.notes.append(f"ERROR {type(exc).__name__}: {exc}")
         if "redis-py versions" in str(exc):
-            m.notes.append("kombu is too new for the redis-py<6 that arq 0.28 needs: install kombu<5.5 "
-                           "(5.4.2 works with celery 5.4)")
+            m.notes.append("kombu 5.7 needs redis-py>=6.1, arq 0.28 needs redis-py<6: install kombu<5.7 "
+                           "(5.6.2 works)")
         console.print(f"[red]{b.key} failed:[/red] {exc}  (log: {log})")
     finally:
         if proc is not None:
@@ -710,7 +711,10 @@ def targets(results: list[Measured]) -> list[str]:
 
 # ---- entry point -------------------------------------------------------------------------------------------
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/queue.py", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="bench/queue.py",
+        description="Drain no-op jobs with our worker, plain arq and Celery; print throughput, idle round trip and "
+                    "idle Redis commands/s. The method is described at the top of bench/queue.py.")
     p.add_argument("--jobs", type=int, default=10_000, help="no-op jobs drained per system (default 10000)")
     p.add_argument("--only", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
     p.add_argument("--repeat", type=int, default=1, help="drains per system; the median is shown (default 1)")
@@ -722,7 +726,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help=f"PostgreSQL server, without a database; {SCRATCH_DB} is created and dropped")
     p.add_argument("--log-level", default="INFO", choices=["INFO", "WARNING"],
                    help="worker log level (INFO, each worker's default, goes to a file)")
-    p.add_argument("--quiet-wait", type=float, default=120.0,
+    p.add_argument("--quiet-wait", type=float, default=60.0,
                    help="before each timed phase, wait up to this long for other processes to calm down (s)")
     p.add_argument("--quiet-pct", type=float, default=25.0,
                    help="'calm' means other processes use less than this %% of one core (default 25)")
@@ -754,15 +758,24 @@ def _benches(cfg: Config, only: list[str]) -> list[Bench]:
     return [made[k]() for k in SYSTEMS if k in only]
 
 
-async def _run_all(cfg: Config, benches: list[Bench]) -> list[Measured]:
-    results = []
+async def _run_all(cfg: Config, benches: list[Bench], results: list[Measured]) -> None:
     for b in benches:
         console.print(f"[bold]{b.label}[/bold] …", end=" ")
         t = time.perf_counter()
         m = await run_system(b, cfg)
         console.print(f"{f'{m.jobs_s:,.0f} jobs/s' if m.jobs_s else 'no result'} ({time.perf_counter() - t:.0f} s)")
         results.append(m)
-    return results
+
+
+def _flush_bench_dbs(cfg: Config) -> None:
+    """Leave the shared Redis as we found it: the bench databases hold tens of thousands of results."""
+    import redis
+
+    for db in (cfg.db, cfg.db + 1):
+        with contextlib.suppress(redis.RedisError):
+            client = redis.Redis.from_url(cfg.redis_url(db))
+            client.flushdb()
+            client.close()
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -782,16 +795,20 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     needs_pg = any(k.startswith("ours") for k in only)
     results: list[Measured] = []
+    interrupted = False
     try:
         if needs_pg:
             console.print(f"PostgreSQL: creating and migrating {SCRATCH_DB} …")
             create_scratch_db(cfg)
-        results = asyncio.run(_run_all(cfg, _benches(cfg, only)))
+        asyncio.run(_run_all(cfg, _benches(cfg, only), results))
+    except (KeyboardInterrupt, SystemExit):
+        interrupted = True
     finally:
         for proc in list(_started):
             _stop(proc, grace_s=5)
         if needs_pg:
             drop_scratch_db(cfg)
+        _flush_bench_dbs(cfg)
     console.print(render(results, cfg))
     for line in targets(results):
         console.print(line)
@@ -801,4 +818,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"profiles: {', '.join(str(p) for p in sorted(log_dir.glob('*.prof')))} "
                       "(python -m pstats FILE, then: sort tottime, stats 25)")
     console.print(f"Redis {urlunsplit(urlsplit(redis_base))} db {cfg.db}; worker logs in {log_dir}")
+    if interrupted:
+        console.print("[red]interrupted: the table shows the systems that finished; workers were stopped[/red]")
+        return 130
     return 0 if results and all(m.ok for m in results) else 1

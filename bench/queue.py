@@ -1,7 +1,13 @@
 """Queue benchmark: our worker vs plain arq 0.28 vs Celery 5 on the same Redis, one command, one table.
 
-    .venv/bin/python bench/queue.py                 # everything, 10,000 jobs per system (~4 min)
+    .venv/bin/python bench/queue.py                 # everything, 10,000 jobs per system (~8 min)
     .venv/bin/python bench/queue.py --jobs 2000 --only ours,arq-tuned
+    .venv/bin/python bench/queue.py --only ours --repeat 3 --py-spy    # where our worker's time goes
+
+Needs Redis (default 127.0.0.1:6379, databases 12 and 13 are flushed) and PostgreSQL (default
+postgres@127.0.0.1:5432; a scratch database `salesdash_bench_queue` is created, migrated and dropped), and the
+`bench` extra (Celery). kombu 5.7 refuses redis-py < 6.1, which arq 0.28 needs: the Celery row then fails
+with that message until kombu < 5.7 is installed (5.6.2 works).
 
 Systems (each worker is its own process, started by this script, stopped at the end even on error):
 - `ours`         our SalesdashWorker (`arq bench._queue_ours.Settings`), max_jobs=20 like our real queues,
@@ -30,11 +36,17 @@ Method, the same for every system, one system at a time on a FLUSHDB'd Redis dat
    and running sets are empty (results are stored in the same MULTI that leaves `running`); arq when its
    queue sorted set is empty (same: arq removes a job from the queue in the transaction that stores its
    result); Celery when the result database holds all results (DBSIZE). Polled every 5 ms.
-   jobs/s = jobs / drain seconds. Worker CPU (whole process group) and Redis server CPU over the drain
-   are reported per job;
+   jobs/s = jobs / drain seconds (the median drain with --repeat). Worker CPU (whole process group) and
+   Redis server CPU over the drain are reported per job;
 5. checks: the number of stored results is counted (SCAN); for ours also `job_runs` rows in PostgreSQL and
    the `salesdash:metrics` success counter for `noop` must both reach the job count (waited for up to 60 s,
    the lag after the drain is shown), since the targets are "with history and metrics on".
+
+This machine has 2 cores, often shared with other work: before each timed phase the bench waits (up to
+--quiet-wait, 60 s) until other processes use < 25 % of a core, and it flags a drain during which they used
+≥ 10 %. Redis CPU is the whole server's, so other clients of the same server add to it. `--py-spy` samples our
+and arq's workers during each drain (py-spy must be installed in the venv) and writes a per-function summary;
+`--profile` runs them under cProfile instead.
 """
 
 from __future__ import annotations

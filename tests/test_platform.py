@@ -281,7 +281,8 @@ async def test_metrics_cover_jobs_run_by_workers(clean_redis: Redis, db: asyncpg
 
     async def scraped() -> str | None:
         text = (await app_client.get("/metrics")).text
-        return text if 'status="failure"' in text and "salesdash_workers" in text else None
+        complete = 'status="success",task_name="flaky"' in text and 'status="failure"' in text
+        return text if complete else None
 
     text = await wait_for(scraped, timeout=10)
     assert 'salesdash_task_total{queue="platform",status="success",task_name="record"} 3.0' in text

@@ -49,7 +49,6 @@ logger = logging.getLogger("salesdash.worker")
 HEARTBEAT_S = 1.0
 SWEEP_EVERY_S = 5.0
 WORKERS_KEY = js.WORKERS_KEY
-HISTORY_KEY = js.HISTORY_KEY
 MAX_JOBS_ENV = "SALESDASH_MAX_JOBS_PER_PROCESS"
 
 
@@ -225,7 +224,7 @@ class SalesdashWorker(arq.worker.Worker):
         st = self._state
         k = st.keys
         now = js.now_ms()
-        reply = await js.run_script(self.pool, js.CLAIM_LUA, [k.ready, k.deferred, k.running, k.owners],
+        reply = await js.run_script(self.pool, js.CLAIM_LUA, [k.ready, k.deferred, k.running, k.owners, k.wake],
                                     [now, limit, now + js.LEASE_MS, st.worker_id, js.job_key("")])
         next_due = int(reply[0])
         for i in range(1, len(reply), 2):
@@ -389,21 +388,27 @@ class SalesdashWorker(arq.worker.Worker):
             return
         batch, st.outcomes = st.outcomes, []
         k = st.keys
+        ids = [o.payload["id"] for o in batch]
+        records = [json.dumps(o.record, default=str) for o in batch if o.record is not None]
         try:
             async with self.pool.pipeline(transaction=True) as pipe:
+                pipe.zrem(k.running, *ids)
+                pipe.hdel(k.owners, *ids)
+                if records:
+                    pipe.lpush(js.HISTORY_KEY, *records)
+                finished: list[str] = []
                 for o in batch:
-                    self._queue_outcome(pipe, k, o)
+                    finished += self._queue_outcome(pipe, k, o)
+                if finished:
+                    pipe.unlink(*finished)
                 await pipe.execute()
         except BaseException:
             st.outcomes[:0] = batch  # nothing was applied (MULTI): keep them for the next attempt
             raise
 
-    def _queue_outcome(self, pipe: Any, k: js.QueueKeys, o: _Outcome) -> None:
+    def _queue_outcome(self, pipe: Any, k: js.QueueKeys, o: _Outcome) -> list[str]:
+        """Queue one job's own writes; returns the keys to drop now that it is finished."""
         job_id = o.payload["id"]
-        pipe.zrem(k.running, job_id)
-        pipe.hdel(k.owners, job_id)
-        if o.record is not None:
-            pipe.lpush(HISTORY_KEY, json.dumps(o.record, default=str))
         if o.retry_score is not None:
             pipe.set(js.job_key(job_id), json.dumps(o.payload), px=js.JOB_TTL_MS, xx=True)
             pipe.zadd(k.deferred, {job_id: o.retry_score})
@@ -412,10 +417,11 @@ class SalesdashWorker(arq.worker.Worker):
             pipe.lpush(k.wake, "1")
         elif o.record is not None:
             pipe.set(js.result_key(job_id), json.dumps(o.record, default=str), px=max(o.keep_result_ms, 1000))
-            pipe.delete(js.job_key(job_id), js.progress_key(job_id), js.abort_key(job_id))
             if o.payload.get("notify"):
                 pipe.rpush(js.done_key(job_id), "1")
                 pipe.pexpire(js.done_key(job_id), 60_000)
+            return [js.job_key(job_id), js.progress_key(job_id), js.abort_key(job_id)]
+        return []
 
     # ---- periodic duties -------------------------------------------------------------------------------
     async def _heartbeat_forever(self) -> None:

@@ -119,7 +119,7 @@ return 1
 
 # Promote due deferred jobs, pop up to `limit` ready jobs into `running` with a lease, and return
 # {next deferred run-at ms or -1, id1, payload1, id2, payload2, ...}.
-# KEYS: ready, deferred, running, owners   ARGV: now ms, limit, lease expiry ms, worker id, job key prefix
+# KEYS: ready, deferred, running, owners, wake   ARGV: now ms, limit, lease expiry ms, worker id, job key prefix
 CLAIM_LUA = """
 local now = tonumber(ARGV[1])
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now * 10 + 9, 'WITHSCORES', 'LIMIT', 0, 1000)
@@ -133,6 +133,9 @@ local out = {-1}
 local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 if #nxt > 0 then out[1] = math.floor(tonumber(nxt[2]) / 10) end
 local limit = tonumber(ARGV[2])
+if limit > 0 and redis.call('ZCARD', KEYS[1]) <= limit then
+  redis.call('DEL', KEYS[5])  -- this claim empties the ready set: leftover wake tokens would only be noise
+end
 if limit > 0 then
   local popped = redis.call('ZPOPMIN', KEYS[1], limit)
   for i = 1, #popped, 2 do

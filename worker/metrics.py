@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -24,13 +25,22 @@ def _field(*parts: str) -> str:
 
 
 class MetricsBuffer:
-    """Counts kept in process between flushes; histogram buckets are stored cumulative."""
+    """Counts kept in process between flushes. Observations land in one bucket each (found by bisect); the
+    flush turns them into Prometheus's cumulative buckets, so the job path does O(1) work per observation."""
 
     def __init__(self) -> None:
         self.values: dict[str, float] = defaultdict(float)
+        self._buckets: dict[tuple[str, ...], list[int]] = {}
+        self._fields: dict[tuple[str, ...], str] = {}
+
+    def _name(self, *parts: str) -> str:
+        name = self._fields.get(parts)
+        if name is None:
+            name = self._fields[parts] = _field(*parts)
+        return name
 
     def task_event(self, task: str, queue: str, status: str) -> None:
-        self.values[_field("total", task, queue, status)] += 1
+        self.values[self._name("total", task, queue, status)] += 1
 
     def duration(self, task: str, queue: str, seconds: float) -> None:
         self._observe(("duration", task, queue), seconds)
@@ -39,13 +49,24 @@ class MetricsBuffer:
         self._observe(("wait", queue), seconds)
 
     def _observe(self, labels: tuple[str, ...], seconds: float) -> None:
-        for bound in DURATION_BUCKETS:
-            if seconds <= bound:
-                self.values[_field(*labels, "bucket", _le(bound))] += 1
-        self.values[_field(*labels, "sum")] += seconds
-        self.values[_field(*labels, "count")] += 1
+        counts = self._buckets.get(labels)
+        if counts is None:
+            counts = self._buckets[labels] = [0] * len(DURATION_BUCKETS)
+        counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.values[self._name(*labels, "sum")] += seconds
+        self.values[self._name(*labels, "count")] += 1
+
+    def _fold_buckets(self) -> None:
+        for labels, counts in self._buckets.items():
+            running = 0
+            for bound, n in zip(DURATION_BUCKETS, counts, strict=True):
+                running += n
+                if running:
+                    self.values[self._name(*labels, "bucket", _le(bound))] += running
+        self._buckets.clear()
 
     async def flush(self, redis: Redis) -> None:
+        self._fold_buckets()
         if not self.values:
             return
         pending, self.values = self.values, defaultdict(float)
