@@ -958,6 +958,8 @@ async def seed(
             tick = mark("copy_products", tick)
 
             task = bar.add_task("indexes", total=len(rebuild), rate="") if bar is not None and rebuild else None
+            if rebuild:  # sorts for the index builds stay in memory instead of spilling to disk
+                await conn.execute("SET LOCAL maintenance_work_mem = '512MB'")
             for statement in rebuild:
                 await conn.execute(statement)
                 if bar is not None:
