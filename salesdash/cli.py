@@ -61,9 +61,14 @@ def _emit(data: Any, as_json: bool, columns: list[str] | None = None, title: str
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(_default(row.get(c))) if not isinstance(
-            row.get(c), str) else row[c] for c in columns))
+        table.add_row(*(_cell(row.get(c)) for c in columns))
     console.print(table)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else str(_default(value))
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -216,7 +221,7 @@ def result(task_id: str, as_json: JsonOpt = False) -> None:
         return
     for key, value in status.items():
         if value is not None:
-            console.print(f"[bold]{key}[/bold]: {_default(value) if not isinstance(value, str) else value}")
+            console.print(f"[bold]{key}[/bold]: {_cell(value)}")
 
 
 @app.command()
