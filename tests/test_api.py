@@ -113,6 +113,9 @@ async def test_dashboard_page_shows_queues_and_jobs(app_client: httpx.AsyncClien
     assert "analytics" in page.text and job.json()["task_id"][:12] in page.text and "queued" in page.text
     login = await app_client.post("/dashboard/login", data={"token": tokens["read"]})
     assert login.status_code == 303 and "salesdash_token" in login.headers["set-cookie"]
-    with_cookie = await app_client.get("/dashboard", cookies={"salesdash_token": tokens["read"]})
+    app_client.cookies.set("salesdash_token", tokens["read"])
+    try:
+        with_cookie = await app_client.get("/dashboard")
+    finally:
+        app_client.cookies.clear()
     assert with_cookie.status_code == 200 and "Recent jobs" in with_cookie.text
-    app_client.cookies.clear()
