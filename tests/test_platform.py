@@ -368,3 +368,42 @@ async def test_arq_check_reports_a_live_worker(clean_redis: Redis, spawn_worker:
         return await asyncio.to_thread(check) == 0
 
     await wait_for(healthy, timeout=20, interval=0.5)
+
+
+async def test_worker_survives_a_redis_restart(db: asyncpg.Pool, spawn_worker: Any, tmp_path: Any,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis dies under an idle worker and comes back on the same port: the worker carries on [arq #435]."""
+    from salesdash import embedded
+    from salesdash.config import Settings
+    from salesdash.connections import open_redis
+
+    monkeypatch.setattr(embedded, "_started", [])  # our own Redis only; never touch the suite's servers
+    own = Settings(DATABASE_URL=os.environ["DATABASE_URL"], REDIS_URL=None, SALESDASH_DATA_DIR=str(tmp_path))
+    saved_url = os.environ["REDIS_URL"]
+    try:
+        _, redis_url = await asyncio.to_thread(embedded.resolve_urls, own)
+    finally:
+        monkeypatch.setenv("REDIS_URL", saved_url)
+    try:
+        worker = spawn_worker(SETTINGS, extra_env={"REDIS_URL": redis_url})
+        private = await open_redis(Settings(DATABASE_URL=os.environ["DATABASE_URL"], REDIS_URL=redis_url))
+        first = await enqueue(private, "record", tag="before")
+        assert (await finished(private, db, first))["status"] == "complete"
+        await private.aclose(close_connection_pool=True)
+
+        server = next(s for s in embedded._started if s.name == "redis")
+        server.proc.kill()
+        server.proc.wait()
+        embedded._started.remove(server)
+        await asyncio.sleep(2)  # the worker meets a dead Redis
+        _, again_url = await asyncio.to_thread(embedded.resolve_urls, own)
+        monkeypatch.setenv("REDIS_URL", saved_url)
+        assert again_url == redis_url  # same data dir, same port
+
+        private = await open_redis(Settings(DATABASE_URL=os.environ["DATABASE_URL"], REDIS_URL=redis_url))
+        second = await enqueue(private, "record", tag="after")
+        assert (await finished(private, db, second, timeout=30))["status"] == "complete"
+        await private.aclose(close_connection_pool=True)
+        assert worker.poll() is None and "redis unreachable, retrying" in worker.log_path.read_text()
+    finally:
+        embedded.stop_started()

@@ -33,6 +33,7 @@ from signal import Signals
 from typing import Any
 
 import arq.worker
+import redis.exceptions
 from arq.connections import create_pool
 from arq.cron import CronJob
 from arq.utils import to_unix_ms
@@ -50,6 +51,7 @@ HEARTBEAT_S = 1.0
 SWEEP_EVERY_S = 5.0
 WORKERS_KEY = js.WORKERS_KEY
 MAX_JOBS_ENV = "SALESDASH_MAX_JOBS_PER_PROCESS"
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError)
 
 
 @dataclass
@@ -84,6 +86,7 @@ class _State:
     max_jobs_per_process: int = 0
     stopping: bool = False
     wake: asyncio.Future[Any] | None = None
+    redis_failures: int = 0
     stop_timer: asyncio.TimerHandle | None = None
     background: list[asyncio.Task[Any]] = field(default_factory=list)
 
@@ -127,7 +130,12 @@ class SalesdashWorker(arq.worker.Worker):
                 st.slot_free.clear()
                 await st.slot_free.wait()
                 continue
-            claimed, next_due_ms = await self._claim(free)
+            try:
+                claimed, next_due_ms = await self._claim(free)
+            except REDIS_DOWN as exc:
+                await self._wait_for_redis(exc)
+                continue
+            st.redis_failures = 0
             if claimed == free:
                 continue
             if self.burst and not st.running and await self._queue_empty():
@@ -135,6 +143,15 @@ class SalesdashWorker(arq.worker.Worker):
             if claimed == 0:
                 await self._wait_for_work(next_due_ms)
         await self._drain()
+
+    async def _wait_for_redis(self, exc: BaseException) -> None:
+        """Redis is unreachable: keep running jobs going, retry with capped backoff [arq's loop dies, #435]."""
+        st = self._state
+        st.redis_failures += 1
+        delay = min(0.1 * 2 ** st.redis_failures, 5.0)
+        logger.warning("redis unreachable, retrying", extra={"queue": self.queue_label, "error": str(exc),
+                                                              "retry_in_s": delay})
+        await asyncio.sleep(delay)
 
     def _jobs_budget(self) -> int:
         """Jobs this process may still start: unbounded (a large number) unless recycling or --burst caps it."""
@@ -153,6 +170,8 @@ class SalesdashWorker(arq.worker.Worker):
             timeout = min(timeout, 0.2)
         st = self._state
         # one BLPOP at a time: if a freed slot woke us last time, the pending one is still good
+        if st.wake is not None and st.wake.done() and not st.wake.cancelled():
+            st.wake.exception()  # a BLPOP that failed (Redis gone) is retried below, not left unread
         if st.wake is None or st.wake.done():
             st.wake = asyncio.ensure_future(self.pool.blpop([st.keys.wake], timeout=timeout))  # type: ignore[arg-type]
         slot = asyncio.ensure_future(st.slot_free.wait()) if st.running else None
