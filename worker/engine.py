@@ -287,8 +287,8 @@ class SalesdashWorker(arq.worker.Worker):
             exc = LookupError(f"task {task_name!r} is not registered on queue {self.queue_label!r}")
             logger.error("job failed", extra={**log, "error": str(exc)})
             return self._final(job, running, "failed", None, exc)
-        if try_no > self._max_tries(task_name, function):
-            exc = RuntimeError(f"max {self._max_tries(task_name, function)} tries exceeded")
+        if try_no > self._max_tries(function):
+            exc = RuntimeError(f"max {self._max_tries(function)} tries exceeded")
             logger.error("job failed", extra={**log, "error": str(exc)})
             return self._final(job, running, "failed", None, exc)
         ctx = {**self.ctx, "job_id": job_id, "job_try": try_no, "task_name": task_name,
@@ -325,20 +325,20 @@ class SalesdashWorker(arq.worker.Worker):
         model = spec.args_model.model_validate(kwargs)
         return {name: getattr(model, name) for name in type(model).model_fields}
 
-    def _max_tries(self, task_name: str, function: Function | CronJob) -> int:
+    def _max_tries(self, function: Function | CronJob) -> int:
         return function.max_tries or self.max_tries
 
     def _policy(self, task_name: str, function: Function | CronJob) -> RetryPolicy:
         """Settings.ctx["retry_policies"] (per worker) first, then the registry, then defaults."""
         override = self.ctx.get("retry_policies", {}).get(task_name)
         spec = TASKS.get(task_name)
-        return override or (spec.retry if spec else RetryPolicy(max_tries=self._max_tries(task_name, function)))
+        return override or (spec.retry if spec else RetryPolicy(max_tries=self._max_tries(function)))
 
     def _failure_or_retry(self, job: dict[str, Any], running: _Running, function: Function | CronJob,
                           exc: Exception, log: dict[str, Any]) -> _Outcome:
         try_no = job["tries"] + 1
         policy = self._policy(job["task"], function)
-        max_tries = self._max_tries(job["task"], function)
+        max_tries = self._max_tries(function)
         retryable = isinstance(exc, Retry) or is_transient(exc)
         if retryable and try_no < max_tries:
             delay_s = (exc.defer_score / 1000 if isinstance(exc, Retry) and exc.defer_score
