@@ -380,6 +380,7 @@ async def test_worker_survives_a_redis_restart(db: asyncpg.Pool, spawn_worker: A
     monkeypatch.setattr(embedded, "_started", [])  # our own Redis only; never touch the suite's servers
     own = Settings(DATABASE_URL=os.environ["DATABASE_URL"], REDIS_URL=None, SALESDASH_DATA_DIR=str(tmp_path))
     saved_url = os.environ["REDIS_URL"]
+    monkeypatch.setenv("REDIS_URL", saved_url)  # monkeypatch now restores this value, whatever resolve_urls sets
     try:
         _, redis_url = await asyncio.to_thread(embedded.resolve_urls, own)
     finally:
