@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import socket
-import traceback
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -357,15 +356,9 @@ class SalesdashWorker(arq.worker.Worker):
 
     def _record(self, job: dict[str, Any], running: _Running, status: str, result: Any,
                 exc: BaseException | None) -> dict[str, Any]:
-        finished = js.now_ms()
-        return {
-            "job_id": job["id"], "task_name": job["task"], "queue": job["queue"], "status": status,
-            "result": result, "error": f"{type(exc).__name__}: {exc}" if exc else None,
-            "traceback": "".join(traceback.format_exception(exc)) if exc else None,
-            "args": job["args"], "kwargs": job["kwargs"], "enqueued_ms": job["enqueued_ms"],
-            "started_ms": running.started_ms, "finished_ms": finished, "tries": job["tries"] + 1,
-            "priority": job["priority"], "worker_id": self._state.worker_id, "retry_of": job.get("retry_of"),
-        }
+        return js.job_record(job, status, tries=job["tries"] + 1, started_ms=running.started_ms,
+                             worker_id=self._state.worker_id, result=result, exc=exc,
+                             error="aborted" if status == "aborted" else None)
 
     def _final(self, job: dict[str, Any], running: _Running, status: str, result: Any,
                exc: BaseException | None) -> _Outcome:

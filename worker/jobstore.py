@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -293,7 +294,7 @@ async def abort(redis: Redis, job_id: str, keep_result_ms: int = 24 * 3600 * 100
         pipe.zrem(keys.deferred, job_id)
         removed_ready, removed_deferred = await pipe.execute()
     if removed_ready or removed_deferred:
-        record = aborted_record(job, now_ms(), None)
+        record = job_record(job, "aborted", tries=job["tries"], error="aborted before it started")
         await store_final(redis, job, record, keep_result_ms)
         return "deferred" if removed_deferred else "queued"
     if await redis.zscore(keys.running, job_id) is not None:
@@ -304,13 +305,17 @@ async def abort(redis: Redis, job_id: str, keep_result_ms: int = 24 * 3600 * 100
     return None
 
 
-def aborted_record(job: dict[str, Any], finished_ms: int, worker_id: str | None) -> dict[str, Any]:
+def job_record(job: dict[str, Any], status: str, *, tries: int, started_ms: int | None = None,
+               worker_id: str | None = None, result: Any = None, exc: BaseException | None = None,
+               error: str | None = None) -> dict[str, Any]:
+    """The record of a finished try: stored as the job's result and written to job_runs."""
     return {
-        "job_id": job["id"], "task_name": job["task"], "queue": job["queue"], "status": "aborted",
-        "result": None, "error": "aborted", "traceback": None, "args": job["args"], "kwargs": job["kwargs"],
-        "enqueued_ms": job["enqueued_ms"], "started_ms": job.get("started_ms"), "finished_ms": finished_ms,
-        "tries": job["tries"], "priority": job["priority"], "worker_id": worker_id,
-        "retry_of": job.get("retry_of"),
+        "job_id": job["id"], "task_name": job["task"], "queue": job["queue"], "status": status,
+        "result": result, "error": f"{type(exc).__name__}: {exc}" if exc else error,
+        "traceback": "".join(traceback.format_exception(exc)) if exc else None,
+        "args": job["args"] or [], "kwargs": job["kwargs"], "enqueued_ms": job["enqueued_ms"],
+        "started_ms": started_ms, "finished_ms": now_ms(), "tries": tries, "priority": job["priority"],
+        "worker_id": worker_id, "retry_of": job.get("retry_of"),
     }
 
 
