@@ -1,7 +1,7 @@
 """Benchmark of `salesdash seed`: a scratch database, the migrations, one (or more) seeds, a table.
 
     .venv/bin/python bench/seed.py [--orders 1000000] [--customers 100000] [--products 2000] [--months 24]
-                                   [--runs 1] [--database-url postgresql://postgres@127.0.0.1:5432]
+                                   [--runs 1] [--serial] [--database-url postgresql://postgres@127.0.0.1:5432]
 
 The scratch database is created on the server of --database-url (default: $DATABASE_URL, else the local
 server) and dropped at the end. Later runs replace the data of the first (TRUNCATE in the same transaction).
@@ -58,6 +58,7 @@ async def _bench(args: argparse.Namespace, console: Console) -> list[SeedSummary
                     await seed(
                         conn, customers=args.customers, products=args.products, orders=args.orders,
                         months=args.months, seed=args.seed, progress=not args.quiet,
+                        parallel=False if args.serial else None, dsn=url,
                     )
                 )  # fmt: skip
         finally:
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="seed this many times (later runs replace the data)")
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL") or DEFAULT_SERVER)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--serial", action="store_true", help="one connection, one transaction (no staging tables)")
     args = parser.parse_args()
     console = Console()
     summaries = asyncio.run(_bench(args, console))

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from salesdash.config import get_settings
-from salesdash.connections import open_db_pool, open_redis
+from salesdash.connections import database_url, open_db_pool, open_redis
 
 app = typer.Typer(help="Sales Dashboard background jobs: run, inspect and operate.", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
@@ -113,6 +113,7 @@ def seed(
     async def work(db: asyncpg.Pool, _: Redis) -> Any:
         async with db.acquire() as conn:
             return await run_seed(conn, customers=customers, products=products, orders=orders, months=months,
+                                  dsn=database_url(),
                                   seed=seed, progress=not as_json)
 
     try:

@@ -30,7 +30,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-async def _prepare() -> tuple[bool, str]:
+async def _prepare(database_url: str) -> tuple[bool, str]:
     """Seed demo data when the database is empty, and mint an admin token for this run."""
     from db.queries.tokens import create_token
     from db.seed import seed
@@ -42,7 +42,7 @@ async def _prepare() -> tuple[bool, str]:
         async with db.acquire() as conn:
             if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM orders)"):
                 await seed(conn, progress=True, customers=DEMO["customers"], products=DEMO["products"],
-                           orders=DEMO["orders"], months=DEMO["months"], seed=DEMO["seed"])
+                           orders=DEMO["orders"], months=DEMO["months"], seed=DEMO["seed"], dsn=database_url)
                 seeded = True
         _, token = await create_token(db, f"salesdash up {time.strftime('%Y-%m-%d %H:%M:%S')}", "admin")
         return seeded, token
@@ -70,7 +70,7 @@ def run_up(settings: Settings, host: str, port: int) -> int:
         from db.migrate import upgrade
 
         upgrade(database_url)
-        seeded, token = asyncio.run(_prepare())
+        seeded, token = asyncio.run(_prepare(database_url))
         if seeded:
             console.print(f"seeded demo data: {DEMO}")
         children.append(_spawn([sys.executable, "-m", "uvicorn", "api.main:app", "--host", host,

@@ -313,3 +313,51 @@ async def test_no_orders_and_progress_bar(db_url: str, seeded: SeedSummary, conn
         assert await conn.fetchval("SELECT count(DISTINCT customer_id) FROM orders") == 1
     finally:
         await seed(conn, progress=False, **ARGS)
+
+
+# --- parallel load: orders and order_items staged on two connections, swapped in by one transaction ---
+
+STAGING_TABLES = "SELECT count(*) FROM pg_class WHERE relname LIKE 'order%\\_stage\\_%'"
+
+
+async def test_parallel_load_gives_the_same_tables(seeded: SeedSummary, conn: asyncpg.Connection,
+                                                   db_url: str) -> None:
+    before = await conn.fetchval(FINGERPRINT)
+    indexes = await conn.fetchval(INDEXES)
+    summary = await seed(conn, progress=True, parallel=True, dsn=db_url, **ARGS)
+    assert "swap" in summary.timings  # the staged path ran
+    assert (summary.orders, summary.order_items, summary.revenue, summary.low_stock_products) == (
+        seeded.orders, seeded.order_items, seeded.revenue, seeded.low_stock_products,
+    )  # fmt: skip
+    assert await conn.fetchval(FINGERPRINT) == before
+    assert await conn.fetchval(INDEXES) == indexes  # partition indexes keep their names
+    assert await conn.fetchval(STAGING_TABLES) == 0
+    assert await conn.fetchval("SELECT nextval('orders_id_seq')") == ARGS["orders"] + 1
+    await seed(conn, progress=False, **ARGS)
+
+
+@pytest.mark.parametrize(
+    ("failing", "parallel"), [("order_items", True), ("orders_p", True), ("products", True), ("order_items", False)]
+)
+async def test_parallel_failure_keeps_previous_data_and_leaves_no_staging_tables(
+    seeded: SeedSummary, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch, failing: str, parallel: bool,
+    db_url: str,
+) -> None:
+    """A COPY fails while order_items are staged, while orders are staged, or in the swap transaction
+    (after the orders' staging tables were committed); and the single-transaction path for comparison."""
+    before = await conn.fetchval(FINGERPRINT)
+    indexes = await conn.fetchval(INDEXES)
+    real_copy = seed_module._copy
+
+    async def failing_copy(connection: asyncpg.Connection, table: str, *args: Any) -> None:
+        if failing in table:
+            raise RuntimeError("disk full")
+        await real_copy(connection, table, *args)
+
+    monkeypatch.setattr(seed_module, "_copy", failing_copy)
+    with pytest.raises(RuntimeError, match="disk full"):
+        await seed(conn, progress=False, parallel=parallel, dsn=db_url, rebuild_indexes=True, **{**ARGS, "seed": 99})
+    assert not conn.is_in_transaction()
+    assert await conn.fetchval(FINGERPRINT) == before
+    assert await conn.fetchval(INDEXES) == indexes
+    assert await conn.fetchval(STAGING_TABLES) == 0
