@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-import db.seed as seed_module
+import db.seed.load as seed_module
 from db.migrate import upgrade
 from db.seed import SeedSummary, seed
 
