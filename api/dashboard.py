@@ -13,8 +13,8 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from api.auth import AuthError, authenticate, require
 from api.deps import DbDep, RedisDep
-from worker import client, jobstore
-from worker.registry import Queue, Scope
+from worker import client
+from worker.registry import Scope
 
 router = APIRouter()
 _templates = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")),
@@ -37,9 +37,7 @@ async def dashboard(request: Request, db: DbDep, redis: RedisDep,
         require(await authenticate(db, credentials), Scope.READ)
     except AuthError as exc:
         return HTMLResponse(_LOGIN.format(message=exc), status_code=exc.status_code)
-    alive = await client.workers_by_queue(redis)
-    queues = {q.value: {**await jobstore.queue_counts(redis, q.value), "workers": alive.get(q.value, 0)}
-              for q in Queue}
+    queues = await client.queue_overview(redis)
     workers = [{**w, "running_count": len(json.loads(w["running"]))} for w in await client.workers(redis)]
     jobs = await client.list_jobs(redis, db, limit=50)
     html = _templates.get_template("dashboard.html").render(queues=queues, workers=workers, jobs=jobs)

@@ -18,9 +18,8 @@ from api.rest import router
 from salesdash.config import get_settings
 from salesdash.connections import open_db_pool, open_redis
 from salesdash.logs import setup_logging
-from worker import client, jobstore
+from worker import client
 from worker.metrics import METRICS_KEY, families
-from worker.registry import Queue
 
 
 @asynccontextmanager
@@ -81,10 +80,11 @@ def create_app() -> FastAPI:
     @app.get("/metrics")
     async def metrics(redis: RedisDep) -> Response:
         raw = await redis.hgetall(METRICS_KEY)  # type: ignore[misc]
-        depths = {q.value: (await jobstore.queue_counts(redis, q.value))["queued"] for q in Queue}
-        alive = await client.workers_by_queue(redis)
+        overview = await client.queue_overview(redis)
+        depths = {name: counts["queued"] for name, counts in overview.items()}
+        alive = {name: counts["workers"] for name, counts in overview.items()}
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Snapshot(raw, depths, {q.value: alive.get(q.value, 0) for q in Queue}))
+        registry.register(_Snapshot(raw, depths, alive))
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
 
     return app

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from api.auth import require
 from api.deps import DbDep, ReadDep, RedisDep, TriggerDep
 from worker import client, jobstore
-from worker.registry import TASKS, Queue, UnknownTaskError, get_task
+from worker.registry import TASKS, UnknownTaskError, get_task
 
 router = APIRouter()
 
@@ -83,9 +83,7 @@ async def retry_job(task_id: str, redis: RedisDep, db: DbDep, principal: Trigger
 
 @router.get("/queues")
 async def queues(redis: RedisDep, _: ReadDep) -> dict[str, Any]:
-    alive = await client.workers_by_queue(redis)
-    return {q.value: {**await jobstore.queue_counts(redis, q.value), "workers": alive.get(q.value, 0)}
-            for q in Queue}
+    return await client.queue_overview(redis)
 
 
 @router.get("/tasks")

@@ -146,3 +146,10 @@ async def workers_by_queue(redis: Redis) -> dict[str, int]:
     for info in await workers(redis):
         counts[info["queue"]] = counts.get(info["queue"], 0) + 1
     return counts
+
+
+async def queue_overview(redis: Redis) -> dict[str, dict[str, int]]:
+    """Per queue: queued, deferred, in progress, and workers alive (`/queues`, `/dashboard`, `/metrics`,
+    `inspect queues`)."""
+    alive = await workers_by_queue(redis)
+    return {q.value: {**await js.queue_counts(redis, q.value), "workers": alive.get(q.value, 0)} for q in Queue}

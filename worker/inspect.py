@@ -60,9 +60,7 @@ async def stats(db: asyncpg.Pool, redis: Redis) -> Rows:
 
 
 async def queues(_: asyncpg.Pool, redis: Redis) -> Rows:
-    alive = await client.workers_by_queue(redis)
-    rows = [{"queue": q.value, **await jobstore.queue_counts(redis, q.value), "workers": alive.get(q.value, 0)}
-            for q in Queue]
+    rows = [{"queue": name, **counts} for name, counts in (await client.queue_overview(redis)).items()]
     return rows, ["queue", "queued", "deferred", "in_progress", "workers"]
 
 
