@@ -26,13 +26,14 @@ RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# 2) The project itself (packages salesdash, api, db, worker + the `salesdash` console script).
+# 2) The project itself (packages salesdash, db, worker, api, cli + the `salesdash` console script).
 #    README.md* is optional: the glob copies it when present without failing when absent.
 COPY pyproject.toml README.md* ./
 COPY salesdash ./salesdash
 COPY api ./api
 COPY db ./db
 COPY worker ./worker
+COPY cli ./cli
 RUN pip install --no-deps . \
     && rm -rf build ./*.egg-info
 

@@ -16,7 +16,7 @@ from worker import client, jobstore
 
 
 def salesdash(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "salesdash.cli", *args], cwd=ROOT, env=os.environ.copy(),
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=os.environ.copy(),
                           capture_output=True, text=True, timeout=timeout)
 
 

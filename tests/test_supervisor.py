@@ -18,8 +18,8 @@ import psutil
 import pytest
 from redis.asyncio import Redis
 
-import salesdash.supervisor as supervisor_module
-from salesdash.supervisor import MAX_JOBS_ENV, Supervisor, backoff_s, child_env
+import cli.supervisor as supervisor_module
+from cli.supervisor import MAX_JOBS_ENV, Supervisor, backoff_s, child_env
 from tests.conftest import ROOT, wait_for
 from worker import jobstore
 
@@ -47,7 +47,7 @@ class Run:
         self.log_path = log
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "salesdash.cli", "worker", "analytics", *args], cwd=ROOT,
+                [sys.executable, "-m", "cli", "worker", "analytics", *args], cwd=ROOT,
                 env={**os.environ, "SALESDASH_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT_S)},
                 stdout=out, stderr=subprocess.STDOUT)
         self.seen: set[int] = set()

@@ -32,7 +32,7 @@ def test_up_serves_runs_a_job_and_stops_cleanly(tmp_path: Path) -> None:
     log_path = tmp_path / "up.log"
     started = time.monotonic()
     with log_path.open("wb") as log:
-        up = subprocess.Popen([sys.executable, "-m", "salesdash.cli", "up", "--port", str(port)], cwd=ROOT, env=env,
+        up = subprocess.Popen([sys.executable, "-m", "cli", "up", "--port", str(port)], cwd=ROOT, env=env,
                               stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:

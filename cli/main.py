@@ -278,7 +278,7 @@ def up(
 ) -> None:
     """Run everything on this machine: servers (embedded unless configured), migrations, demo data, API and
     one worker per queue. Ctrl-C stops it all."""
-    from salesdash.up import run_up
+    from cli.up import run_up
 
     sys.exit(run_up(get_settings(), host, port))
 
@@ -292,7 +292,7 @@ def worker(
         int, typer.Option(help="Replace a process above this resident memory in KiB (0: never).")] = 0,
 ) -> None:
     """Supervise worker processes for one queue: restart dead ones, recycle after N jobs or above a memory limit."""
-    from salesdash.supervisor import supervise
+    from cli.supervisor import supervise
     from worker.registry import Queue
 
     if queue not in {q.value for q in Queue}:

@@ -1,0 +1,1 @@
+"""The entry points, the top layer: the `salesdash` CLI, `salesdash up` and the worker supervisor."""
