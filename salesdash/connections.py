@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
@@ -36,6 +38,23 @@ def redis_settings(settings: Settings | None = None) -> RedisSettings:
         database=int(path[1]) if len(path) > 1 else 0,
         password=unquote(parts.password) if parts.password else None,
     )
+
+
+class LazyRedisSettings(RedisSettings):
+    """`redis_settings()` resolved when a field is first read: a queue's `Settings` can hold one without
+    importing it starting an embedded server; launching the worker (or `arq --check`) reads it and starts one."""
+
+    def __init__(self) -> None:  # the fields are filled on first read
+        pass
+
+    def __getattribute__(self, name: str) -> Any:
+        own = object.__getattribute__(self, "__dict__")
+        if name in _REDIS_FIELDS and name not in own:  # class-level defaults would otherwise answer
+            own.update(vars(redis_settings()))
+        return object.__getattribute__(self, name)
+
+
+_REDIS_FIELDS = frozenset(f.name for f in dataclasses.fields(RedisSettings))
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -22,7 +22,7 @@ import redis as sync_redis
 from redis.asyncio import Redis
 
 ROOT = Path(__file__).resolve().parents[1]
-TEST_REDIS_DB = 9
+TEST_REDIS_DB = int(os.environ.get("SALESDASH_TEST_REDIS_DB", "9"))  # two runs at once: give each its own
 
 
 def _server_urls() -> tuple[str, str]:
@@ -164,6 +164,19 @@ def spawn_worker(tmp_path: Path) -> Iterator[Any]:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+async def enqueue_job(redis: Redis, task: str, queue: str, kwargs: dict[str, Any] | None = None, *,
+                      priority: int = 5, job_id: str | None = None, defer_ms: int = 0, notify: bool = False) -> str:
+    """Put a job straight into Redis, past the task table (test tasks live on test queues)."""
+    from worker import jobstore
+    from worker.records import JobPayload
+
+    now = jobstore.now_ms()
+    job = JobPayload(job_id or jobstore.new_job_id(), task, [], kwargs or {}, queue, priority, now, now + defer_ms,
+                     notify=notify)
+    assert await jobstore.enqueue(redis, job)
+    return job.id
 
 
 async def wait_for(predicate: Any, timeout: float = 30, interval: float = 0.1) -> Any:

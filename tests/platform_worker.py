@@ -9,9 +9,9 @@ from typing import Any
 from arq import cron, func
 
 from salesdash.config import get_settings
-from salesdash.connections import redis_settings
+from salesdash.connections import LazyRedisSettings
 from worker import context
-from worker.engine import SalesdashWorker  # noqa: F401  (installs our job loop)
+from worker.engine import install_engine
 from worker.progress import report_progress
 from worker.registry import RetryPolicy
 
@@ -57,6 +57,9 @@ async def noop(ctx: dict[str, Any]) -> None:
     return None
 
 
+install_engine()
+
+
 def _functions() -> list[Any]:
     return [
         func(record, name="record"), func(sleep, name="sleep", timeout=120), func(flaky, name="flaky", max_tries=4),
@@ -68,7 +71,7 @@ def _functions() -> list[Any]:
 class Settings:
     queue_name = "salesdash:queue:platform"
     functions = _functions()
-    redis_settings = redis_settings()
+    redis_settings = LazyRedisSettings()
     on_startup = context.startup
     on_shutdown = context.shutdown
     ctx = {"retry_policies": {"flaky": RetryPolicy(max_tries=4, backoff_base_s=0.2, backoff_cap_s=0.5)}}
@@ -82,7 +85,7 @@ class CronSettings:
     queue_name = "salesdash:queue:platformcron"
     functions = [func(noop, name="noop")]
     cron_jobs = [cron(tick, name="tick", second=set(range(60)))]
-    redis_settings = redis_settings()
+    redis_settings = LazyRedisSettings()
     on_startup = context.startup
     on_shutdown = context.shutdown
     health_check_interval = 30

@@ -5,28 +5,30 @@ What it changes, and why (arq 0.28 behaviour in brackets):
   per job]; so an idle worker sends a few commands a second and still starts a job within a millisecond;
 - priorities 0–9 inside a queue [FIFO only];
 - a claimed job leaves the ready set and holds a 30 s lease that its worker renews; any worker re-queues
-  jobs whose lease ran out [a crashed worker's jobs wait for the largest timeout + 10 s; running jobs stay in
-  the queue and can starve idle workers];
+  jobs whose lease ran out [a crashed worker's jobs wait for the largest timeout + 10 s];
 - retries transient faults with capped exponential backoff and jitter, fails others at once with traceback
-  [only `Retry` retries]; per-task result expiry for failures too [failures use the worker default];
+  [only `Retry` retries]; per-task result expiry for failures too;
+- a payload it cannot run (gone, not JSON, not an object, a field missing or mistyped, an unknown task, bad
+  arguments) ends as a failed job that says why [arq drops some silently and dies on others];
 - SIGTERM: stop claiming, wait up to `job_completion_wait`, then hand unfinished jobs back to the queue;
 - durable history (batched via Redis into PostgreSQL), fleet-wide metrics, progress, abort without arq #485.
 
-arq's CLI builds `arq.worker.Worker` from a Settings class, so importing this module points that name at
-`SalesdashWorker`; `arq worker.analytics.Settings` then runs this loop. No `__init__` override: arq reads the
-accepted settings from the constructor's signature.
+Jobs enqueued with arq's own `enqueue_job` run too (see worker/jobstore.py for the shared layout).
+`install_engine()` makes arq's CLI build this worker; `create_worker()` builds it directly and refuses
+settings it would not honour.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import inspect
 import logging
 import os
 import socket
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from signal import Signals
 from typing import Any
@@ -36,40 +38,33 @@ import redis.exceptions
 from arq.connections import create_pool
 from arq.cron import CronJob
 from arq.utils import to_unix_ms
+from arq.version import VERSION as ARQ_VERSION
 from arq.worker import Function, Retry
 
 from worker import jobstore as js
 from worker.history import flush_history
 from worker.metrics import MetricsBuffer
-from worker.registry import TASKS, RetryPolicy
+from worker.records import PRIORITY_DEFAULT, JobPayload, WorkerInfo, ms_to_dt
+from worker.registry import TASKS, RetryPolicy, TaskArgumentError
 from worker.retry import backoff_seconds, is_transient
 
 logger = logging.getLogger("salesdash.worker")
 
+ARQ_SERIES = "0.28."  # the arq whose Worker internals this subclass was written against
 HEARTBEAT_S = 1.0
 SWEEP_EVERY_S = 5.0
-WORKERS_KEY = js.WORKERS_KEY
+CRON_UNIQUE_MS = 3_600_000
 MAX_JOBS_ENV = "SALESDASH_MAX_JOBS_PER_PROCESS"
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError)
 
 
 @dataclass
 class _Running:
-    payload: dict[str, Any]
+    job: JobPayload
     started_ms: int
+    ctx: dict[str, Any]
     task: asyncio.Task[Any] | None = None
     aborting: bool = False
-
-
-@dataclass
-class _Outcome:
-    """What a finished try did; the flusher applies a batch of these in one Redis transaction."""
-
-    payload: dict[str, Any]
-    record: dict[str, Any] | None  # final record (complete/failed/aborted), None when the job goes back
-    requeue_score: int | None = None  # hand back to ready (shutdown) with this score
-    retry_score: int | None = None  # retry later: deferred score
-    keep_result_ms: int = 0
 
 
 @dataclass
@@ -77,7 +72,7 @@ class _State:
     worker_id: str
     keys: js.QueueKeys
     running: dict[str, _Running] = field(default_factory=dict)
-    outcomes: list[_Outcome] = field(default_factory=list)
+    outcomes: list[tuple[js.Outcome, dict[str, Any] | None]] = field(default_factory=list)
     flush_wanted: asyncio.Event = field(default_factory=asyncio.Event)
     slot_free: asyncio.Event = field(default_factory=asyncio.Event)
     metrics: MetricsBuffer = field(default_factory=MetricsBuffer)
@@ -99,7 +94,7 @@ class SalesdashWorker(arq.worker.Worker):
             self._pool = await create_pool(self.redis_settings, default_queue_name=self.queue_name)
         self._state = _State(
             worker_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
-            keys=js.QueueKeys(self.queue_name),
+            keys=js.QueueKeys.of_queue_name(self.queue_name),
             max_jobs_per_process=int(os.environ.get(MAX_JOBS_ENV) or 0),
         )
         self.ctx.update(redis=self.pool, worker_id=self._state.worker_id, queue=self.queue_label)
@@ -116,7 +111,7 @@ class SalesdashWorker(arq.worker.Worker):
 
     @property
     def queue_label(self) -> str:
-        return self.queue_name.rsplit(":", 1)[-1]
+        return js.QueueKeys.of_queue_name(self.queue_name).queue
 
     async def _job_loop(self) -> None:
         st = self._state
@@ -147,7 +142,7 @@ class SalesdashWorker(arq.worker.Worker):
         """Redis is unreachable: keep running jobs going, retry with capped backoff [arq's loop dies, #435]."""
         st = self._state
         st.redis_failures += 1
-        delay = min(0.1 * 2 ** st.redis_failures, 5.0)
+        delay = min(0.1 * 2**st.redis_failures, 5.0)
         logger.warning("redis unreachable, retrying", extra={"queue": self.queue_label, "error": str(exc),
                                                               "retry_in_s": delay})
         await asyncio.sleep(delay)
@@ -162,6 +157,7 @@ class SalesdashWorker(arq.worker.Worker):
         return counts["queued"] == 0 and counts["deferred"] == 0
 
     async def _wait_for_work(self, next_due_ms: int) -> None:
+        # a job sent by arq's client pushes no wake token: the 1 s ceiling bounds how long it waits
         timeout = 1.0
         if next_due_ms > 0:
             timeout = min(timeout, max((next_due_ms - js.now_ms()) / 1000, 0.01))
@@ -193,14 +189,16 @@ class SalesdashWorker(arq.worker.Worker):
         logger.info("shutdown: handing back running jobs", extra={"signal": Signals(signum).name})
         self.allow_pick_jobs = False
         if not hasattr(self, "_state"):
-            self.main_task and self.main_task.cancel()
+            if self.main_task:
+                self.main_task.cancel()
             return
         self._state.stopping = True
         for running in self._state.running.values():
             if running.task:
                 running.task.cancel()
         self._state.slot_free.set()
-        self.on_stop and self.on_stop(Signals(signum))
+        if self.on_stop:
+            self.on_stop(Signals(signum))
 
     def handle_sig_wait_for_completion(self, signum: Signals) -> None:
         """Graceful stop: take no new jobs, give running ones `job_completion_wait` seconds, hand back the rest."""
@@ -226,8 +224,7 @@ class SalesdashWorker(arq.worker.Worker):
                 task.cancel()
             await asyncio.gather(*st.background, return_exceptions=True)
             await self._flush_outcomes()
-            await self.pool.zrem(WORKERS_KEY, st.worker_id)
-            await self.pool.delete(f"{WORKERS_KEY}:{st.worker_id}")
+            await js.unregister_worker(self.pool, st.worker_id)
             await st.metrics.flush(self.pool)
             with contextlib.suppress(Exception):
                 await flush_history(self.pool, self.ctx.get("db"), st.worker_id)
@@ -239,146 +236,175 @@ class SalesdashWorker(arq.worker.Worker):
 
     # ---- claiming and running --------------------------------------------------------------------------
     async def _claim(self, limit: int) -> tuple[int, int]:
-        st = self._state
-        k = st.keys
-        now = js.now_ms()
-        reply = await js.run_script(self.pool, js.CLAIM_LUA, [k.ready, k.deferred, k.running, k.owners, k.wake],
-                                    [now, limit, now + js.LEASE_MS, st.worker_id, js.job_key("")])
-        next_due = int(reply[0])
-        for i in range(1, len(reply), 2):
-            payload = json.loads(reply[i + 1])
-            self._start(payload)
-        return (len(reply) - 1) // 2, next_due
+        claimed, next_due = await js.claim(self.pool, self._state.keys, limit, self._state.worker_id)
+        for c in claimed:
+            self._admit(c)
+        return len(claimed), next_due
 
-    def _start(self, payload: dict[str, Any]) -> None:
+    def _admit(self, claimed: js.Claimed) -> None:
+        """Start a claimed job, or fail it at once when its payload cannot be run: never drop it, never crash."""
+        data: Any = None
+        try:
+            if claimed.raw is None:
+                raise js.BadPayload("payload missing: it expired before a worker took it, or was deleted")
+            data = self._deserialize(claimed.raw)
+            job = js.decode_payload(claimed.job_id, data, self.queue_label)
+        except js.BadPayload as exc:
+            self._refuse(claimed, data, str(exc))
+            return
+        self._start(job.with_tries(job.tries + claimed.lost_tries) if claimed.lost_tries else job)
+
+    def _deserialize(self, raw: bytes) -> Any:
+        if self.job_deserializer is None:
+            return js.deserialize_json(raw)
+        try:
+            return self.job_deserializer(raw)
+        except Exception as exc:
+            raise js.BadPayload(f"payload could not be deserialized ({type(exc).__name__}: {exc})") from None
+
+    def _refuse(self, claimed: js.Claimed, data: Any, reason: str) -> None:
+        named = data.get("f") if isinstance(data, dict) else None
+        task = named if isinstance(named, str) else "unknown"
+        now = js.now_ms()
+        job = JobPayload(claimed.job_id, task, [], {}, self.queue_label, PRIORITY_DEFAULT, now, now)
+        logger.error("job refused", extra={"job_id": job.id, "task": task, "queue": self.queue_label,
+                                            "error": reason})
+        record = js.job_record(job, "failed", tries=claimed.lost_tries, worker_id=self._state.worker_id,
+                               error=f"refused: {reason}")
+        self._state.metrics.task_event(task, self.queue_label, "failure")
+        self.jobs_failed += 1
+        self._queue_outcome(js.Outcome(job, "final", record, keep_result_ms=int(self.keep_result_s * 1000)), None)
+
+    def _start(self, job: JobPayload) -> None:
         st = self._state
-        running = _Running(payload, js.now_ms())
-        st.running[payload["id"]] = running
+        ctx = {**self.ctx, "job_id": job.id, "job_try": job.tries + 1, "task_name": job.task,
+               "enqueue_time": ms_to_dt(job.enqueued_ms), "score": job.due_ms}
+        running = _Running(job, js.now_ms(), ctx)
+        st.running[job.id] = running
         st.started_total += 1
         running.task = asyncio.create_task(self._run(running))
-        self.tasks[payload["id"]] = running.task
+        self.tasks[job.id] = running.task
 
     async def _run(self, running: _Running) -> None:
         st = self._state
-        job = running.payload
+        job = running.job
         try:
             outcome = await self._execute(running)
         except BaseException as exc:  # a bug in the loop itself must not kill the worker silently
-            logger.exception("job loop error", extra={"job_id": job["id"]})
-            outcome = self._final(job, running, "failed", None, exc)
-        st.outcomes.append(outcome)
-        st.flush_wanted.set()
-        del st.running[job["id"]]
-        self.tasks.pop(job["id"], None)
+            logger.exception("job loop error", extra={"job_id": job.id})
+            outcome = self._final(running, "failed", None, exc)
+        self._queue_outcome(outcome, running.ctx)
+        del st.running[job.id]
+        self.tasks.pop(job.id, None)
         st.slot_free.set()
 
-    async def _execute(self, running: _Running) -> _Outcome:  # noqa: C901 - one place for every outcome
-        st = self._state
-        job = running.payload
-        task_name, job_id = job["task"], job["id"]
-        log = {"job_id": job_id, "task": task_name, "queue": self.queue_label}
-        function = self.functions.get(task_name)
-        try_no = job["tries"] + 1
-        st.metrics.task_event(task_name, self.queue_label, "started")
-        st.metrics.queue_wait(self.queue_label, max(running.started_ms - job["run_at_ms"], 0) / 1000)
-        exc: Exception
+    def _queue_outcome(self, outcome: js.Outcome, ctx: dict[str, Any] | None) -> None:
+        self._state.outcomes.append((outcome, ctx))
+        self._state.flush_wanted.set()
+
+    async def _execute(self, running: _Running) -> js.Outcome:
+        job = running.job
+        log = {"job_id": job.id, "task": job.task, "queue": self.queue_label}
+        self._state.metrics.task_event(job.task, self.queue_label, "started")
+        self._state.metrics.queue_wait(self.queue_label, max(running.started_ms - job.due_ms, 0) / 1000)
+        function = self.functions.get(job.task)
         if function is None:
-            exc = LookupError(f"task {task_name!r} is not registered on queue {self.queue_label!r}")
-            logger.error("job failed", extra={**log, "error": str(exc)})
-            return self._final(job, running, "failed", None, exc)
-        if try_no > self._max_tries(function):
-            exc = RuntimeError(f"max {self._max_tries(function)} tries exceeded")
-            logger.error("job failed", extra={**log, "error": str(exc)})
-            return self._final(job, running, "failed", None, exc)
-        ctx = {**self.ctx, "job_id": job_id, "job_try": try_no, "task_name": task_name,
-               "enqueue_time": js.ms_to_dt(job["enqueued_ms"])}
-        logger.info("job started", extra={**log, "try": try_no, "priority": job["priority"]})
+            return self._fail_now(running, LookupError(f"task {job.task!r} is not registered on queue "
+                                                       f"{self.queue_label!r}"), log)
+        if job.tries + 1 > self._max_tries(function):
+            return self._fail_now(running, RuntimeError(f"max {self._max_tries(function)} tries exceeded"), log)
+        try:
+            args, kwargs = self._bind_arguments(job)
+        except TaskArgumentError as exc:
+            return self._fail_now(running, exc, log)
+        logger.info("job started", extra={**log, "try": job.tries + 1, "priority": job.priority})
+        return await self._call(running, function, args, kwargs, log)
+
+    async def _call(self, running: _Running, function: Function | CronJob, args: list[Any],
+                    kwargs: dict[str, Any], log: dict[str, Any]) -> js.Outcome:
         timeout_s = function.timeout_s or self.job_timeout_s
         try:
-            kwargs = self._bind_arguments(task_name, job["kwargs"])
             async with asyncio.timeout(timeout_s) as deadline:
-                result = await function.coroutine(ctx, *(job["args"] or []), **kwargs)
+                if self.on_job_start:
+                    await self.on_job_start(running.ctx)
+                result = await function.coroutine(running.ctx, *args, **kwargs)
         except asyncio.CancelledError:
             if running.aborting:
                 logger.info("job aborted", extra=log)
-                return self._final(job, running, "aborted", None, None)
-            if not st.stopping:
+                return self._final(running, "aborted", None, None)
+            if not self._state.stopping:
                 raise
             logger.info("job handed back on shutdown", extra=log)
-            return _Outcome(job, None, requeue_score=js.ready_score(job["priority"], job["enqueued_ms"]))
+            return js.Outcome(running.job, "requeue")
         except TimeoutError as exc:
             if not deadline.expired():
-                return self._failure_or_retry(job, running, function, exc, log)
-            err = TimeoutError(f"{task_name} timed out after {timeout_s:g}s")
+                return self._failure_or_retry(running, function, exc, log)
             logger.error("job timed out", extra={**log, "timeout_s": timeout_s})
-            return self._final(job, running, "failed", None, err)
+            return self._final(running, "failed", None, TimeoutError(f"{running.job.task} timed out after "
+                                                                      f"{timeout_s:g}s"))
         except Exception as exc:
-            return self._failure_or_retry(job, running, function, exc, log)
+            return self._failure_or_retry(running, function, exc, log)
+        finally:
+            await self._hook(self.on_job_end, running.ctx)
         logger.info("job complete", extra={**log, "ms": js.now_ms() - running.started_ms})
-        return self._final(job, running, "complete", result, None)
+        return self._final(running, "complete", result, None)
 
-    def _bind_arguments(self, task_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-        spec = TASKS.get(task_name)
+    def _bind_arguments(self, job: JobPayload) -> tuple[list[Any], dict[str, Any]]:
+        """Validate against the task's argument model, as the API does before enqueueing (arq's client does
+        not), and hand the function typed values. Tasks outside the table get their arguments as stored."""
+        spec = TASKS.get(job.task)
         if spec is None:
-            return kwargs
-        model = spec.args_model.model_validate(kwargs)
-        return {name: getattr(model, name) for name in type(model).model_fields}
+            return job.args, job.kwargs
+        return [], spec.bind(job.args, job.kwargs)
 
     def _max_tries(self, function: Function | CronJob) -> int:
         return function.max_tries or self.max_tries
 
     def _policy(self, task_name: str, function: Function | CronJob) -> RetryPolicy:
-        """Settings.ctx["retry_policies"] (per worker) first, then the registry, then defaults."""
+        """ctx["retry_policies"] (per worker) first, then the task table, then the function's max tries."""
         override = self.ctx.get("retry_policies", {}).get(task_name)
         spec = TASKS.get(task_name)
         return override or (spec.retry if spec else RetryPolicy(max_tries=self._max_tries(function)))
 
-    def _failure_or_retry(self, job: dict[str, Any], running: _Running, function: Function | CronJob,
-                          exc: Exception, log: dict[str, Any]) -> _Outcome:
-        try_no = job["tries"] + 1
-        policy = self._policy(job["task"], function)
-        max_tries = self._max_tries(function)
-        retryable = isinstance(exc, Retry) or is_transient(exc)
-        if retryable and try_no < max_tries:
+    def _failure_or_retry(self, running: _Running, function: Function | CronJob, exc: Exception,
+                          log: dict[str, Any]) -> js.Outcome:
+        job = running.job
+        try_no = job.tries + 1
+        if (isinstance(exc, Retry) or is_transient(exc)) and try_no < self._max_tries(function):
             delay_s = (exc.defer_score / 1000 if isinstance(exc, Retry) and exc.defer_score
-                       else backoff_seconds(policy, try_no))
-            self._state.metrics.task_event(job["task"], self.queue_label, "retry")
+                       else backoff_seconds(self._policy(job.task, function), try_no))
+            self._state.metrics.task_event(job.task, self.queue_label, "retry")
             self.jobs_retried += 1
-            logger.warning("job retrying", extra={**log, "try": try_no, "delay_s": round(delay_s, 3),
-                                                   "error": f"{type(exc).__name__}: {exc}"})
-            retried = {**job, "tries": try_no, "last_error": f"{type(exc).__name__}: {exc}",
-                       "run_at_ms": js.now_ms() + int(delay_s * 1000)}
-            record = self._record(job, running, "deferred", None, exc)
-            return _Outcome(retried, record, retry_score=js.deferred_score(job["priority"], retried["run_at_ms"]))
+            error = f"{type(exc).__name__}: {exc}"
+            logger.warning("job retrying", extra={**log, "try": try_no, "delay_s": round(delay_s, 3), "error": error})
+            due = js.now_ms() + int(delay_s * 1000)
+            record = js.job_record(job, "deferred", tries=try_no, started_ms=running.started_ms,
+                                   worker_id=self._state.worker_id, exc=exc)
+            return js.Outcome(replace(job, tries=try_no, last_error=error, due_ms=due), "retry", record,
+                              retry_at_ms=due)
         logger.error("job failed", extra={**log, "try": try_no, "error": f"{type(exc).__name__}: {exc}"},
                      exc_info=exc)
-        return self._final(job, running, "failed", None, exc)
+        return self._final(running, "failed", None, exc)
 
-    def _record(self, job: dict[str, Any], running: _Running, status: str, result: Any,
-                exc: BaseException | None) -> dict[str, Any]:
-        return js.job_record(job, status, tries=job["tries"] + 1, started_ms=running.started_ms,
-                             worker_id=self._state.worker_id, result=result, exc=exc,
-                             error="aborted" if status == "aborted" else None)
+    def _fail_now(self, running: _Running, exc: Exception, log: dict[str, Any]) -> js.Outcome:
+        logger.error("job failed", extra={**log, "error": f"{type(exc).__name__}: {exc}"})
+        return self._final(running, "failed", None, exc)
 
-    def _final(self, job: dict[str, Any], running: _Running, status: str, result: Any,
-               exc: BaseException | None) -> _Outcome:
-        record = self._record(job, running, status, result, exc)
+    def _final(self, running: _Running, status: str, result: Any, exc: BaseException | None) -> js.Outcome:
+        job = running.job
+        record = js.job_record(job, status, tries=job.tries + 1, started_ms=running.started_ms,
+                               worker_id=self._state.worker_id, result=result, exc=exc,
+                               error="aborted" if status == "aborted" else None)
         metric_status = {"complete": "success", "failed": "failure", "aborted": "aborted"}[status]
-        self._state.metrics.task_event(job["task"], self.queue_label, metric_status)
-        self._state.metrics.duration(job["task"], self.queue_label,
-                                     (record["finished_ms"] - running.started_ms) / 1000)
+        self._state.metrics.task_event(job.task, self.queue_label, metric_status)
+        self._state.metrics.duration(job.task, self.queue_label, (record.finished_ms - running.started_ms) / 1000)
         if status == "complete":
             self.jobs_complete += 1
         else:
             self.jobs_failed += 1
-        spec, function = TASKS.get(job["task"]), self.functions.get(job["task"])
-        if spec is not None:
-            keep_s = spec.keep_result_s
-        elif function is not None and function.keep_result_s is not None:
-            keep_s = function.keep_result_s
-        else:
-            keep_s = self.keep_result_s
-        return _Outcome(job, record, keep_result_ms=int(keep_s * 1000))
+        function = self.functions.get(job.task)
+        keep_s = function.keep_result_s if function and function.keep_result_s is not None else self.keep_result_s
+        return js.Outcome(job, "final", record, keep_result_ms=int(keep_s * 1000))
 
     # ---- writing outcomes back -------------------------------------------------------------------------
     async def _flush_outcomes_forever(self) -> None:
@@ -394,46 +420,28 @@ class SalesdashWorker(arq.worker.Worker):
                 await asyncio.sleep(0.5)
 
     async def _flush_outcomes(self) -> None:
-        """Apply finished tries in one transaction: results, retries, hand-backs, history rows."""
+        """Apply finished tries in one atomic call, then run `after_job_end` for each."""
         st = self._state
         if not st.outcomes:
             return
         batch, st.outcomes = st.outcomes, []
-        k = st.keys
-        ids = [o.payload["id"] for o in batch]
-        records = [json.dumps(o.record, default=str) for o in batch if o.record is not None]
         try:
-            async with self.pool.pipeline(transaction=True) as pipe:
-                pipe.zrem(k.running, *ids)
-                pipe.hdel(k.owners, *ids)
-                if records:
-                    pipe.lpush(js.HISTORY_KEY, *records)
-                finished: list[str] = []
-                for o in batch:
-                    finished += self._queue_outcome(pipe, k, o)
-                if finished:
-                    pipe.unlink(*finished)
-                await pipe.execute()
+            await js.finish(self.pool, st.keys, [o for o, _ in batch], self.job_serializer or js.serialize_json)
         except BaseException:
-            st.outcomes[:0] = batch  # nothing was applied (MULTI): keep them for the next attempt
+            st.outcomes[:0] = batch  # nothing was applied (one script): keep them for the next attempt
             raise
+        for outcome, ctx in batch:
+            if ctx is not None and outcome.kind != "requeue":
+                await self._hook(self.after_job_end, ctx)
 
-    def _queue_outcome(self, pipe: Any, k: js.QueueKeys, o: _Outcome) -> list[str]:
-        """Queue one job's own writes; returns the keys to drop now that it is finished."""
-        job_id = o.payload["id"]
-        if o.retry_score is not None:
-            pipe.set(js.job_key(job_id), json.dumps(o.payload), px=js.JOB_TTL_MS, xx=True)
-            pipe.zadd(k.deferred, {job_id: o.retry_score})
-        elif o.requeue_score is not None:
-            pipe.zadd(k.ready, {job_id: o.requeue_score})
-            pipe.lpush(k.wake, "1")
-        elif o.record is not None:
-            pipe.set(js.result_key(job_id), json.dumps(o.record, default=str), px=max(o.keep_result_ms, 1000))
-            if o.payload.get("notify"):
-                pipe.rpush(js.done_key(job_id), "1")
-                pipe.pexpire(js.done_key(job_id), 60_000)
-            return [js.job_key(job_id), js.progress_key(job_id), js.abort_key(job_id)]
-        return []
+    async def _hook(self, hook: Any, ctx: dict[str, Any]) -> None:
+        """`on_job_end`/`after_job_end`: a failing hook is logged; the job's outcome stands."""
+        if hook is None:
+            return
+        try:
+            await hook(ctx)
+        except Exception:
+            logger.exception("job hook failed", extra={"job_id": ctx.get("job_id"), "hook": hook.__name__})
 
     # ---- periodic duties -------------------------------------------------------------------------------
     async def _heartbeat_forever(self) -> None:
@@ -461,39 +469,25 @@ class SalesdashWorker(arq.worker.Worker):
         ids = list(st.running)
         if not ids:
             return
-        async with self.pool.pipeline(transaction=False) as pipe:
-            pipe.zadd(st.keys.running, dict.fromkeys(ids, js.now_ms() + js.LEASE_MS), xx=True)
-            pipe.mget([js.abort_key(i) for i in ids])
-            _, aborts = await pipe.execute()
-        for job_id, flag in zip(ids, aborts, strict=True):
+        for job_id, abort in zip(ids, await js.renew_leases(self.pool, st.keys, ids), strict=True):
             running = st.running.get(job_id)
-            if flag and running and running.task and not running.aborting:
+            if abort and running and running.task and not running.aborting:
                 running.aborting = True
                 running.task.cancel()
 
     async def _sweep(self) -> None:
-        k = self._state.keys
-        moved = await js.run_script(self.pool, js.SWEEP_LUA, [k.ready, k.running, k.owners, k.wake],
-                                    [js.now_ms(), js.job_key("")])
+        moved = await js.sweep(self.pool, self._state.keys)
         if moved:
-            logger.warning("re-queued jobs of a dead worker", extra={
-                "queue": self.queue_label, "job_ids": [m.decode() for m in moved]})
+            logger.warning("re-queued jobs of a dead worker", extra={"queue": self.queue_label, "job_ids": moved})
 
     async def _register(self) -> None:
         st = self._state
-        key = f"{WORKERS_KEY}:{st.worker_id}"
-        info = {
-            "worker_id": st.worker_id, "queue": self.queue_label, "host": socket.gethostname(),
-            "pid": os.getpid(), "functions": json.dumps(sorted(self.functions)),
-            "running": json.dumps(list(st.running)), "jobs_complete": self.jobs_complete,
-            "jobs_failed": self.jobs_failed, "jobs_retried": self.jobs_retried, "seen_ms": js.now_ms(),
-            "max_jobs": self.max_jobs,
-        }
-        async with self.pool.pipeline(transaction=False) as pipe:
-            pipe.zadd(WORKERS_KEY, {st.worker_id: js.now_ms()})
-            pipe.hset(key, mapping=info)
-            pipe.pexpire(key, int(SWEEP_EVERY_S * 3000))
-            await pipe.execute()
+        await js.register_worker(self.pool, WorkerInfo(
+            worker_id=st.worker_id, queue=self.queue_label, host=socket.gethostname(), pid=os.getpid(),
+            functions=sorted(self.functions), running=list(st.running), jobs_complete=self.jobs_complete,
+            jobs_failed=self.jobs_failed, jobs_retried=self.jobs_retried, max_jobs=self.max_jobs,
+            seen_ms=js.now_ms(),
+        ))
 
     async def run_cron(self, n: datetime, delay: float, num_windows: int = 2) -> None:
         """arq's schedule arithmetic, our enqueue: a unique key per tick makes each tick run once per fleet,
@@ -504,19 +498,72 @@ class SalesdashWorker(arq.worker.Worker):
                 cron_job.calculate_next(n)
                 continue
             if cron_job.next_run < cutoff:
-                run_at = cron_job.next_run
-                defer_ms = max(to_unix_ms(run_at) - js.now_ms(), 0)
-                await js.enqueue_raw(
-                    self.pool, task_name=cron_job.name, queue=self.queue_label, kwargs={},
-                    job_id=f"cron:{cron_job.name}:{to_unix_ms(run_at)}", defer_ms=defer_ms, dedupe_ms=3_600_000)
-                cron_job.calculate_next(run_at)
+                run_at = to_unix_ms(cron_job.next_run)
+                now = js.now_ms()
+                job = JobPayload(f"cron:{cron_job.name}:{run_at}", cron_job.name, [], {}, self.queue_label,
+                                 PRIORITY_DEFAULT, now, max(run_at, now))
+                await js.enqueue(self.pool, job, unique_ms=CRON_UNIQUE_MS)
+                cron_job.calculate_next(cron_job.next_run)
 
 
-def install() -> None:
-    """Make `arq <module>.Settings` build a SalesdashWorker (see the module docstring)."""
-    arq.worker.Worker = SalesdashWorker  # type: ignore[misc]
+# ---- building and installing ---------------------------------------------------------------------------------
+_HONOURED = {
+    "functions", "queue_name", "cron_jobs", "redis_settings", "redis_pool", "burst", "on_startup", "on_shutdown",
+    "on_job_start", "on_job_end", "after_job_end", "handle_signals", "job_completion_wait", "max_jobs",
+    "job_timeout", "keep_result", "max_tries", "health_check_interval", "health_check_key", "ctx",
+    "max_burst_jobs", "job_serializer", "job_deserializer", "timezone",
+}
+_WHY_NOT = {
+    "poll_delay": "workers wait on a wake list instead of polling",
+    "queue_read_limit": "jobs are claimed in batches of free slots",
+    "keep_result_forever": "results are kept for the task's `keep_result`, then read from job_runs",
+    "retry_jobs": "transient faults always retry, up to max_tries",
+    "allow_abort_jobs": "abort always works, through DELETE /jobs/{id} or the abortTask mutation",
+    "expires_extra_ms": "it is a client setting: pass `_expires` to enqueue_job",
+    "log_results": "every job logs `job started` and `job complete`/`job failed`",
+}
 
 
-install()
+class SettingsError(ValueError):
+    """A Settings attribute the engine would silently ignore."""
 
-__all__ = ["SalesdashWorker", "install"]
+
+def check_settings(settings: Any) -> None:
+    """Refuse any non-default attribute of a Settings class (or dict) that the engine does not honour."""
+    attrs: Mapping[str, Any] = settings if isinstance(settings, Mapping) else vars(settings)
+    defaults = {n: p.default for n, p in inspect.signature(arq.worker.Worker).parameters.items()}
+    name = getattr(settings, "__qualname__", "Settings")
+    for attr, value in attrs.items():
+        if attr.startswith("__") or attr in _HONOURED:
+            continue
+        if attr in defaults and _same(value, defaults[attr]):
+            continue  # spelled out at arq's default: harmless
+        why = _WHY_NOT.get(attr, "no such arq setting" if attr not in defaults else "the engine does not use it")
+        raise SettingsError(f"{name}.{attr} = {value!r} is not honoured by the salesdash engine ({why}); "
+                            f"remove it")
+
+
+def _same(value: Any, default: Any) -> bool:
+    try:
+        return bool(value == default)
+    except Exception:
+        return False
+
+
+def create_worker(settings: Any, **overrides: Any) -> SalesdashWorker:
+    """Our worker for a Settings class, after `check_settings`: what `salesdash worker`, `salesdash up` and
+    `python -m worker QUEUE` use, and what arq's CLI uses once `install_engine()` ran."""
+    check_settings(settings)
+    return SalesdashWorker(**{**arq.worker.get_kwargs(settings), **overrides})
+
+
+def install_engine() -> None:
+    """Make arq's CLI (`arq worker.analytics.Settings`) build workers with `create_worker`. Refuses to run on an
+    arq other than the one whose Worker internals this engine extends."""
+    if not ARQ_VERSION.startswith(ARQ_SERIES):
+        raise SystemExit(f"salesdash's worker engine extends arq {ARQ_SERIES}x, but arq {ARQ_VERSION} is "
+                         f"installed; install the version pyproject.toml pins (arq==0.28.*)")
+    arq.worker.create_worker = create_worker  # type: ignore[assignment]  # run_worker looks it up at call time
+
+
+__all__ = ["SalesdashWorker", "SettingsError", "check_settings", "create_worker", "install_engine"]

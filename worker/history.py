@@ -1,64 +1,69 @@
 """Moving job records from Redis into PostgreSQL `job_runs`, in batches, off the job path.
 
-Workers LPUSH a record in the same Redis transaction that stores a result, so history survives a worker
-dying before its next flush. One flusher at a time (a short Redis lock) reads the oldest records, upserts
-them in one statement, and only then trims them: a crash in between just rewrites the same rows.
+Workers LPUSH a record in the same Redis call that stores a result, so history survives a worker dying before
+its next flush. One flusher at a time (a short Redis lock) reads the oldest records, upserts them in one
+statement, and only then trims them: a crash in between just rewrites the same rows.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+import logging
 from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
 
 from db.queries.jobs import upsert_job_runs
-from worker.jobstore import HISTORY_KEY
+from worker import jobstore as js
+from worker.records import JobRecord, ms_to_dt
 
-LOCK_KEY = "salesdash:history:lock"
+logger = logging.getLogger("salesdash.worker")
 BATCH = 1000
 
 _RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
-def _dt(ms: int | None) -> datetime | None:
-    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
-
-
-def record_to_row(record: dict[str, Any]) -> dict[str, Any]:
-    started, finished = record.get("started_ms"), record.get("finished_ms")
+def record_to_row(record: JobRecord) -> dict[str, Any]:
+    started, finished = record.started_ms, record.finished_ms
     return {
-        "job_id": record["job_id"], "task_name": record["task_name"], "queue": record["queue"],
-        "args": json.dumps(record.get("args") or []), "kwargs": json.dumps(record.get("kwargs") or {}),
-        "status": record["status"], "tries": record.get("tries", 0), "priority": record.get("priority", 5),
-        "enqueued_at": _dt(record.get("enqueued_ms")), "started_at": _dt(started), "finished_at": _dt(finished),
-        "duration_ms": (finished - started) if started is not None and finished is not None else None,
-        "result": None if record.get("result") is None else json.dumps(record["result"], default=str),
-        "error": record.get("error"), "traceback": record.get("traceback"),
-        "worker_id": record.get("worker_id"), "retry_of": record.get("retry_of"),
+        "job_id": record.job_id, "task_name": record.task, "queue": record.queue, "args": json.dumps(record.args),
+        "kwargs": json.dumps(record.kwargs), "status": record.status, "tries": record.tries,
+        "priority": record.priority, "enqueued_at": ms_to_dt(record.enqueued_ms), "started_at": ms_to_dt(started),
+        "finished_at": ms_to_dt(finished), "duration_ms": finished - started if started is not None else None,
+        "result": None if record.result is None else json.dumps(record.result, default=str),
+        "error": record.error, "traceback": record.traceback, "worker_id": record.worker_id,
+        "retry_of": record.retry_of,
     }
+
+
+def _rows(raw: list[bytes]) -> list[dict[str, Any]]:
+    latest: dict[str, dict[str, Any]] = {}
+    for item in reversed(raw):  # oldest first, so a job's newest record wins
+        try:
+            record = js.decode_record(item)
+        except js.BadPayload as exc:  # not ours to repair; say so and keep the rest flowing
+            entry = item[:200].decode(errors="replace")
+            logger.error("history entry dropped", extra={"error": str(exc), "entry": entry})
+            continue
+        latest[record.job_id] = record_to_row(record)
+    return list(latest.values())
 
 
 async def flush_history(redis: Redis, db: asyncpg.Pool | None, owner: str) -> int:
     """Write pending records to job_runs; returns how many. Safe to call from every worker often."""
-    if db is None or not await redis.llen(HISTORY_KEY):  # type: ignore[misc]
+    if db is None or not await redis.llen(js.HISTORY_KEY):  # type: ignore[misc]
         return 0
-    if not await redis.set(LOCK_KEY, owner, nx=True, px=30_000):
+    if not await redis.set(js.HISTORY_LOCK_KEY, owner, nx=True, px=30_000):
         return 0
     written = 0
     try:
-        while raw := await redis.lrange(HISTORY_KEY, -BATCH, -1):  # type: ignore[misc]
-            latest: dict[str, dict[str, Any]] = {}
-            for item in reversed(raw):  # oldest first, so a job's newest record wins
-                record = json.loads(item)
-                latest[record["job_id"]] = record_to_row(record)
-            await upsert_job_runs(db, list(latest.values()))
-            await redis.ltrim(HISTORY_KEY, 0, -len(raw) - 1)  # type: ignore[misc]
+        while raw := await redis.lrange(js.HISTORY_KEY, -BATCH, -1):  # type: ignore[misc]
+            await upsert_job_runs(db, _rows(raw))
+            await redis.ltrim(js.HISTORY_KEY, 0, -len(raw) - 1)  # type: ignore[misc]
             written += len(raw)
             if len(raw) < BATCH:
                 break
     finally:
-        await redis.eval(_RELEASE_LUA, 1, LOCK_KEY, owner)  # type: ignore[misc]
+        await redis.eval(_RELEASE_LUA, 1, js.HISTORY_LOCK_KEY, owner)  # type: ignore[misc]
     return written

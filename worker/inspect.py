@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -10,49 +9,45 @@ import asyncpg
 from redis.asyncio import Redis
 
 from db.queries.jobs import job_run_counts
-from worker import client, jobstore
-from worker.registry import TASKS, Queue
+from worker import client
+from worker.records import JobStatus
+from worker.registry import TASKS
 
 Rows = tuple[list[dict[str, Any]], list[str]]
 
 
-async def active(_: asyncpg.Pool, redis: Redis) -> Rows:
-    rows = []
-    for queue in Queue:
-        for job in await jobstore.live_jobs(redis, queue.value, 1000):
-            if job["status"] == "in_progress":
-                rows.append(job)
+async def _live(redis: Redis, db: asyncpg.Pool, states: tuple[str, ...]) -> list[JobStatus]:
+    jobs = []
+    for state in states:
+        jobs += await client.list_jobs(redis, db, status=state, limit=1000)
+    return jobs
+
+
+async def active(db: asyncpg.Pool, redis: Redis) -> Rows:
+    rows = [j.model_dump() for j in await _live(redis, db, ("in_progress",))]
     return rows, ["task_id", "task_name", "queue", "worker_id", "started_at", "tries", "progress"]
 
 
-async def scheduled(_: asyncpg.Pool, redis: Redis) -> Rows:
-    rows = []
-    for queue in Queue:
-        for job in await jobstore.live_jobs(redis, queue.value, 1000):
-            if job["status"] in ("queued", "deferred"):
-                rows.append(job)
+async def scheduled(db: asyncpg.Pool, redis: Redis) -> Rows:
+    rows = [j.model_dump() for j in await _live(redis, db, ("queued", "deferred"))]
     return rows, ["task_id", "task_name", "queue", "status", "priority", "enqueued_at"]
 
 
 async def registered(_: asyncpg.Pool, redis: Redis) -> Rows:
-    rows = []
-    for worker in await client.workers(redis):
-        for name in json.loads(worker["functions"]):
-            rows.append({"worker_id": worker["worker_id"], "queue": worker["queue"], "task": name})
-    if not rows:  # no worker alive: show what the registry declares
+    rows: list[dict[str, Any]] = [{"worker_id": w.worker_id, "queue": w.queue, "task": name}
+                                  for w in await client.workers(redis) for name in w.functions]
+    if not rows:  # no worker alive: show what the task table declares
         rows = [{"worker_id": None, "queue": s.queue.value, "task": s.name} for s in TASKS.values()]
     return rows, ["worker_id", "queue", "task"]
 
 
 async def stats(db: asyncpg.Pool, redis: Redis) -> Rows:
-    workers = await client.workers(redis)
     rows: list[dict[str, Any]] = [
-        {"worker_id": w["worker_id"], "queue": w["queue"], "pid": w["pid"], "host": w["host"],
-         "complete": w["jobs_complete"], "failed": w["jobs_failed"], "retried": w["jobs_retried"],
-         "running": len(json.loads(w["running"]))} for w in workers
+        {"worker_id": w.worker_id, "queue": w.queue, "pid": w.pid, "host": w.host, "complete": w.jobs_complete,
+         "failed": w.jobs_failed, "retried": w.jobs_retried, "running": len(w.running)}
+        for w in await client.workers(redis)
     ]
-    history = await job_run_counts(db)
-    for row in history:
+    for row in await job_run_counts(db):
         rows.append({"worker_id": "(history)", "queue": row["queue"], "task": row["task_name"],
                      "status": row["status"], "count": row["n"]})
     return rows, ["worker_id", "queue", "pid", "complete", "failed", "retried", "running", "task", "status",

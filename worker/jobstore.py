@@ -1,17 +1,24 @@
-"""How jobs live in Redis, shared by the client side (API, CLI) and the worker engine.
+"""The Redis wire format, in one module: every key, score, Lua script and record encoding of the platform.
 
-Per queue `q` (Queue.redis_key is `salesdash:queue:<q>`, arq's `queue_name`):
-- `<q>`            ZSET of ready job ids, score = (9 - priority)·10¹³ + enqueue ms: priority first, then FIFO.
-- `<q>:deferred`   ZSET of not-yet-due ids, score = run-at ms·10 + (9 - priority); promoted when due.
-- `<q>:running`    ZSET of claimed ids, score = lease expiry ms; workers extend leases of their jobs,
-                   and any worker re-queues ids whose lease ran out (the owner died).
-- `<q>:owners`     HASH id → worker id.
-- `<q>:wake`       LIST an enqueue pushes to; idle workers BLPOP it instead of polling.
-Per job: `salesdash:job:<id>` (JSON payload), `salesdash:result:<id>` (JSON record, kept per task),
-`salesdash:progress:<id>`, `salesdash:abort:<id>`, `salesdash:done:<id>` (for a client waiting on it).
+arq's client is a first-class way in, so a job lives where arq looks for it:
+- `arq:job:<id>`          the payload (arq's fields `f a k t et` plus ours), while the job is live;
+- `arq:in-progress:<id>`  set while a worker runs it;
+- `arq:result:<id>`       the record of its last try (arq's `JobResult` fields plus ours), kept per task;
+- `salesdash:queue:<q>`   the queue's `Settings.queue_name`, arq's queue sorted set: every live job of the
+                          queue. Score = when it is due (ms) while it waits for its time (deferred, backing
+                          off, or just enqueued by arq's client); PROMOTED (-1) once a worker has taken it in.
+and, ours alone, per queue (`<q>` = `salesdash:queue:<name>`):
+- `<q>:ready`    ZSET of due ids, score = (9 - priority)·10¹³ + age ms: priority first, then FIFO;
+- `<q>:running`  ZSET of claimed ids, score = lease expiry ms; the owner renews it, any worker re-queues
+                 ids whose lease ran out (their worker died) and counts the lost try in `<q>:lost`;
+- `<q>:owners`   HASH id → worker id;   `<q>:lost`  HASH id → tries lost with a dead worker;
+- `<q>:wake`     LIST an enqueue pushes to; idle workers BLPOP it instead of polling.
+Per job also `salesdash:progress:<id>`, `salesdash:abort:<id>`, `salesdash:done:<id>` (a waiting client),
+`salesdash:unique:<id>` (one enqueue per cron tick). Fleet-wide: the history list and its flush lock, the
+worker registry, the metrics hash.
 
-Ready jobs leave the ready set when claimed, so a page of running jobs never hides waiting ones from
-idle workers, and claiming is one Lua call per batch.
+Claiming takes due jobs from `<q>` into `<q>:ready` and pops a batch into `<q>:running`, in one Lua call;
+finishing a batch of tries is one more. A claimed job leaves `ready`, so running jobs never hide waiting ones.
 """
 
 from __future__ import annotations
@@ -20,39 +27,60 @@ import json
 import time
 import traceback
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 0, 9, 5
-PRIORITY_BAND = 10**13  # wider than any enqueue-ms span, so priority always dominates age
+from worker.records import (
+    PRIORITY_DEFAULT,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    JobPayload,
+    JobRecord,
+    JobState,
+    JobStatus,
+    Progress,
+    WorkerInfo,
+    ms_to_dt,
+)
+
+PREFIX = "salesdash"
 JOB_TTL_MS = 7 * 24 * 3600 * 1000
 LEASE_MS = 30_000
-PREFIX = "salesdash"
+DONE_TTL_MS = 60_000
+PROMOTED = -1  # score in `<q>` of a job a worker has taken in (truthy and past, so arq reads it as queued)
 HISTORY_KEY = f"{PREFIX}:history:pending"
+HISTORY_LOCK_KEY = f"{PREFIX}:history:lock"
 WORKERS_KEY = f"{PREFIX}:workers"
+METRICS_KEY = f"{PREFIX}:metrics"
 
-STATUSES = ("queued", "deferred", "in_progress", "complete", "failed", "aborted")
+Serializer = Callable[[dict[str, Any]], bytes]
+Deserializer = Callable[[bytes], Any]
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def ms_to_dt(ms: int | float | None) -> datetime | None:
-    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
+def new_job_id() -> str:
+    return uuid.uuid4().hex
 
 
+# ---- keys ----------------------------------------------------------------------------------------------------
 def job_key(job_id: str) -> str:
-    return f"{PREFIX}:job:{job_id}"
+    return job_key_prefix + job_id
+
+
+def in_progress_key(job_id: str) -> str:
+    return in_progress_key_prefix + job_id
 
 
 def result_key(job_id: str) -> str:
-    return f"{PREFIX}:result:{job_id}"
+    return result_key_prefix + job_id
 
 
 def progress_key(job_id: str) -> str:
@@ -67,303 +95,608 @@ def done_key(job_id: str) -> str:
     return f"{PREFIX}:done:{job_id}"
 
 
+def unique_key(job_id: str) -> str:
+    return f"{PREFIX}:unique:{job_id}"
+
+
+def worker_key(worker_id: str) -> str:
+    return f"{WORKERS_KEY}:{worker_id}"
+
+
+def queue_name(queue: str) -> str:
+    """arq's `queue_name` for one of our queues: what `Settings.queue_name` and `enqueue_job` use."""
+    return f"{PREFIX}:queue:{queue}"
+
+
 @dataclass(frozen=True)
 class QueueKeys:
-    ready: str
+    queue: str
 
     @classmethod
-    def of(cls, queue: str) -> QueueKeys:
-        return cls(f"{PREFIX}:queue:{queue}")
+    def of_queue_name(cls, name: str) -> QueueKeys:
+        return cls(name.removeprefix(f"{PREFIX}:queue:"))
 
     @property
-    def deferred(self) -> str:
-        return self.ready + ":deferred"
+    def schedule(self) -> str:
+        return queue_name(self.queue)
+
+    @property
+    def ready(self) -> str:
+        return self.schedule + ":ready"
 
     @property
     def running(self) -> str:
-        return self.ready + ":running"
+        return self.schedule + ":running"
 
     @property
     def owners(self) -> str:
-        return self.ready + ":owners"
+        return self.schedule + ":owners"
+
+    @property
+    def lost(self) -> str:
+        return self.schedule + ":lost"
 
     @property
     def wake(self) -> str:
-        return self.ready + ":wake"
+        return self.schedule + ":wake"
 
 
-def ready_score(priority: int, enqueued_ms: int) -> int:
-    return (PRIORITY_MAX - priority) * PRIORITY_BAND + enqueued_ms
+_PER_JOB_PREFIXES = [job_key_prefix, in_progress_key_prefix, result_key_prefix, progress_key(""), abort_key(""),
+                     done_key("")]
 
 
-def deferred_score(priority: int, run_at_ms: int) -> int:
-    return run_at_ms * 10 + (PRIORITY_MAX - priority)
+# ---- encodings -----------------------------------------------------------------------------------------------
+class BadPayload(ValueError):
+    """A payload or record in Redis that cannot be what it claims to be; the message names the problem."""
 
 
-# KEYS: job, ready, deferred, wake, dedupe (or "")
-# ARGV: payload, ready score, deferred score ("" when ready now), job ttl ms, dedupe ttl ms, id
-ENQUEUE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-if ARGV[5] ~= '' then
-  if not redis.call('SET', KEYS[5], '1', 'NX', 'PX', ARGV[5]) then return 0 end
+class JobFailed(Exception):
+    """What arq's `Job.result()` raises for a job that failed or was aborted (see `deserialize_json`)."""
+
+
+def serialize_json(value: dict[str, Any]) -> bytes:
+    """The job serializer of every queue (`Settings.job_serializer`): JSON, never pickle, so nothing written to
+    Redis can run code in a worker. Values JSON lacks (dates, decimals) are written as strings."""
+    return json.dumps(value, default=str, separators=(",", ":")).encode()
+
+
+def deserialize_json(raw: bytes) -> Any:
+    """The job deserializer of every queue. A failed job's result comes back with its error as a `JobFailed`
+    exception, so arq's `Job.result()` raises it as arq does for a failed job."""
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadPayload(f"not valid JSON ({exc})") from None
+    if isinstance(value, dict) and value.get("s") is False and "ft" in value and isinstance(value.get("r"), str):
+        value["r"] = JobFailed(value["r"])
+    return value
+
+
+def encode_payload(job: JobPayload) -> dict[str, Any]:
+    return {
+        "f": job.task, "a": job.args, "k": job.kwargs, "t": job.tries, "et": job.enqueued_ms,  # arq reads these
+        "queue": job.queue, "priority": job.priority, "due_ms": job.due_ms, "retry_of": job.retry_of,
+        "notify": job.notify, "last_error": job.last_error,
+    }
+
+
+_OURS = ("queue", "priority", "due_ms")
+
+
+def decode_payload(job_id: str, data: Any, queue: str) -> JobPayload:
+    """A payload as found in Redis; raises BadPayload naming the problem. A payload with none of our fields was
+    written by arq's `enqueue_job`: it runs on the queue it was sent to, at the default priority."""
+    if not isinstance(data, dict):
+        raise BadPayload(f"payload is a JSON {_json_kind(data)}, not an object")
+    task = _field(data, "f", str, "the task name")
+    args, kwargs = _field(data, "a", list, "positional arguments"), _field(data, "k", dict, "keyword arguments")
+    enqueued_ms = _field(data, "et", int, "the enqueue time")
+    tries = data.get("t")
+    if tries is not None and (not isinstance(tries, int) or isinstance(tries, bool) or tries < 0):
+        raise BadPayload(f"payload field 't' (tries) must be a non-negative integer or null, got {tries!r}")
+    if not any(name in data for name in _OURS):
+        return JobPayload(job_id, task, args, kwargs, queue, PRIORITY_DEFAULT, enqueued_ms, enqueued_ms, tries or 0,
+                          from_arq_client=True)
+    payload_queue = _field(data, "queue", str, "the queue")
+    if payload_queue != queue:
+        raise BadPayload(f"payload is for queue {payload_queue!r} but was queued on {queue!r}")
+    priority = _field(data, "priority", int, "the priority")
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise BadPayload(f"payload field 'priority' must be {PRIORITY_MIN}–{PRIORITY_MAX}, got {priority}")
+    return JobPayload(
+        job_id, task, args, kwargs, queue, priority, enqueued_ms, _field(data, "due_ms", int, "the due time"),
+        tries or 0, retry_of=_optional(data, "retry_of", str), notify=bool(_optional(data, "notify", bool)),
+        last_error=_optional(data, "last_error", str),
+    )
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(value), "null")
+
+
+def _field(data: dict[str, Any], name: str, kind: type, meaning: str) -> Any:
+    if name not in data:
+        raise BadPayload(f"payload field {name!r} ({meaning}) is missing")
+    value = data[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise BadPayload(f"payload field {name!r} ({meaning}) must be a JSON {_TYPE_NAMES[kind]}, "
+                         f"got {_json_kind(value)}")
+    return value
+
+
+def _optional(data: dict[str, Any], name: str, kind: type) -> Any:
+    value = data.get(name)
+    if value is not None and not isinstance(value, kind):
+        raise BadPayload(f"payload field {name!r} must be a JSON {_TYPE_NAMES[kind]} or null")
+    return value
+
+
+_TYPE_NAMES: dict[type, str] = {str: "string", int: "integer", list: "array", dict: "object", bool: "boolean"}
+
+
+def encode_record(record: JobRecord) -> dict[str, Any]:
+    """arq's JobResult fields (`r` is the error text of a failed try, `st` never null), then ours."""
+    return {
+        "id": record.job_id, "f": record.task, "a": record.args, "k": record.kwargs, "t": record.tries,
+        "et": record.enqueued_ms, "s": record.success,
+        "r": record.result if record.success else record.error or record.status,
+        "st": record.started_ms if record.started_ms is not None else record.finished_ms,
+        "ft": record.finished_ms, "q": record.queue,
+        "status": record.status, "started_ms": record.started_ms, "error": record.error,
+        "traceback": record.traceback, "priority": record.priority, "worker_id": record.worker_id,
+        "retry_of": record.retry_of,
+    }
+
+
+def decode_record(raw: bytes | str) -> JobRecord:
+    try:
+        data = json.loads(raw)
+        status = data["status"]
+        if status not in ("complete", "failed", "aborted", "deferred"):
+            raise ValueError(f"unknown status {status!r}")
+        return JobRecord(
+            job_id=str(data["id"]), task=str(data["f"]), queue=str(data["q"]), status=status,
+            args=list(data.get("a") or []), kwargs=dict(data.get("k") or {}), enqueued_ms=int(data["et"]),
+            finished_ms=int(data["ft"]), tries=int(data["t"]), priority=int(data.get("priority", PRIORITY_DEFAULT)),
+            started_ms=_int_or_none(data.get("started_ms")), result=data["r"] if data.get("s") else None,
+            error=data.get("error"), traceback=data.get("traceback"), worker_id=data.get("worker_id"),
+            retry_of=data.get("retry_of"),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BadPayload(f"stored job record is unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def job_record(job: JobPayload, status: Any, *, tries: int, started_ms: int | None = None,
+               worker_id: str | None = None, result: Any = None, exc: BaseException | None = None,
+               error: str | None = None) -> JobRecord:
+    """The record of a try of `job` that ends now."""
+    return JobRecord(
+        job_id=job.id, task=job.task, queue=job.queue, status=status, args=job.args, kwargs=job.kwargs,
+        enqueued_ms=job.enqueued_ms, finished_ms=now_ms(), tries=tries, priority=job.priority,
+        started_ms=started_ms, result=result, error=f"{type(exc).__name__}: {exc}" if exc else error,
+        traceback="".join(traceback.format_exception(exc)) if exc else None, worker_id=worker_id,
+        retry_of=job.retry_of,
+    )
+
+
+def history_entry(record: JobRecord) -> str:
+    return json.dumps(encode_record(record), default=str)
+
+
+# ---- Lua -----------------------------------------------------------------------------------------------------
+# Every script starts with this prelude, so the score formula and the finish protocol exist once.
+# ARGV[1..8]: the per-job key prefixes (job, in-progress, result, progress, abort, done), done-list ttl, job ttl.
+_PRELUDE = """
+local P_JOB, P_RUN, P_RES, P_PROG, P_ABORT, P_DONE = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local DONE_TTL, JOB_TTL = ARGV[7], ARGV[8]
+local function ready_score(priority, age_ms)
+  return string.format('%.0f', (9 - priority) * 1e13 + age_ms)
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[4])
-if ARGV[3] ~= '' then
-  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[6])
+local function priority_of(raw)  -- a payload we cannot read runs at the default priority and fails there
+  if not raw then return 5 end
+  local ok, job = pcall(cjson.decode, raw)
+  if ok and type(job) == 'table' then
+    local p = tonumber(job['priority'])
+    if p and p >= 0 and p <= 9 and p == math.floor(p) then return p end
+  end
+  return 5
+end
+-- a finished job: its record becomes the result and goes to history, it leaves the queue, its live keys go
+local function finish(schedule, lost, history, id, result, keep_ms, notify, entry)
+  redis.call('SET', P_RES .. id, result, 'PX', keep_ms)
+  redis.call('ZREM', schedule, id)
+  redis.call('HDEL', lost, id)
+  redis.call('DEL', P_JOB .. id, P_RUN .. id, P_PROG .. id, P_ABORT .. id)
+  redis.call('LPUSH', history, entry)
+  if notify == '1' then
+    redis.call('RPUSH', P_DONE .. id, '1')
+    redis.call('PEXPIRE', P_DONE .. id, DONE_TTL)
+  end
+end
+local function wake(list)
+  redis.call('LPUSH', list, '1')
+  redis.call('LTRIM', list, 0, 63)
+end
+"""
+
+# KEYS: job, schedule, ready, wake, unique (or the job key again), result
+# ARGV: prelude(8), payload, priority, age ms, due ms ('' when due now), unique ttl ('' for none), id
+_ENQUEUE = _PRELUDE + """
+if redis.call('EXISTS', KEYS[1], KEYS[6]) > 0 then return 0 end
+if ARGV[13] ~= '' and not redis.call('SET', KEYS[5], '1', 'NX', 'PX', ARGV[13]) then return 0 end
+local ttl = JOB_TTL
+if ARGV[12] ~= '' then
+  ttl = tonumber(JOB_TTL) + math.max(tonumber(ARGV[12]) - tonumber(ARGV[11]), 0)
+  redis.call('ZADD', KEYS[2], ARGV[12], ARGV[14])
 else
-  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[6])
+  redis.call('ZADD', KEYS[2], -1, ARGV[14])
+  redis.call('ZADD', KEYS[3], ready_score(tonumber(ARGV[10]), tonumber(ARGV[11])), ARGV[14])
 end
-redis.call('LPUSH', KEYS[4], '1')
-redis.call('LTRIM', KEYS[4], 0, 63)
+redis.call('SET', KEYS[1], ARGV[9], 'PX', string.format('%.0f', ttl))
+wake(KEYS[4])
 return 1
 """
 
-# Promote due deferred jobs, pop up to `limit` ready jobs into `running` with a lease, and return
-# {next deferred run-at ms or -1, id1, payload1, id2, payload2, ...}.
-# KEYS: ready, deferred, running, owners, wake   ARGV: now ms, limit, lease expiry ms, worker id, job key prefix
-CLAIM_LUA = """
-local now = tonumber(ARGV[1])
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now * 10 + 9, 'WITHSCORES', 'LIMIT', 0, 1000)
+# Take due jobs in (deferred ones, retries, arq client's), then pop up to `limit` ready ones into `running`.
+# KEYS: schedule, ready, running, owners, wake, lost
+# ARGV: prelude(8), now ms, limit, lease expiry ms, worker id
+# returns {next due ms or -1, id, payload or nil, lost tries or nil, id, ...}
+_CLAIM = _PRELUDE + """
+local now = tonumber(ARGV[9])
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], 0, now, 'WITHSCORES', 'LIMIT', 0, 1000)
 for i = 1, #due, 2 do
-  local s = tonumber(due[i + 1])
-  local rank = s % 10
-  redis.call('ZADD', KEYS[1], string.format('%.0f', rank * 1e13 + (s - rank) / 10), due[i])
-  redis.call('ZREM', KEYS[2], due[i])
+  local id = due[i]
+  redis.call('ZADD', KEYS[2], ready_score(priority_of(redis.call('GET', P_JOB .. id)), tonumber(due[i + 1])), id)
+  redis.call('ZADD', KEYS[1], -1, id)
 end
 local out = {-1}
-local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-if #nxt > 0 then out[1] = math.floor(tonumber(nxt[2]) / 10) end
-local limit = tonumber(ARGV[2])
-if limit > 0 and redis.call('ZCARD', KEYS[1]) <= limit then
-  redis.call('DEL', KEYS[5])  -- this claim empties the ready set: leftover wake tokens would only be noise
-end
+local nxt = redis.call('ZRANGEBYSCORE', KEYS[1], 0, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+if #nxt > 0 then out[1] = nxt[2] end
+local limit = tonumber(ARGV[10])
 if limit > 0 then
-  local popped = redis.call('ZPOPMIN', KEYS[1], limit)
+  if redis.call('ZCARD', KEYS[2]) <= limit then
+    redis.call('DEL', KEYS[5])  -- this claim empties the ready set: leftover wake tokens would only be noise
+  end
+  local popped = redis.call('ZPOPMIN', KEYS[2], limit)
   for i = 1, #popped, 2 do
     local id = popped[i]
-    local payload = redis.call('GET', ARGV[5] .. id)
-    if payload then
-      redis.call('ZADD', KEYS[3], ARGV[3], id)
-      redis.call('HSET', KEYS[4], id, ARGV[4])
-      out[#out + 1] = id
-      out[#out + 1] = payload
-    end
+    redis.call('ZADD', KEYS[3], ARGV[11], id)
+    redis.call('HSET', KEYS[4], id, ARGV[12])
+    redis.call('SET', P_RUN .. id, '1', 'PX', JOB_TTL)
+    out[#out + 1] = id
+    out[#out + 1] = redis.call('GET', P_JOB .. id)
+    out[#out + 1] = redis.call('HGET', KEYS[6], id)
   end
 end
 return out
 """
 
-# Re-queue jobs whose lease expired (their worker died): back to the ready set at their priority.
-# KEYS: ready, running, owners, wake   ARGV: now ms, job key prefix   returns the re-queued ids
-SWEEP_LUA = """
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, 1000)
-local moved = {}
+# Apply finished tries. KEYS: schedule, running, owners, lost, history, ready, wake
+# ARGV: prelude(8), then per job 6 values: kind, id, blob, number, notify, history entry
+#   final:   blob = result,      number = keep ms
+#   retry:   blob = new payload, number = due ms            (entry: the failed try's record)
+#   requeue: blob = age ms,      number = priority          (handed back on shutdown; no entry)
+_FINISH = _PRELUDE + """
+local woke = false
+for i = 9, #ARGV, 6 do
+  local kind, id, blob, n, notify, entry = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('HDEL', KEYS[3], id)
+  if kind == 'final' then
+    finish(KEYS[1], KEYS[4], KEYS[5], id, blob, n, notify, entry)
+  elseif kind == 'retry' then
+    redis.call('SET', P_JOB .. id, blob, 'PX', JOB_TTL, 'XX')
+    redis.call('DEL', P_RUN .. id)
+    redis.call('HDEL', KEYS[4], id)
+    redis.call('ZADD', KEYS[1], n, id)
+    redis.call('LPUSH', KEYS[5], entry)
+  else
+    redis.call('DEL', P_RUN .. id)
+    redis.call('ZADD', KEYS[6], ready_score(tonumber(n), tonumber(blob)), id)
+    woke = true
+  end
+end
+if woke then wake(KEYS[7]) end
+return 1
+"""
+
+# Abort a waiting job at once (its record written here), or flag a running one for its worker.
+# KEYS: schedule, ready, running, lost, history
+# ARGV: prelude(8), id, result, keep ms, notify, history entry, now ms, abort flag ttl ms
+# Returns the status the job had, or nil when it is not live on this queue.
+_ABORT = _PRELUDE + """
+local id, now = ARGV[9], tonumber(ARGV[14])
+local was = nil
+if redis.call('ZREM', KEYS[2], id) == 1 then
+  was = 'queued'
+else
+  local s = redis.call('ZSCORE', KEYS[1], id)
+  if s and tonumber(s) >= 0 then was = (tonumber(s) > now) and 'deferred' or 'queued' end
+end
+if was then
+  finish(KEYS[1], KEYS[4], KEYS[5], id, ARGV[10], ARGV[11], ARGV[12], ARGV[13])
+  return was
+end
+if redis.call('ZSCORE', KEYS[3], id) then
+  redis.call('SET', P_ABORT .. id, '1', 'PX', ARGV[15])
+  return 'in_progress'
+end
+return nil
+"""
+
+# Re-queue jobs whose lease ran out (their worker died); the lost try is counted in `lost`.
+# KEYS: ready, running, owners, wake, lost   ARGV: prelude(8), now ms   returns the re-queued ids
+_SWEEP = _PRELUDE + """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[9], 'LIMIT', 0, 1000)
 for _, id in ipairs(expired) do
   redis.call('ZREM', KEYS[2], id)
   redis.call('HDEL', KEYS[3], id)
-  local payload = redis.call('GET', ARGV[2] .. id)
-  if payload then
-    local job = cjson.decode(payload)
-    job['tries'] = job['tries'] + 1  -- the lost try counts toward max tries: a job that kills workers ends
-    redis.call('SET', ARGV[2] .. id, cjson.encode(job), 'KEEPTTL')
-    local score = (9 - job['priority']) * 1e13 + job['enqueued_ms']
-    redis.call('ZADD', KEYS[1], string.format('%.0f', score), id)
-    moved[#moved + 1] = id
-  end
+  redis.call('DEL', P_RUN .. id)
+  redis.call('HINCRBY', KEYS[5], id, 1)
+  redis.call('ZADD', KEYS[1], ready_score(priority_of(redis.call('GET', P_JOB .. id)), tonumber(ARGV[9])), id)
 end
-if #moved > 0 then redis.call('LPUSH', KEYS[4], '1') redis.call('LTRIM', KEYS[4], 0, 63) end
-return moved
+if #expired > 0 then wake(KEYS[4]) end
+return expired
 """
 
+# Drop up to 1000 waiting jobs (ready, deferred, not yet taken in). KEYS: schedule, ready, lost
+# ARGV: prelude(8). Returns how many went; call again until 0.
+_PURGE = _PRELUDE + """
+local ids = redis.call('ZRANGE', KEYS[2], 0, 999)
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], 0, '+inf', 'LIMIT', 0, 1000 - #ids)) do
+  ids[#ids + 1] = id
+end
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[3], id)
+  redis.call('DEL', P_JOB .. id, P_PROG .. id)
+end
+return #ids
+"""
 
 _SCRIPTS: dict[str, AsyncScript] = {}
 
 
-async def run_script(redis: Redis, lua: str, keys: Sequence[str], args: Sequence[object]) -> Any:
-    """EVALSHA a Lua script (loaded on first use; re-loaded if the server lost it)."""
+async def _run(redis: Redis, lua: str, keys: Sequence[str], args: Iterable[object]) -> Any:
+    """EVALSHA a script (loaded on first use, re-loaded if the server lost it) with the prelude's arguments."""
     script = _SCRIPTS.get(lua)
     if script is None:
         script = _SCRIPTS[lua] = redis.register_script(lua)
-    return await script(keys=list(keys), args=[str(a) for a in args], client=redis)
+    argv: list[Any] = [*_PER_JOB_PREFIXES, DONE_TTL_MS, JOB_TTL_MS]
+    argv += [a if isinstance(a, bytes) else str(a) for a in args]
+    return await script(keys=list(keys), args=argv, client=redis)
 
 
-@dataclass(frozen=True)
-class EnqueuedJob:
+# ---- operations ----------------------------------------------------------------------------------------------
+async def enqueue(redis: Redis, job: JobPayload, *, unique_ms: int = 0) -> bool:
+    """Store the payload and queue the id atomically. False when the id is taken (a live job or a kept result,
+    as arq refuses it) or, with `unique_ms`, when that id was enqueued recently (each cron tick runs once)."""
+    keys = QueueKeys(job.queue)
+    deferred = job.due_ms > job.enqueued_ms
+    return bool(await _run(
+        redis, _ENQUEUE,
+        [job_key(job.id), keys.schedule, keys.ready, keys.wake, unique_key(job.id) if unique_ms else job_key(job.id),
+         result_key(job.id)],
+        [serialize_json(encode_payload(job)), job.priority, job.enqueued_ms, job.due_ms if deferred else "",
+         unique_ms or "", job.id],
+    ))
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    job_id: str
+    raw: bytes | None  # None: the payload is gone (expired, deleted)
+    lost_tries: int  # tries lost with dead workers since the payload was last written
+
+
+async def claim(redis: Redis, keys: QueueKeys, limit: int, worker_id: str) -> tuple[list[Claimed], int]:
+    """Up to `limit` jobs, leased to `worker_id`, and when the next deferred one is due (ms, or -1)."""
+    now = now_ms()
+    reply = await _run(redis, _CLAIM, [keys.schedule, keys.ready, keys.running, keys.owners, keys.wake, keys.lost],
+                       [now, limit, now + LEASE_MS, worker_id])
+    claimed = [Claimed(reply[i].decode(), reply[i + 1], int(reply[i + 2] or 0)) for i in range(1, len(reply), 3)]
+    return claimed, int(float(reply[0]))
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a finished try leaves to write: a final record, a retry later, or a hand-back on shutdown."""
+
+    job: JobPayload
+    kind: str  # "final", "retry" or "requeue"
+    record: JobRecord | None = None  # final: the result; retry: the failed try (for history)
+    keep_result_ms: int = 0
+    retry_at_ms: int = 0
+
+
+async def finish(redis: Redis, keys: QueueKeys, outcomes: Sequence[Outcome], serializer: Serializer) -> None:
+    """Apply a batch of outcomes in one atomic call."""
+    argv: list[object] = []
+    for o in outcomes:
+        job, record = o.job, o.record
+        entry = history_entry(record) if record is not None else ""
+        if o.kind == "final" and record is not None:
+            argv += ["final", job.id, serializer(encode_record(record)), max(o.keep_result_ms, 1000),
+                     "1" if job.notify else "0", entry]
+        elif o.kind == "retry":
+            argv += ["retry", job.id, serializer(encode_payload(job)), o.retry_at_ms, "0", entry]
+        else:
+            argv += ["requeue", job.id, job.due_ms, job.priority, "0", ""]
+    await _run(redis, _FINISH, [keys.schedule, keys.running, keys.owners, keys.lost, HISTORY_KEY, keys.ready,
+                                keys.wake], argv)
+
+
+async def sweep(redis: Redis, keys: QueueKeys) -> list[str]:
+    """Re-queue the jobs of workers whose lease ran out; returns their ids."""
+    moved = await _run(redis, _SWEEP, [keys.ready, keys.running, keys.owners, keys.wake, keys.lost], [now_ms()])
+    return [m.decode() for m in moved]
+
+
+async def renew_leases(redis: Redis, keys: QueueKeys, job_ids: Sequence[str]) -> list[bool]:
+    """Extend the leases of running jobs; returns, per job, whether an abort was asked for."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zadd(keys.running, dict.fromkeys(job_ids, now_ms() + LEASE_MS), xx=True)
+        pipe.mget([abort_key(i) for i in job_ids])
+        _, flags = await pipe.execute()
+    return [bool(f) for f in flags]
+
+
+async def abort(redis: Redis, record: JobRecord, *, notify: bool, keep_result_ms: int) -> str | None:
+    """Abort a live job: a waiting one at once (with `record` as its result), a running one at its worker's
+    next heartbeat. Returns the status it had, None when it is not live (nothing is written then, so a later
+    job with the same id can never inherit an abort)."""
+    keys = QueueKeys(record.queue)
+    was = await _run(redis, _ABORT, [keys.schedule, keys.ready, keys.running, keys.lost, HISTORY_KEY],
+                     [record.job_id, serialize_json(encode_record(record)), max(keep_result_ms, 1000),
+                      "1" if notify else "0", history_entry(record), now_ms(), JOB_TTL_MS])
+    return was.decode() if was else None
+
+
+async def purge(redis: Redis, queue: str) -> int:
+    """Drop every waiting job of a queue; running jobs are left to finish. Returns how many went."""
+    keys, removed = QueueKeys(queue), 0
+    while batch := int(await _run(redis, _PURGE, [keys.schedule, keys.ready, keys.lost], [])):
+        removed += batch
+    return removed
+
+
+async def wait_done(redis: Redis, job_id: str, timeout_s: float) -> bool:
+    """Block until a job enqueued with `notify` finished."""
+    return await redis.blpop([done_key(job_id)], timeout=timeout_s) is not None  # type: ignore[arg-type,misc]
+
+
+async def set_progress(redis: Redis, job_id: str, progress: Progress) -> None:
+    await redis.set(progress_key(job_id), progress.model_dump_json(), px=JOB_TTL_MS)
+
+
+# ---- reading live state --------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class LiveJob:
+    """What Redis holds about an id: its payload (if readable), where it sits, and the reason if not readable."""
+
     job_id: str
     queue: str
-    priority: int
-    run_at_ms: int
+    payload: JobPayload | None
+    problem: str | None
 
 
-def new_job_id() -> str:
-    return uuid.uuid4().hex
-
-
-def validate_priority(priority: int) -> int:
-    if not isinstance(priority, int) or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
-        raise ValueError(f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}, got {priority!r}")
-    return priority
-
-
-async def enqueue_raw(
-    redis: Redis,
-    *,
-    task_name: str,
-    queue: str,
-    kwargs: dict[str, Any],
-    priority: int = PRIORITY_DEFAULT,
-    defer_ms: int = 0,
-    job_id: str | None = None,
-    dedupe_ms: int = 0,
-    tries: int = 0,
-    retry_of: str | None = None,
-    notify_done: bool = False,
-) -> EnqueuedJob | None:
-    """Store the payload and queue the id atomically; None when a job with that id already exists (or the
-    dedupe key is taken: how each cron tick runs once across replicas)."""
-    job_id = job_id or new_job_id()
-    enqueued = now_ms()
-    run_at = enqueued + max(defer_ms, 0)
-    payload = {
-        "id": job_id, "task": task_name, "queue": queue, "args": [], "kwargs": kwargs, "priority": priority,
-        "enqueued_ms": enqueued, "run_at_ms": run_at, "tries": tries, "retry_of": retry_of,
-        "notify": notify_done,
-    }
-    keys = QueueKeys.of(queue)
-    dedupe = f"{PREFIX}:unique:{job_id}" if dedupe_ms else ""
-    added = await run_script(
-        redis, ENQUEUE_LUA, [job_key(job_id), keys.ready, keys.deferred, keys.wake, dedupe or job_key(job_id)],
-        [json.dumps(payload), ready_score(priority, enqueued),
-         deferred_score(priority, run_at) if defer_ms > 0 else "", JOB_TTL_MS + max(defer_ms, 0),
-         dedupe_ms or "", job_id],
-    )
-    return EnqueuedJob(job_id, queue, priority, run_at) if added else None
-
-
-def _status_from_result(record: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "task_id": record["job_id"], "task_name": record["task_name"], "queue": record["queue"],
-        "status": record["status"], "result": record.get("result"), "error": record.get("error"),
-        "traceback": record.get("traceback"), "enqueued_at": ms_to_dt(record.get("enqueued_ms")),
-        "started_at": ms_to_dt(record.get("started_ms")), "finished_at": ms_to_dt(record.get("finished_ms")),
-        "tries": record.get("tries", 0), "priority": record.get("priority", PRIORITY_DEFAULT),
-        "progress": None, "worker_id": record.get("worker_id"),
-    }
-
-
-async def live_status(redis: Redis, job_id: str) -> dict[str, Any] | None:
-    """Status from Redis: the stored result when finished, else where the id sits now; None if Redis has
-    nothing (then job_runs in PostgreSQL is the source)."""
+async def live_status(redis: Redis, job_id: str, queues: Sequence[str]) -> JobStatus | None:
+    """Status from Redis: the kept result when finished, else where the id sits; None when Redis has nothing
+    (then PostgreSQL `job_runs` is the source). Unreadable payloads and records are reported, never raised."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.get(result_key(job_id))
         pipe.get(job_key(job_id))
         pipe.get(progress_key(job_id))
-        result_raw, job_raw, progress_raw = await pipe.execute()
+        pipe.exists(in_progress_key(job_id))
+        for q in queues:
+            pipe.zscore(queue_name(q), job_id)
+            pipe.hget(QueueKeys(q).owners, job_id)
+        result_raw, job_raw, progress_raw, running, *placed = await pipe.execute()
     if result_raw:
-        return _status_from_result(json.loads(result_raw))
-    if not job_raw:
+        try:
+            return JobStatus.of_record(decode_record(result_raw))
+        except BadPayload as exc:
+            return JobStatus(task_id=job_id, task_name="unknown", queue="unknown", status="failed", error=str(exc))
+    where = [(q, placed[2 * i], placed[2 * i + 1]) for i, q in enumerate(queues) if placed[2 * i] is not None]
+    if not job_raw and not where:
         return None
-    job = json.loads(job_raw)
-    keys = QueueKeys.of(job["queue"])
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.zscore(keys.running, job_id)
-        pipe.zscore(keys.deferred, job_id)
-        pipe.hget(keys.owners, job_id)
-        running, deferred, owner = await pipe.execute()
-    status = "in_progress" if running is not None else "deferred" if deferred is not None else "queued"
-    return {
-        "task_id": job_id, "task_name": job["task"], "queue": job["queue"], "status": status,
-        "result": None, "error": job.get("last_error"), "traceback": None,
-        "enqueued_at": ms_to_dt(job["enqueued_ms"]), "started_at": ms_to_dt(job.get("started_ms")),
-        "finished_at": None, "tries": job["tries"] + (1 if status == "in_progress" else 0),
-        "priority": job["priority"], "progress": json.loads(progress_raw) if progress_raw else None,
-        "worker_id": owner.decode() if owner else None,
-    }
+    queue, score, owner = where[0] if where else ("unknown", None, None)
+    state: JobState = "in_progress" if running else "deferred" if score is not None and score > now_ms() else "queued"
+    live = _read_payload(job_id, job_raw, queue)
+    job = live.payload
+    return JobStatus(
+        task_id=job_id, task_name=job.task if job else "unknown", queue=queue, status=state,
+        error=live.problem or (job.last_error if job else None),
+        enqueued_at=ms_to_dt(job.enqueued_ms) if job else None,
+        tries=(job.tries if job else 0) + (1 if running else 0),
+        priority=job.priority if job else PRIORITY_DEFAULT,
+        progress=Progress.model_validate_json(progress_raw) if progress_raw else None,
+        worker_id=owner.decode() if owner else None,
+    )
 
 
-async def abort(redis: Redis, job_id: str, keep_result_ms: int = 24 * 3600 * 1000) -> str | None:
-    """Abort a queued, deferred or running job. Returns the status it had, or None when Redis does not know
-    it as live (finished or unknown ids are left alone, so a later job can never inherit an abort)."""
-    raw = await redis.get(job_key(job_id))
+def _read_payload(job_id: str, raw: bytes | None, queue: str) -> LiveJob:
     if raw is None:
+        return LiveJob(job_id, queue, None, "payload missing (expired or deleted)")
+    try:
+        return LiveJob(job_id, queue, decode_payload(job_id, deserialize_json(raw), queue), None)
+    except BadPayload as exc:
+        return LiveJob(job_id, queue, None, f"payload refused: {exc}")
+
+
+async def read_live_job(redis: Redis, job_id: str, queues: Sequence[str]) -> LiveJob | None:
+    """The payload of a live job and its queue (None when Redis has no live job with that id)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.get(job_key(job_id))
+        for q in queues:
+            pipe.zscore(queue_name(q), job_id)
+        raw, *scores = await pipe.execute()
+    queue = next((q for q, s in zip(queues, scores, strict=True) if s is not None), None)
+    if queue is None:
         return None
-    job = json.loads(raw)
-    keys = QueueKeys.of(job["queue"])
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.zrem(keys.ready, job_id)
-        pipe.zrem(keys.deferred, job_id)
-        removed_ready, removed_deferred = await pipe.execute()
-    if removed_ready or removed_deferred:
-        record = job_record(job, "aborted", tries=job["tries"], error="aborted before it started")
-        await store_final(redis, job, record, keep_result_ms)
-        return "deferred" if removed_deferred else "queued"
-    if await redis.zscore(keys.running, job_id) is not None:
-        # the owning worker sees this key at its next heartbeat (or, if that worker died, the one that
-        # re-runs the job does) and cancels it; finishing the job deletes the key, so no later job sees it
-        await redis.set(abort_key(job_id), "1", px=JOB_TTL_MS)
-        return "in_progress"
-    return None
+    return _read_payload(job_id, raw, queue)
 
 
-def job_record(job: dict[str, Any], status: str, *, tries: int, started_ms: int | None = None,
-               worker_id: str | None = None, result: Any = None, exc: BaseException | None = None,
-               error: str | None = None) -> dict[str, Any]:
-    """The record of a finished try: stored as the job's result and written to job_runs."""
-    return {
-        "job_id": job["id"], "task_name": job["task"], "queue": job["queue"], "status": status,
-        "result": result, "error": f"{type(exc).__name__}: {exc}" if exc else error,
-        "traceback": "".join(traceback.format_exception(exc)) if exc else None,
-        "args": job["args"] or [], "kwargs": job["kwargs"], "enqueued_ms": job["enqueued_ms"],
-        "started_ms": started_ms, "finished_ms": now_ms(), "tries": tries, "priority": job["priority"],
-        "worker_id": worker_id, "retry_of": job.get("retry_of"),
-    }
-
-
-async def store_final(redis: Redis, job: dict[str, Any], record: dict[str, Any], keep_result_ms: int) -> None:
-    """Write a finished job's record and drop its live keys (used outside the worker: abort before start)."""
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.set(result_key(job["id"]), json.dumps(record, default=str), px=max(keep_result_ms, 1000))
-        pipe.delete(job_key(job["id"]), progress_key(job["id"]))
-        pipe.lpush(HISTORY_KEY, json.dumps(record, default=str))
-        if job.get("notify"):
-            pipe.rpush(done_key(job["id"]), "1")
-            pipe.pexpire(done_key(job["id"]), 60_000)
-        await pipe.execute()
-
-
-async def wait_done(redis: Redis, job_id: str, timeout_s: float) -> bool:
-    """Block until the worker signals the job finished (needs notify_done=True at enqueue)."""
-    return await redis.blpop([done_key(job_id)], timeout=timeout_s) is not None  # type: ignore[arg-type,misc]
+async def read_record(redis: Redis, job_id: str) -> JobRecord | None:
+    raw = await redis.get(result_key(job_id))
+    return decode_record(raw) if raw else None
 
 
 async def queue_counts(redis: Redis, queue: str) -> dict[str, int]:
-    keys = QueueKeys.of(queue)
+    keys, now = QueueKeys(queue), now_ms()
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zcard(keys.ready)
-        pipe.zcard(keys.deferred)
+        pipe.zcount(keys.schedule, 0, now)  # due, not yet taken in by a worker
+        pipe.zcount(keys.schedule, f"({now}", "+inf")
         pipe.zcard(keys.running)
-        ready, deferred, running = await pipe.execute()
-    return {"queued": ready, "deferred": deferred, "in_progress": running}
+        ready, due, deferred, running = await pipe.execute()
+    return {"queued": ready + due, "deferred": deferred, "in_progress": running}
 
 
-async def live_jobs(redis: Redis, queue: str, limit: int) -> list[dict[str, Any]]:
-    keys = QueueKeys.of(queue)
-    ids: list[bytes] = []
-    for key in (keys.running, keys.ready, keys.deferred):
-        ids += await redis.zrange(key, 0, max(limit - 1, 0))
-    statuses = [await live_status(redis, i.decode()) for i in ids[:limit]]
-    return [s for s in statuses if s is not None]
+async def live_ids(redis: Redis, queue: str, limit: int) -> list[str]:
+    """Ids of running, then ready, then waiting jobs of a queue, at most `limit`."""
+    keys = QueueKeys(queue)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zrange(keys.running, 0, limit - 1)
+        pipe.zrange(keys.ready, 0, limit - 1)
+        pipe.zrangebyscore(keys.schedule, 0, "+inf", start=0, num=limit)
+        groups = await pipe.execute()
+    return [i.decode() for group in groups for i in group][:limit]
 
 
-async def purge(redis: Redis, queue: str) -> int:
-    """Drop every waiting (ready and deferred) job of a queue; running jobs are left to finish."""
-    keys = QueueKeys.of(queue)
-    removed = 0
-    for key in (keys.ready, keys.deferred):
-        while ids := await redis.zrange(key, 0, 999):
-            async with redis.pipeline(transaction=True) as pipe:
-                pipe.zrem(key, *ids)
-                pipe.delete(*(job_key(i.decode()) for i in ids))
-                await pipe.execute()
-            removed += len(ids)
-    return removed
+# ---- workers -------------------------------------------------------------------------------------------------
+WORKER_TTL_MS = 15_000  # a worker re-registers every 5 s; gone after three misses
+
+
+async def register_worker(redis: Redis, info: WorkerInfo) -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zadd(WORKERS_KEY, {info.worker_id: info.seen_ms})
+        pipe.set(worker_key(info.worker_id), info.model_dump_json(), px=WORKER_TTL_MS)
+        await pipe.execute()
+
+
+async def unregister_worker(redis: Redis, worker_id: str) -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zrem(WORKERS_KEY, worker_id)
+        pipe.delete(worker_key(worker_id))
+        await pipe.execute()
+
+
+async def live_workers(redis: Redis) -> list[WorkerInfo]:
+    """Workers that registered within the liveness window."""
+    ids = await redis.zrangebyscore(WORKERS_KEY, now_ms() - WORKER_TTL_MS, "+inf")
+    if not ids:
+        return []
+    found = []
+    for raw in await redis.mget([worker_key(i.decode()) for i in ids]):
+        if raw:
+            try:
+                found.append(WorkerInfo.model_validate_json(raw))
+            except ValueError:
+                continue  # a foreign or half-written entry: it expires on its own
+    return found

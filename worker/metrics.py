@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from worker import jobstore as js
 
-METRICS_KEY = f"{js.PREFIX}:metrics"
+METRICS_KEY = js.METRICS_KEY
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
                     3600.0, math.inf)
 

@@ -1,7 +1,9 @@
-"""The one task registry: name → queue, function, argument model, scope, time limit, retry policy, schedule.
+"""The task table: every task's name, queue, domain, argument model, scope, time limit, retry policy, result
+expiry and schedule. Declarations only: it imports no job code, so the API and the CLI can validate and enqueue
+by name without loading any job module; each queue's `Settings` binds the functions (`worker/<queue>.py`).
 
-The API and the CLI enqueue by name through this table; each queue's `Settings` registers exactly the tasks
-whose `queue` is its own (tests/test_registry.py holds that invariant).
+A task is a slice named by its `domain`: its coroutine in `worker/jobs/<domain>.py`, its SQL in
+`db/queries/<domain>.py`, its tests in `tests/test_<domain>.py` (tests/test_registry.py holds that layout).
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from arq.cron import CronJob
 from arq.worker import Function
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from worker.jobs import history, stock, views
+from salesdash.auth import Scope
+from worker.jobstore import queue_name
+
+JobFunction = Callable[..., Awaitable[Any]]
 
 
 class Queue(StrEnum):
@@ -25,15 +30,9 @@ class Queue(StrEnum):
     NOTIFICATIONS = "notifications"
 
     @property
-    def redis_key(self) -> str:
-        """The ready-jobs sorted set, which arq also treats as the worker's `queue_name`."""
-        return f"salesdash:queue:{self.value}"
-
-
-class Scope(StrEnum):
-    READ = "read"
-    TRIGGER = "trigger"
-    ADMIN = "admin"
+    def queue_name(self) -> str:
+        """arq's `queue_name`: `Settings.queue_name`, and `_queue_name` for arq's `enqueue_job`."""
+        return queue_name(self.value)
 
 
 class NoArgs(BaseModel):
@@ -42,7 +41,7 @@ class NoArgs(BaseModel):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter for transient faults: delay = uniform(0, min(cap, base·2^(try-1)))."""
+    """Exponential backoff with jitter for transient faults (worker/retry.py)."""
 
     max_tries: int = 3
     backoff_base_s: float = 2.0
@@ -51,7 +50,7 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class Schedule:
-    """An arq cron schedule plus its human description (CONTRACT §3)."""
+    """An arq cron schedule plus its human description (README, `GET /tasks`)."""
 
     text: str
     minute: set[int] | int | None = None
@@ -60,11 +59,20 @@ class Schedule:
     weekday: set[int] | int | str | None = None
 
 
+class TaskArgumentError(ValueError):
+    """Arguments that can never satisfy the task: refused before anything is enqueued."""
+
+
+class UnknownTaskError(KeyError):
+    def __str__(self) -> str:
+        return f"unknown task {self.args[0]!r}; known tasks: {', '.join(sorted(TASKS))}"
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
     queue: Queue
-    function: Callable[..., Awaitable[Any]]
+    domain: str
     description: str
     args_model: type[BaseModel] = NoArgs
     scope: Scope = Scope.TRIGGER
@@ -74,7 +82,15 @@ class TaskSpec:
     schedule: Schedule | None = None
 
     def validate(self, args: list[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """Bind positional args to the model's fields in order, validate, return JSON-ready kwargs."""
+        """Bind positional args to the model's fields in order and validate; returns JSON-ready kwargs."""
+        return self._model(args, kwargs).model_dump(mode="json")
+
+    def bind(self, args: list[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The same check, returning the values the job function receives (dates as `date`, ...)."""
+        model = self._model(args, kwargs)
+        return {name: getattr(model, name) for name in type(model).model_fields}
+
+    def _model(self, args: list[Any], kwargs: Mapping[str, Any]) -> BaseModel:
         fields = list(self.args_model.model_fields)
         if len(args) > len(fields):
             raise TaskArgumentError(f"{self.name} takes at most {len(fields)} positional arguments, got {len(args)}")
@@ -83,55 +99,40 @@ class TaskSpec:
         if duplicated:
             raise TaskArgumentError(f"{self.name}: argument {duplicated[0]!r} given both positionally and by name")
         try:
-            model = self.args_model.model_validate({**bound, **kwargs})
+            return self.args_model.model_validate({**bound, **kwargs})
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}" for e in exc.errors()
-            )
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}" for e in exc.errors())
             raise TaskArgumentError(f"bad arguments for {self.name}: {problems}") from None
-        return model.model_dump(mode="json")
 
-    def arq_function(self) -> Function:
-        coroutine: Any = self.function  # arq's WorkerCoroutine protocol is narrower than our callables
-        return func(coroutine, name=self.name, timeout=self.timeout_s, max_tries=self.retry.max_tries,
+    def arq_function(self, coroutine: JobFunction) -> Function:
+        job: Any = coroutine  # arq's WorkerCoroutine protocol is narrower than our callables
+        return func(job, name=self.name, timeout=self.timeout_s, max_tries=self.retry.max_tries,
                     keep_result=self.keep_result_s)
 
-    def arq_cron(self) -> CronJob:
-        assert self.schedule is not None
-        s = self.schedule
-        coroutine: Any = self.function
-        weekday: Any = s.weekday
-        return cron(coroutine, name=self.name, minute=s.minute, hour=s.hour, day=s.day, weekday=weekday,
+    def arq_cron(self, coroutine: JobFunction) -> CronJob:
+        if self.schedule is None:
+            raise ValueError(f"{self.name} has no schedule")
+        s, job, weekday = self.schedule, coroutine, self.schedule.weekday
+        return cron(job, name=self.name, minute=s.minute, hour=s.hour, day=s.day, weekday=weekday,  # type: ignore[arg-type]
                     timeout=self.timeout_s, max_tries=self.retry.max_tries, keep_result=self.keep_result_s)
 
 
-class TaskArgumentError(ValueError):
-    """Arguments that can never satisfy the task: rejected before anything is enqueued."""
-
-
-class UnknownTaskError(KeyError):
-    def __str__(self) -> str:
-        known = ", ".join(sorted(TASKS))
-        return f"unknown task {self.args[0]!r}; known tasks: {known}"
-
-
 EVERY_5_MIN = set(range(0, 60, 5))
-EVERY_2_MIN = set(range(0, 60, 2))
 
 _SPECS = [
-    TaskSpec("refresh_realtime_materialized_views", Queue.ANALYTICS, views.refresh_realtime_materialized_views,
+    TaskSpec("refresh_realtime_materialized_views", Queue.ANALYTICS, "views",
              "Refresh the hourly sales metrics view", timeout_s=240,
              schedule=Schedule("every 5 min (minute 0,5,…,55)", minute=EVERY_5_MIN)),
-    TaskSpec("refresh_daily_materialized_views", Queue.ANALYTICS, views.refresh_daily_materialized_views,
+    TaskSpec("refresh_daily_materialized_views", Queue.ANALYTICS, "views",
              "Refresh the daily sales, product and category views", timeout_s=1800,
              schedule=Schedule("every hour (minute 0)", minute=0)),
-    TaskSpec("refresh_all_materialized_views", Queue.ANALYTICS, views.refresh_all_materialized_views,
+    TaskSpec("refresh_all_materialized_views", Queue.ANALYTICS, "views",
              "Refresh every analytics view", timeout_s=3600),
-    TaskSpec("check_low_stock_products", Queue.NOTIFICATIONS, stock.check_low_stock_products,
+    TaskSpec("check_low_stock_products", Queue.NOTIFICATIONS, "stock",
              "Record a low-stock alert for products at or under their reorder point", timeout_s=300,
              schedule=Schedule("daily @ 09:00", minute=0, hour=9)),
-    TaskSpec("prune_job_history", Queue.MAINTENANCE, history.prune_job_history,
-             "Delete job_runs rows older than SALESDASH_JOB_HISTORY_DAYS", timeout_s=600,
+    TaskSpec("prune_job_history", Queue.MAINTENANCE, "history",
+             "Delete job_runs rows older than SALESDASH_JOB_HISTORY_DAYS", scope=Scope.ADMIN, timeout_s=600,
              schedule=Schedule("daily @ 01:30", minute=30, hour=1)),
 ]
 
@@ -145,5 +146,5 @@ def get_task(name: str) -> TaskSpec:
         raise UnknownTaskError(name) from None
 
 
-def tasks_for(queue: Queue) -> list[TaskSpec]:
-    return [spec for spec in _SPECS if spec.queue is queue]
+def tasks_for(queue: Queue | str) -> list[TaskSpec]:
+    return [spec for spec in _SPECS if spec.queue == queue]

@@ -1,0 +1,118 @@
+"""The typed records that cross a boundary: a job's payload, the record of a finished try, a job's status
+and a worker's self-description. How they are written to Redis is `worker.jobstore`'s business alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+JobState = Literal["queued", "deferred", "in_progress", "complete", "failed", "aborted"]
+FinalState = Literal["complete", "failed", "aborted", "deferred"]  # "deferred": a failed try that will retry
+JOB_STATES: tuple[JobState, ...] = ("queued", "deferred", "in_progress", "complete", "failed", "aborted")
+PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 0, 9, 5
+
+
+def ms_to_dt(ms: int | None) -> datetime | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class JobPayload:
+    """What a queued job is: the task, its arguments and the bookkeeping every try needs."""
+
+    id: str
+    task: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    queue: str
+    priority: int
+    enqueued_ms: int
+    due_ms: int
+    tries: int = 0  # tries already made (a lost try of a dead worker counts)
+    retry_of: str | None = None
+    notify: bool = False  # a client is waiting on the done list (`salesdash call --wait`)
+    last_error: str | None = None
+    from_arq_client: bool = False  # enqueued with arq's `enqueue_job`: arguments not validated yet
+
+    def with_tries(self, tries: int) -> JobPayload:
+        return replace(self, tries=tries)
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """The record of a finished try: kept as the job's result and written to `job_runs`."""
+
+    job_id: str
+    task: str
+    queue: str
+    status: FinalState
+    args: list[Any]
+    kwargs: dict[str, Any]
+    enqueued_ms: int
+    finished_ms: int
+    tries: int
+    priority: int
+    started_ms: int | None = None  # None: the job never ran (aborted while queued, payload refused)
+    result: Any = None
+    error: str | None = None
+    traceback: str | None = None
+    worker_id: str | None = None
+    retry_of: str | None = None
+
+    @property
+    def success(self) -> bool:
+        return self.status == "complete"
+
+
+class Progress(BaseModel):
+    fraction: float
+    message: str = ""
+
+
+class JobStatus(BaseModel):
+    """A job as status readers see it (REST, GraphQL, the CLI, the dashboard)."""
+
+    task_id: str
+    task_name: str
+    queue: str
+    status: JobState
+    result: Any = None
+    error: str | None = None
+    traceback: str | None = None
+    enqueued_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    tries: int = 0
+    priority: int = PRIORITY_DEFAULT
+    progress: Progress | None = None
+    worker_id: str | None = None
+
+    @classmethod
+    def of_record(cls, record: JobRecord) -> JobStatus:
+        return cls(
+            task_id=record.job_id, task_name=record.task, queue=record.queue,
+            status="deferred" if record.status == "deferred" else record.status,
+            result=record.result, error=record.error, traceback=record.traceback,
+            enqueued_at=ms_to_dt(record.enqueued_ms), started_at=ms_to_dt(record.started_ms),
+            finished_at=ms_to_dt(record.finished_ms), tries=record.tries, priority=record.priority,
+            worker_id=record.worker_id,
+        )
+
+
+class WorkerInfo(BaseModel):
+    """What a live worker says about itself every few seconds (`inspect`, `/dashboard`, `/queues`)."""
+
+    worker_id: str
+    queue: str
+    host: str
+    pid: int
+    functions: list[str]
+    running: list[str]
+    jobs_complete: int
+    jobs_failed: int
+    jobs_retried: int
+    max_jobs: int
+    seen_ms: int
