@@ -3,7 +3,6 @@ Kept apart from the worker core (as SAQ does): it only reads what worker.client 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -11,10 +10,10 @@ from fastapi import APIRouter, Cookie, Form, Header, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from api.auth import AuthError, authenticate, require
+from api.auth import authenticate
 from api.deps import DbDep, RedisDep
+from salesdash.auth import AuthError, Scope, require
 from worker import client
-from worker.registry import Scope
 
 router = APIRouter()
 _templates = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")),
@@ -38,7 +37,7 @@ async def dashboard(request: Request, db: DbDep, redis: RedisDep,
     except AuthError as exc:
         return HTMLResponse(_LOGIN.format(message=exc), status_code=exc.status_code)
     queues = await client.queue_overview(redis)
-    workers = [{**w, "running_count": len(json.loads(w["running"]))} for w in await client.workers(redis)]
+    workers = await client.workers(redis)
     jobs = await client.list_jobs(redis, db, limit=50)
     html = _templates.get_template("dashboard.html").render(queues=queues, workers=workers, jobs=jobs)
     return HTMLResponse(html)

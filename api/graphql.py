@@ -1,9 +1,12 @@
-"""Strawberry GraphQL at /graphql (CONTRACT §4): thin resolvers over worker.client."""
+"""Strawberry GraphQL at /graphql (CONTRACT §4): thin resolvers over worker.client, which checks scopes.
+A refusal is a GraphQL error with extensions.code UNAUTHENTICATED or FORBIDDEN; other failures are results with
+success false and a message."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
 
 import asyncpg
 import strawberry
@@ -13,10 +16,21 @@ from redis.asyncio import Redis
 from strawberry.fastapi import BaseContext, GraphQLRouter
 from strawberry.scalars import JSON
 
-from api.auth import AuthError, Principal, authenticate, require
+from api.auth import authenticate
 from api.deps import get_db, get_redis
+from salesdash.auth import AuthError, Principal, Scope, require
 from worker import client
-from worker.registry import TASKS, Scope, UnknownTaskError, get_task
+from worker.records import JobStatus, Progress
+from worker.registry import TASKS, UnknownTaskError
+
+
+@contextmanager
+def auth_errors() -> Iterator[None]:
+    """Report an AuthError, whoever raised it, as the GraphQL error the contract specifies."""
+    try:
+        yield
+    except AuthError as exc:
+        raise GraphQLError(str(exc), extensions={"code": exc.code}) from None
 
 
 class Context(BaseContext):
@@ -27,14 +41,18 @@ class Context(BaseContext):
         self.authorization = authorization
         self._principal: Principal | None = None
 
-    async def principal(self, needed: Scope) -> Principal:
-        try:
+    async def principal(self) -> Principal:
+        """The caller, authenticated once per request (a query may resolve several fields)."""
+        with auth_errors():
             if self._principal is None:
                 self._principal = await authenticate(self.db, self.authorization)
-            require(self._principal, needed)
-        except AuthError as exc:
-            raise GraphQLError(str(exc), extensions={"code": exc.code}) from None
         return self._principal
+
+    async def require(self, needed: Scope) -> None:
+        """For read-only fields, whose service functions take no principal."""
+        principal = await self.principal()
+        with auth_errors():
+            require(principal, needed)
 
 
 async def get_context(request: Request, db: asyncpg.Pool = Depends(get_db),
@@ -58,6 +76,18 @@ class AbortResult:
 
 
 @strawberry.type
+class PurgeResult:
+    success: bool
+    message: str
+    removed: int | None  # null when nothing was purged
+
+
+@strawberry.experimental.pydantic.type(model=Progress, all_fields=True)
+class JobProgress:
+    pass
+
+
+@strawberry.type
 class TaskStatus:
     task_id: str
     task_name: str
@@ -70,14 +100,13 @@ class TaskStatus:
     finished_at: datetime | None
     tries: int
     priority: int
-    progress: JSON | None
+    progress: JobProgress | None
 
     @classmethod
-    def from_status(cls, s: dict[str, Any]) -> TaskStatus:
-        return cls(task_id=s["task_id"], task_name=s["task_name"], queue=s["queue"], status=s["status"],
-                   result=s["result"], error=s["error"], enqueued_at=s["enqueued_at"],
-                   started_at=s["started_at"], finished_at=s["finished_at"], tries=s["tries"],
-                   priority=s["priority"], progress=s["progress"])
+    def from_status(cls, s: JobStatus) -> TaskStatus:
+        return cls(task_id=s.task_id, task_name=s.task_name, queue=s.queue, status=s.status, result=s.result,
+                   error=s.error, enqueued_at=s.enqueued_at, started_at=s.started_at, finished_at=s.finished_at,
+                   tries=s.tries, priority=s.priority, progress=JobProgress.from_pydantic(s.progress) if s.progress else None)
 
 
 @strawberry.type
@@ -93,7 +122,7 @@ class BackgroundTask:
 class Query:
     @strawberry.field
     async def task_status(self, info: strawberry.Info[Context, None], task_id: str) -> TaskStatus | None:
-        await info.context.principal(Scope.READ)
+        await info.context.require(Scope.READ)
         try:
             return TaskStatus.from_status(await client.job_status(info.context.redis, info.context.db, task_id))
         except client.JobNotFoundError:
@@ -101,7 +130,7 @@ class Query:
 
     @strawberry.field
     async def background_tasks(self, info: strawberry.Info[Context, None]) -> list[BackgroundTask]:
-        await info.context.principal(Scope.READ)
+        await info.context.require(Scope.READ)
         return [BackgroundTask(name=s.name, queue=s.queue.value,
                                schedule=s.schedule.text if s.schedule else "on demand",
                                description=s.description, scope=s.scope.value) for s in TASKS.values()]
@@ -114,14 +143,11 @@ class Mutation:
         self, info: strawberry.Info[Context, None], task_name: str, args: JSON | None = None,
         kwargs: JSON | None = None, priority: int = 5, defer_seconds: float = 0,
     ) -> TriggerResult:
-        principal = await info.context.principal(Scope.TRIGGER)
+        principal = await info.context.principal()
         try:
-            spec = get_task(task_name)
-            if not principal.allows(spec.scope):
-                return TriggerResult(success=False, task_id=None, queue=spec.queue.value,
-                                     message=f"{task_name} needs the {spec.scope.value!r} scope")
-            job = await client.enqueue_task(info.context.redis, task_name, args, kwargs,  # type: ignore[arg-type]
-                                            priority, defer_seconds)
+            with auth_errors():
+                job = await client.enqueue_task(info.context.redis, principal, task_name,
+                                                args, kwargs, priority, defer_seconds)  # type: ignore[arg-type]
         except (UnknownTaskError, ValueError) as exc:
             return TriggerResult(success=False, task_id=None, message=str(exc), queue=None)
         return TriggerResult(success=True, task_id=job.task_id, queue=job.queue,
@@ -129,22 +155,34 @@ class Mutation:
 
     @strawberry.mutation
     async def abort_task(self, info: strawberry.Info[Context, None], task_id: str) -> AbortResult:
-        await info.context.principal(Scope.TRIGGER)
+        principal = await info.context.principal()
         try:
-            previous = await client.abort_job(info.context.redis, info.context.db, task_id)
+            with auth_errors():
+                previous = await client.abort_job(info.context.redis, info.context.db, principal, task_id)
         except (client.JobNotFoundError, client.JobStateError) as exc:
             return AbortResult(success=False, message=str(exc), previous_status=None)
         return AbortResult(success=True, message=f"job {task_id} aborted", previous_status=previous)
 
     @strawberry.mutation
     async def retry_task(self, info: strawberry.Info[Context, None], task_id: str) -> TriggerResult:
-        await info.context.principal(Scope.TRIGGER)
+        principal = await info.context.principal()
         try:
-            job = await client.retry_job(info.context.redis, info.context.db, task_id)
+            with auth_errors():
+                job = await client.retry_job(info.context.redis, info.context.db, principal, task_id)
         except (client.JobNotFoundError, client.JobStateError, UnknownTaskError, ValueError) as exc:
             return TriggerResult(success=False, task_id=None, message=str(exc), queue=None)
         return TriggerResult(success=True, task_id=job.task_id, queue=job.queue,
                              message=f"retry of {task_id} enqueued")
+
+    @strawberry.mutation
+    async def purge_queue(self, info: strawberry.Info[Context, None], queue: str) -> PurgeResult:
+        principal = await info.context.principal()
+        try:
+            with auth_errors():
+                removed = await client.purge_queue(info.context.redis, principal, queue)
+        except ValueError as exc:
+            return PurgeResult(success=False, message=str(exc), removed=None)
+        return PurgeResult(success=True, message=f"{removed} waiting jobs dropped from {queue}", removed=removed)
 
 
 schema = strawberry.Schema(query=Query, mutation=Mutation)

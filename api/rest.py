@@ -1,4 +1,5 @@
-"""REST routes (CONTRACT §5): thin, they parse, call worker.client, and shape the answer."""
+"""REST routes (CONTRACT §5): thin, they authenticate, parse, call worker.client with the principal, and shape
+the answer. Scope refusals raised by the service (salesdash.auth.AuthError) become 401/403 in api.main."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field
 
-from api.auth import require
-from api.deps import DbDep, ReadDep, RedisDep, TriggerDep
-from worker import client, jobstore
-from worker.registry import TASKS, UnknownTaskError, get_task
+from api.deps import DbDep, PrincipalDep, ReadDep, RedisDep
+from worker import client
+from worker.records import PRIORITY_DEFAULT, JobState, JobStatus
+from worker.registry import TASKS, UnknownTaskError
 
 router = APIRouter()
 
@@ -19,74 +20,119 @@ class JobRequest(BaseModel):  # type: ignore[no-redef]  # the pydantic plugin tr
     task_name: str
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    priority: int = jobstore.PRIORITY_DEFAULT
+    priority: int = PRIORITY_DEFAULT
     defer_seconds: float = 0
 
 
-def _public(status: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in status.items() if k != "worker_id"}
+class JobAccepted(BaseModel):
+    task_id: str
+    task_name: str
+    queue: str
+    priority: int
+    status: JobState
+
+
+class JobAborted(BaseModel):
+    task_id: str
+    aborted: bool
+    previous_status: str
+
+
+class JobRetried(BaseModel):
+    task_id: str
+    retry_of: str
+    task_name: str
+    queue: str
+
+
+class QueuePurged(BaseModel):
+    queue: str
+    removed: int
+
+
+class QueueCounts(BaseModel):
+    queued: int
+    deferred: int
+    in_progress: int
+    workers: int
+
+
+class TaskInfo(BaseModel):
+    name: str
+    queue: str
+    schedule: str
+    description: str
+    scope: str
 
 
 @router.post("/jobs", status_code=202)
-async def create_job(body: JobRequest, redis: RedisDep, principal: TriggerDep) -> dict[str, Any]:
+async def create_job(body: JobRequest, redis: RedisDep, principal: PrincipalDep) -> JobAccepted:
     try:
-        require(principal, get_task(body.task_name).scope)
-        job = await client.enqueue_task(redis, body.task_name, body.args, body.kwargs, body.priority,
+        job = await client.enqueue_task(redis, principal, body.task_name, body.args, body.kwargs, body.priority,
                                         body.defer_seconds)
     except (UnknownTaskError, ValueError) as exc:
         raise HTTPException(422, detail=str(exc)) from None
-    return {"task_id": job.task_id, "task_name": job.task_name, "queue": job.queue, "priority": job.priority,
-            "status": "deferred" if body.defer_seconds else "queued"}
+    return JobAccepted(task_id=job.task_id, task_name=job.task_name, queue=job.queue, priority=job.priority,
+                       status="deferred" if job.deferred else "queued")
 
 
 @router.get("/jobs")
 async def list_jobs(redis: RedisDep, db: DbDep, _: ReadDep, queue: str | None = None, status: str | None = None,
-                    limit: int = Query(50)) -> list[dict[str, Any]]:
+                    limit: int = Query(50)) -> list[JobStatus]:
     try:
         jobs = await client.list_jobs(redis, db, queue=queue, status=status, limit=limit)
     except ValueError as exc:
         raise HTTPException(422, detail=str(exc)) from None
-    return [_public(j) for j in jobs]
+    return jobs
 
 
 @router.get("/jobs/{task_id}")
-async def get_job(task_id: str, redis: RedisDep, db: DbDep, _: ReadDep) -> dict[str, Any]:
+async def get_job(task_id: str, redis: RedisDep, db: DbDep, _: ReadDep) -> JobStatus:
     try:
-        return _public(await client.job_status(redis, db, task_id))
+        return await client.job_status(redis, db, task_id)
     except client.JobNotFoundError as exc:
         raise HTTPException(404, detail=str(exc)) from None
 
 
 @router.delete("/jobs/{task_id}")
-async def abort_job(task_id: str, redis: RedisDep, db: DbDep, _: TriggerDep) -> dict[str, Any]:
+async def abort_job(task_id: str, redis: RedisDep, db: DbDep, principal: PrincipalDep) -> JobAborted:
     try:
-        previous = await client.abort_job(redis, db, task_id)
+        previous = await client.abort_job(redis, db, principal, task_id)
     except client.JobNotFoundError as exc:
         raise HTTPException(404, detail=str(exc)) from None
     except client.JobStateError as exc:
         raise HTTPException(409, detail=str(exc)) from None
-    return {"task_id": task_id, "aborted": True, "previous_status": previous}
+    return JobAborted(task_id=task_id, aborted=True, previous_status=previous)
 
 
 @router.post("/jobs/{task_id}/retry", status_code=202)
-async def retry_job(task_id: str, redis: RedisDep, db: DbDep, principal: TriggerDep) -> dict[str, Any]:
+async def retry_job(task_id: str, redis: RedisDep, db: DbDep, principal: PrincipalDep) -> JobRetried:
     try:
-        status = await client.job_status(redis, db, task_id)
-        require(principal, get_task(status["task_name"]).scope)
-        job = await client.retry_job(redis, db, task_id)
+        job = await client.retry_job(redis, db, principal, task_id)
     except client.JobNotFoundError as exc:
         raise HTTPException(404, detail=str(exc)) from None
     except client.JobStateError as exc:
         raise HTTPException(409, detail=str(exc)) from None
-    return {"task_id": job.task_id, "retry_of": task_id, "task_name": job.task_name, "queue": job.queue}
+    except (UnknownTaskError, ValueError) as exc:  # the job's task left the registry, or its arguments no longer fit
+        raise HTTPException(422, detail=str(exc)) from None
+    return JobRetried(task_id=job.task_id, retry_of=task_id, task_name=job.task_name, queue=job.queue)
+
+
+@router.post("/queues/{queue}/purge")
+async def purge_queue(queue: str, redis: RedisDep, principal: PrincipalDep) -> QueuePurged:
+    try:
+        removed = await client.purge_queue(redis, principal, queue)
+    except ValueError as exc:  # the only ValueError is an unknown queue, a resource in the path
+        raise HTTPException(404, detail=str(exc)) from None
+    return QueuePurged(queue=queue, removed=removed)
 
 
 @router.get("/queues")
-async def queues(redis: RedisDep, _: ReadDep) -> dict[str, Any]:
-    return await client.queue_overview(redis)
+async def queues(redis: RedisDep, _: ReadDep) -> dict[str, QueueCounts]:
+    return {name: QueueCounts(**counts) for name, counts in (await client.queue_overview(redis)).items()}
 
 
 @router.get("/tasks")
-async def tasks(_: ReadDep) -> list[dict[str, Any]]:
-    return [{"name": s.name, "queue": s.queue.value, "schedule": s.schedule.text if s.schedule else "on demand",
-             "description": s.description, "scope": s.scope.value} for s in TASKS.values()]
+async def tasks(_: ReadDep) -> list[TaskInfo]:
+    return [TaskInfo(name=s.name, queue=s.queue.value, schedule=s.schedule.text if s.schedule else "on demand",
+                     description=s.description, scope=s.scope.value) for s in TASKS.values()]

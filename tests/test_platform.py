@@ -14,22 +14,22 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import wait_for
+from salesdash.auth import OPERATOR
+from tests.conftest import enqueue_job, wait_for
 from worker import client, jobstore
 from worker.history import flush_history
+from worker.records import JobRecord
 
 QUEUE = "platform"
 SETTINGS = "tests.platform_worker.Settings"
 
 
 async def enqueue(redis: Redis, task: str, priority: int = 5, **kwargs: Any) -> str:
-    job = await jobstore.enqueue_raw(redis, task_name=task, queue=QUEUE, kwargs=kwargs, priority=priority)
-    assert job is not None
-    return job.job_id
+    return await enqueue_job(redis, task, QUEUE, kwargs, priority=priority)
 
 
 async def status_of(redis: Redis, db: asyncpg.Pool, job_id: str) -> dict[str, Any]:
-    return await client.job_status(redis, db, job_id)
+    return (await client.job_status(redis, db, job_id)).model_dump()
 
 
 async def finished(redis: Redis, db: asyncpg.Pool, job_id: str, timeout: float = 30) -> dict[str, Any]:
@@ -43,13 +43,8 @@ async def finished(redis: Redis, db: asyncpg.Pool, job_id: str, timeout: float =
 
 async def test_priority_job_starts_before_a_waiting_backlog(clean_redis: Redis, db: asyncpg.Pool,
                                                             spawn_worker: Any) -> None:
-    async with clean_redis.pipeline(transaction=False) as pipe:
-        for i in range(1000):
-            job_id = jobstore.new_job_id()
-            pipe.eval(jobstore.ENQUEUE_LUA, 5, jobstore.job_key(job_id), *_queue_keys(), jobstore.job_key(job_id),
-                      json.dumps(_payload(job_id, "record", {"tag": f"p3-{i}"}, 3)),
-                      jobstore.ready_score(3, jobstore.now_ms()), "", jobstore.JOB_TTL_MS, "", job_id)
-        await pipe.execute()
+    for i in range(1000):
+        await enqueue(clean_redis, "record", priority=3, tag=f"p3-{i}")
     urgent = await enqueue(clean_redis, "record", priority=9, tag="p9")
     spawn_worker(SETTINGS)
     await finished(clean_redis, db, urgent)
@@ -58,17 +53,6 @@ async def test_priority_job_starts_before_a_waiting_backlog(clean_redis: Redis, 
     assert order[0] == "p9"
     # FIFO within a priority, to the millisecond (jobs enqueued in the same ms tie; ten run concurrently)
     assert all(int(tag.split("-")[1]) < 300 for tag in order[1:11]), order[1:11]
-
-
-def _queue_keys() -> tuple[str, str, str]:
-    keys = jobstore.QueueKeys.of(QUEUE)
-    return keys.ready, keys.deferred, keys.wake
-
-
-def _payload(job_id: str, task: str, kwargs: dict[str, Any], priority: int) -> dict[str, Any]:
-    now = jobstore.now_ms()
-    return {"id": job_id, "task": task, "queue": QUEUE, "args": [], "kwargs": kwargs, "priority": priority,
-            "enqueued_ms": now, "run_at_ms": now, "tries": 0, "retry_of": None, "notify": False}
 
 
 async def _list_len(redis: Redis, key: str, at_least: int) -> bool:
@@ -143,15 +127,15 @@ async def _gone(redis: Redis, key: str) -> bool:
 
 
 async def test_history_is_batched_and_pruned(clean_redis: Redis, db: asyncpg.Pool) -> None:
-    records = [{"job_id": f"hist-{i}", "task_name": "noop", "queue": QUEUE, "status": "complete",
-                "enqueued_ms": jobstore.now_ms(), "started_ms": jobstore.now_ms(),
-                "finished_ms": jobstore.now_ms(), "tries": 1, "priority": 5} for i in range(2500)]
-    await clean_redis.lpush(jobstore.HISTORY_KEY, *[json.dumps(r) for r in records])
+    now = jobstore.now_ms()
+    records = [JobRecord(f"hist-{i}", "noop", QUEUE, "complete", [], {}, now, now, 1, 5, started_ms=now)
+               for i in range(2500)]
+    await clean_redis.lpush(jobstore.HISTORY_KEY, *[jobstore.history_entry(r) for r in records])
     assert await flush_history(clean_redis, db, "test") == 2500
     assert await clean_redis.llen(jobstore.HISTORY_KEY) == 0  # type: ignore[misc]
     assert await db.fetchval("SELECT count(*) FROM job_runs WHERE job_id LIKE 'hist-%'") == 2500
     await db.execute("UPDATE job_runs SET finished_at = now() - interval '90 days' WHERE job_id LIKE 'hist-1%'")
-    job = await client.enqueue_task(clean_redis, "prune_job_history")
+    job = await client.enqueue_task(clean_redis, OPERATOR, "prune_job_history")
     from tests.conftest import arq_burst
 
     assert arq_burst("maintenance").returncode == 0
@@ -164,7 +148,8 @@ async def test_abort_queued_and_running_jobs_and_unknown_ids_harm_nothing(
         clean_redis: Redis, db: asyncpg.Pool, spawn_worker: Any, app_client: httpx.AsyncClient,
         auth: dict[str, dict[str, str]]) -> None:
     queued = await enqueue(clean_redis, "record", tag="never")
-    gone = await app_client.delete(f"/jobs/{queued}", headers=auth["trigger"])
+    # the test tasks are not in the task table, so only admin may touch their jobs (tests/test_auth.py)
+    gone = await app_client.delete(f"/jobs/{queued}", headers=auth["admin"])
     assert gone.status_code == 200 and gone.json()["previous_status"] == "queued"
     assert (await status_of(clean_redis, db, queued))["status"] == "aborted"
 
@@ -172,17 +157,15 @@ async def test_abort_queued_and_running_jobs_and_unknown_ids_harm_nothing(
     running = await enqueue(clean_redis, "sleep", seconds=30, tag="abort-me")
     await wait_for(lambda: _is(clean_redis, db, running, "in_progress"))
     mutation = f'mutation {{ abortTask(taskId: "{running}") {{ success previousStatus }} }}'
-    body = (await app_client.post("/graphql", json={"query": mutation}, headers=auth["trigger"])).json()
+    body = (await app_client.post("/graphql", json={"query": mutation}, headers=auth["admin"])).json()
     assert body["data"]["abortTask"] == {"success": True, "previousStatus": "in_progress"}
     started = time.monotonic()
     assert (await finished(clean_redis, db, running, timeout=10))["status"] == "aborted"
     assert time.monotonic() - started < 5
 
     unknown = jobstore.new_job_id()
-    assert (await app_client.delete(f"/jobs/{unknown}", headers=auth["trigger"])).status_code == 404
-    later = await jobstore.enqueue_raw(clean_redis, task_name="record", queue=QUEUE, kwargs={"tag": "later"},
-                                       job_id=unknown)
-    assert later is not None
+    assert (await app_client.delete(f"/jobs/{unknown}", headers=auth["admin"])).status_code == 404
+    await enqueue_job(clean_redis, "record", QUEUE, {"tag": "later"}, job_id=unknown)
     assert (await finished(clean_redis, db, unknown))["status"] == "complete"
     assert b"never" not in await clean_redis.lrange("test:order", 0, -1)
 
@@ -228,7 +211,7 @@ async def test_replicas_run_each_cron_tick_once(clean_redis: Redis, spawn_worker
         spawn_worker("tests.platform_worker.CronSettings")
 
     async def all_up() -> bool:
-        return len([w for w in await client.workers(clean_redis) if w["queue"] == "platformcron"]) == 3
+        return len([w for w in await client.workers(clean_redis) if w.queue == "platformcron"]) == 3
 
     await wait_for(all_up, timeout=30)
     await asyncio.sleep(6)
@@ -255,7 +238,7 @@ async def test_idle_replicas_are_not_starved_by_running_jobs(clean_redis: Redis,
 
 
 async def _workers_alive(redis: Redis, n: int) -> bool:
-    return len([w for w in await client.workers(redis) if w["queue"] == QUEUE]) >= n
+    return len([w for w in await client.workers(redis) if w.queue == QUEUE]) >= n
 
 
 async def test_progress_is_shown_in_status(clean_redis: Redis, db: asyncpg.Pool, spawn_worker: Any) -> None:
@@ -303,7 +286,7 @@ async def test_metrics_cover_jobs_run_by_workers(clean_redis: Redis, db: asyncpg
 async def test_failed_jobs_are_listed_and_can_run_again(clean_redis: Redis, db: asyncpg.Pool, spawn_worker: Any,
                                                         app_client: httpx.AsyncClient,
                                                         auth: dict[str, dict[str, str]]) -> None:
-    failed_job = await client.enqueue_task(clean_redis, "check_low_stock_products")
+    failed_job = await client.enqueue_task(clean_redis, OPERATOR, "check_low_stock_products")
     await db.execute("ALTER TABLE notifications RENAME TO notifications_away")
     try:
         from tests.conftest import arq_burst
@@ -347,8 +330,8 @@ async def test_one_log_line_per_job_event_as_json(clean_redis: Redis, db: asyncp
 @pytest.mark.parametrize("priority", [-1, 10])
 async def test_priority_out_of_range_is_rejected(clean_redis: Redis, priority: int) -> None:
     with pytest.raises(ValueError, match="priority"):
-        await client.enqueue_task(clean_redis, "refresh_all_materialized_views", priority=priority)
-    assert os.environ["REDIS_URL"].endswith("/9")
+        await client.enqueue_task(clean_redis, OPERATOR, "refresh_all_materialized_views", priority=priority)
+    assert await jobstore.queue_counts(clean_redis, "analytics") == {"queued": 0, "deferred": 0, "in_progress": 0}
 
 
 async def test_arq_check_reports_a_live_worker(clean_redis: Redis, spawn_worker: Any) -> None:
