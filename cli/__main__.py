@@ -1,3 +1,6 @@
+"""`python -m cli …`: the `salesdash` CLI without the installed script."""
+
 from cli.main import app
 
-app()
+if __name__ == "__main__":
+    app()

@@ -1,6 +1,6 @@
 """`salesdash worker <queue>`: a small process supervisor for one queue's arq workers.
 
-It keeps `processes` children running, each `python -m arq worker.<queue>.Settings`, and
+It keeps `processes` children running, each `python -m worker <queue>` (our engine, built directly), and
 - recycles a child after N jobs: the child is started with SALESDASH_MAX_JOBS_PER_PROCESS=N, stops claiming
   after N jobs, finishes them and exits 0, and a new child takes its place;
 - replaces a child above a resident-memory limit: SIGTERM (the worker finishes its running jobs for up to
@@ -266,7 +266,7 @@ def supervise(queue: str, processes: int, max_tasks_per_child: int, max_memory_p
     if not logging.getLogger().handlers:
         setup_logging(settings.log_level, settings.log_json)
     supervisor = Supervisor(
-        command=[sys.executable, "-m", "arq", settings_path or f"worker.{queue}.Settings"],
+        command=[sys.executable, "-m", "worker", settings_path or queue],  # not arq's CLI: no engine patch needed
         env=child_env(max_tasks_per_child),
         processes=processes,
         max_tasks_per_child=max(max_tasks_per_child, 0),

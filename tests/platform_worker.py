@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from typing import Any
 
@@ -89,3 +90,59 @@ class CronSettings:
     on_startup = context.startup
     on_shutdown = context.shutdown
     health_check_interval = 30
+
+
+# ---- arq settings honoured by the engine (tests/test_platform_settings.py) ------------------------------------
+def marked_serializer(value: dict[str, Any]) -> bytes:
+    """A serializer of the user's own: JSON behind a marker, so a payload read any other way would fail."""
+    return b"SD1" + json.dumps(value, default=str).encode()
+
+
+def marked_deserializer(raw: bytes) -> Any:
+    if not raw.startswith(b"SD1"):
+        raise ValueError("payload lacks the SD1 marker")
+    return json.loads(raw[3:])
+
+
+async def _note(ctx: dict[str, Any], event: str) -> None:
+    await ctx["redis"].rpush(f"test:hooks:{ctx['job_id']}", event)
+
+
+async def on_job_start(ctx: dict[str, Any]) -> None:
+    await _note(ctx, "start")
+
+
+async def on_job_end(ctx: dict[str, Any]) -> None:
+    await _note(ctx, "end")
+
+
+async def after_job_end(ctx: dict[str, Any]) -> None:
+    await _note(ctx, f"after:{await ctx['redis'].exists('arq:result:' + ctx['job_id'])}")
+
+
+async def greet(ctx: dict[str, Any], name: str) -> str:
+    await _note(ctx, "run")
+    return f"hello {name}"
+
+
+class HookSettings:
+    queue_name = "salesdash:queue:hooks"
+    functions = [greet, hang, flaky]  # plain coroutines: time limit, tries and expiry come from the settings
+    redis_settings = LazyRedisSettings()
+    on_job_start = on_job_start
+    on_job_end = on_job_end
+    after_job_end = after_job_end
+    job_serializer = marked_serializer
+    job_deserializer = marked_deserializer
+    job_timeout = 1
+    keep_result = 2
+    max_tries = 2
+    health_check_interval = 2
+    max_jobs = 3
+
+
+class RefusedSettings:
+    queue_name = "salesdash:queue:refused"
+    functions = [func(noop, name="noop")]
+    redis_settings = LazyRedisSettings()
+    poll_delay = 0.1  # arq's polling interval: the engine does not poll, so it must say so rather than ignore it

@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from db.queries.jobs import get_job_run, list_job_runs
+from db.queries.history import get_job_run, list_job_runs
 from salesdash.auth import Principal, Scope, require, scope_to_operate
 from worker import jobstore as js
 from worker.records import (

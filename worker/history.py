@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from db.queries.jobs import upsert_job_runs
+from db.queries.history import upsert_job_runs
 from worker import jobstore as js
 from worker.records import JobRecord, ms_to_dt
 

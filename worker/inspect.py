@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from db.queries.jobs import job_run_counts
+from db.queries.history import job_run_counts
 from worker import client
 from worker.records import JobStatus
 from worker.registry import TASKS

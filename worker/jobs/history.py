@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from db.queries.jobs import prune_job_runs
+from db.queries.history import prune_job_runs
 
 
 async def prune_job_history(ctx: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Issue 2 end to end: trigger over GraphQL, a real `arq worker.analytics.Settings --burst` runs it, the status
+"""The views domain end to end: trigger over GraphQL, a real `arq worker.analytics.Settings --burst` runs it, the status
 says complete, and the views equal a direct aggregate over the seeded orders."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from salesdash.auth import OPERATOR
 from tests.conftest import arq_burst
 from tests.test_api import TRIGGER, gql
-from worker import client, jobstore
+from worker import client
 
 VIEW_VS_BASE = {
     "mv_hourly_sales_metrics": (
@@ -88,23 +89,10 @@ async def test_refresh_keeps_up_with_new_orders(seeded: None, db: asyncpg.Pool, 
     before = await db.fetchval("SELECT coalesce(sum(revenue), 0) FROM mv_daily_sales_summary")
     await db.execute("""INSERT INTO orders (customer_id, status, total_amount, created_at)
                         VALUES ((SELECT min(id) FROM customers), 'paid', 123.45, now() - interval '1 hour')""")
-    job = await client.enqueue_task(clean_redis, "refresh_daily_materialized_views")
+    job = await client.enqueue_task(clean_redis, OPERATOR, "refresh_daily_materialized_views")
     assert arq_burst("analytics").returncode == 0
     status = await client.job_status(clean_redis, db, job.task_id)
-    assert status["status"] == "complete"
-    assert all(v["concurrently"] for v in status["result"]["views"])
+    assert status.status == "complete"
+    assert all(v["concurrently"] for v in status.result["views"])
     after = await db.fetchval("SELECT sum(revenue) FROM mv_daily_sales_summary")
     assert after - before == Decimal("123.45")
-
-
-async def test_maintenance_job_is_not_consumed_by_the_analytics_worker(db: asyncpg.Pool,
-                                                                       clean_redis: Redis) -> None:
-    job = await client.enqueue_task(clean_redis, "prune_job_history")
-    run = arq_burst("analytics")
-    assert run.returncode == 0, run.stderr
-    assert (await jobstore.queue_counts(clean_redis, "maintenance"))["queued"] == 1
-    assert (await client.job_status(clean_redis, db, job.task_id))["status"] == "queued"
-
-    assert arq_burst("maintenance").returncode == 0
-    status = await client.job_status(clean_redis, db, job.task_id)
-    assert status["status"] == "complete" and status["queue"] == "maintenance"
