@@ -17,8 +17,6 @@ from redis.asyncio import Redis
 from salesdash.auth import OPERATOR
 from tests.conftest import enqueue_job, wait_for
 from worker import client, jobstore
-from worker.history import flush_history
-from worker.records import JobRecord
 
 QUEUE = "platform"
 SETTINGS = "tests.platform_worker.Settings"
@@ -124,24 +122,6 @@ async def test_results_expire_per_task_and_history_takes_over(clean_redis: Redis
 
 async def _gone(redis: Redis, key: str) -> bool:
     return not await redis.exists(key)
-
-
-async def test_history_is_batched_and_pruned(clean_redis: Redis, db: asyncpg.Pool) -> None:
-    now = jobstore.now_ms()
-    records = [JobRecord(f"hist-{i}", "noop", QUEUE, "complete", [], {}, now, now, 1, 5, started_ms=now)
-               for i in range(2500)]
-    await clean_redis.lpush(jobstore.HISTORY_KEY, *[jobstore.history_entry(r) for r in records])
-    assert await flush_history(clean_redis, db, "test") == 2500
-    assert await clean_redis.llen(jobstore.HISTORY_KEY) == 0  # type: ignore[misc]
-    assert await db.fetchval("SELECT count(*) FROM job_runs WHERE job_id LIKE 'hist-%'") == 2500
-    await db.execute("UPDATE job_runs SET finished_at = now() - interval '90 days' WHERE job_id LIKE 'hist-1%'")
-    job = await client.enqueue_task(clean_redis, OPERATOR, "prune_job_history")
-    from tests.conftest import arq_burst
-
-    assert arq_burst("maintenance").returncode == 0
-    result = (await status_of(clean_redis, db, job.task_id))["result"]
-    assert result["deleted"] == 1111  # hist-1, hist-10..19, hist-100..199, hist-1000..1999
-    assert await db.fetchval("SELECT count(*) FROM job_runs WHERE job_id LIKE 'hist-%'") == 2500 - 1111
 
 
 async def test_abort_queued_and_running_jobs_and_unknown_ids_harm_nothing(
