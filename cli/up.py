@@ -1,4 +1,4 @@
-"""`salesdash up`: the whole system on one machine, stopped as a whole by Ctrl-C or SIGTERM."""
+"""`salesdash up`: the whole system on one machine, stopped as a whole by Ctrl-C, SIGTERM or SIGHUP."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ console = Console()
 DEMO = {"customers": 2_000, "products": 200, "orders": 20_000, "months": 12, "seed": 42}
 QUEUES = ("analytics", "maintenance", "notifications")
 _PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal of `make run` closed
+
+
+class _Stopped(BaseException):
+    """A stop signal during start-up. BaseException: no `except Exception` on the way may swallow it."""
 
 
 def _die_with_parent() -> None:
@@ -56,13 +61,20 @@ def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
 
 def run_up(settings: Settings, host: str, port: int) -> int:
     stopping = False
+    starting = True
 
     def request_stop(signum: int, _: FrameType | None) -> None:
-        nonlocal stopping
+        nonlocal stopping, starting
         stopping = True
+        if starting:
+            # abort the start step under way (initdb, migrations, seeding, a lock wait) rather than finish
+            # it first; only once, so the cleanup below is never interrupted
+            starting = False
+            raise _Stopped
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    # without a handler SIGHUP would end us at once: no cleanup, embedded servers left running
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, request_stop)
     children: list[subprocess.Popen[bytes]] = []
     try:
         database_url, redis_url = resolve_urls(settings)
@@ -75,11 +87,12 @@ def run_up(settings: Settings, host: str, port: int) -> int:
             console.print(f"seeded demo data: {DEMO}")
         children.append(_spawn([sys.executable, "-m", "uvicorn", "api.main:app", "--host", host,
                                 "--port", str(port), "--no-access-log"]))
-        children += [_spawn([sys.executable, "-m", "arq", f"worker.{q}.Settings"]) for q in QUEUES]
+        children += [_spawn([sys.executable, "-m", "worker", q]) for q in QUEUES]
         base = f"http://{host}:{port}"
         console.print(f"[bold green]salesdash is up[/bold green]\n  API      {base}\n  GraphQL  {base}/graphql\n"
                       f"  health   {base}/healthz\n  metrics  {base}/metrics\n"
                       f"  admin token (this run): {token}\nCtrl-C stops everything.")
+        starting = False
         while not stopping:
             if any(child.poll() is not None for child in children):
                 console.print("[red]a child process exited; stopping[/red]")
@@ -89,10 +102,14 @@ def run_up(settings: Settings, host: str, port: int) -> int:
         else:
             return_code = 0
         return return_code
+    except _Stopped:
+        return 0
     finally:
+        starting = False
         _stop(children)
-        stop_started()
-        console.print("stopped")
+        stop_started()  # the embedded servers we started, or adopted from a run that died without stopping them
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal is gone
+            console.print("stopped")
 
 
 def _stop(children: list[subprocess.Popen[bytes]], timeout_s: float = 40) -> None:

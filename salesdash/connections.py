@@ -32,7 +32,7 @@ def redis_settings(settings: Settings | None = None) -> RedisSettings:
     if not path:
         raise ValueError("REDIS_URL: redis+sentinel:// needs the service name as its path")
     return RedisSettings(
-        host=hosts,  # type: ignore[arg-type]  # arq accepts a host list for sentinel
+        host=hosts,  # arq accepts a host list for sentinel
         sentinel=True,
         sentinel_master=path[0],
         database=int(path[1]) if len(path) > 1 else 0,

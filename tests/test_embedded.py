@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
+import psutil
 import pytest
 import redis
 
@@ -62,6 +63,47 @@ def _resolve_in_child(data_dir: Path) -> tuple[str, str]:
     assert out.returncode == 0, out.stderr
     db_url, redis_url = json.loads(out.stdout.strip().splitlines()[-1])
     return db_url, redis_url
+
+
+def start_owner(data_dir: Path, out: Path) -> tuple[subprocess.Popen[bytes], tuple[str, str]]:
+    """A separate process that starts (or reuses) the embedded servers, prints their URLs and stays alive,
+    like a running `salesdash up`; kill it with SIGKILL to leave its servers orphaned."""
+    code = textwrap.dedent(f"""
+        import json, time
+        from salesdash.config import Settings
+        from salesdash.embedded import resolve_urls
+        s = Settings(DATABASE_URL=None, REDIS_URL=None, SALESDASH_DATA_DIR={str(data_dir)!r})
+        print(json.dumps(resolve_urls(s)), flush=True)
+        time.sleep(300)
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    with out.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        lines = out.read_text().splitlines()
+        if lines and lines[-1].startswith('["'):
+            db_url, redis_url = json.loads(lines[-1])
+            return proc, (db_url, redis_url)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    raise AssertionError(f"the owner process did not start the servers:\n{out.read_text()}")
+
+
+def server_states(data_dir: Path) -> dict[str, dict[str, float]]:
+    """The state files: server pid, port, owner pid and the owner's start time, by server name."""
+    return {name: json.loads((data_dir / name / "salesdash.json").read_text()) for name in ("postgres", "redis")}
+
+
+def running(process: psutil.Process) -> bool:
+    # a zombie counts as gone: orphans may never be reaped where init does not reap
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def test_configured_urls_start_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,3 +175,39 @@ async def test_embedded_lifecycle(tmp_path: Path, clean_env: None) -> None:
     assert client.get("kept") == b"survives restart"
     client.close()
     print(f"first start {first_start:.2f} s, restart {restart:.2f} s")  # noqa: T201 (shown with -s)
+
+
+def test_live_owner_keeps_its_servers_and_orphans_are_adopted(tmp_path: Path, clean_env: None) -> None:
+    settings = _settings(tmp_path)
+    owner, urls = start_owner(tmp_path, tmp_path / "owner.log")
+    states = server_states(tmp_path)
+    servers = [psutil.Process(int(state["pid"])) for state in states.values()]
+    try:
+        assert {state["owner"] for state in states.values()} == {owner.pid}
+        # a second process reuses the servers of a live owner, and never stops them
+        assert embedded.resolve_urls(settings) == urls
+        assert embedded._started == []
+        embedded.stop_started()
+        assert server_states(tmp_path) == states
+        assert all(_answers(_port(url)) for url in urls)
+
+        owner.kill()  # no cleanup: its servers are orphaned, as after a crash or kill -9
+        owner.wait()
+        assert all(running(server) for server in servers)
+
+        # the next process takes them over (same servers, nothing restarted) and stops them when it is done
+        assert embedded.resolve_urls(settings) == urls
+        adopted = server_states(tmp_path)
+        assert [state["pid"] for state in adopted.values()] == [server.pid for server in servers]
+        assert {state["owner"] for state in adopted.values()} == {os.getpid()}
+        assert _resolve_in_child(tmp_path) == urls  # a third process leaves them to their new, live owner
+        assert all(_answers(_port(url)) for url in urls)
+        embedded.stop_started()
+        assert not any(running(server) for server in servers)
+        assert not any(_answers(_port(url)) for url in urls)
+    finally:
+        owner.kill()
+        owner.wait()
+        for server in servers:  # only when the test failed: never leave orphans behind
+            if running(server):
+                server.kill()

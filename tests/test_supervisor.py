@@ -3,7 +3,6 @@ runs as a subprocess of the test, its children are real arq workers on the test 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -20,7 +19,7 @@ from redis.asyncio import Redis
 
 import cli.supervisor as supervisor_module
 from cli.supervisor import MAX_JOBS_ENV, Supervisor, backoff_s, child_env
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, enqueue_job, wait_for
 from worker import jobstore
 
 SHUTDOWN_TIMEOUT_S = 2
@@ -109,24 +108,18 @@ def supervisor(tmp_path: Path) -> Iterator[Start]:
 
 async def registered_pids(redis: Redis) -> set[int]:
     """Pids of the analytics workers in the engine's registry."""
-    pids = set()
-    for worker_id in await redis.zrange(jobstore.WORKERS_KEY, 0, -1):
-        info = await redis.hgetall(  # type: ignore[misc]
-            f"{jobstore.WORKERS_KEY}:{worker_id.decode()}")
-        if info.get(b"queue") == b"analytics":
-            pids.add(int(info[b"pid"]))
-    return pids
+    return {w.pid for w in await jobstore.live_workers(redis) if w.queue == "analytics"}
 
 
 async def job_states(redis: Redis, ids: list[str]) -> dict[str, str]:
     """Where each unfinished job is, for failure messages."""
-    keys = jobstore.QueueKeys.of("analytics")
+    keys = jobstore.QueueKeys("analytics")
     states = {}
     for job_id in ids:
         if await redis.exists(jobstore.result_key(job_id)):
             continue
         where = [name for name, key in (("ready", keys.ready), ("running", keys.running),
-                                        ("deferred", keys.deferred)) if await redis.zscore(key, job_id) is not None]
+                                        ("schedule", keys.schedule)) if await redis.zscore(key, job_id) is not None]
         payload = await redis.exists(jobstore.job_key(job_id))
         states[job_id] = f"in {where or 'no queue set'}, payload {'present' if payload else 'gone'}"
     return states
@@ -203,7 +196,7 @@ async def test_runs_the_requested_number_of_workers(supervisor: Start, clean_red
     assert len(pids) == 2
     for pid in pids:
         cmdline = psutil.Process(pid).cmdline()
-        assert cmdline[1:] == ["-m", "arq", "worker.analytics.Settings"], cmdline
+        assert cmdline[1:] == ["-m", "worker", "analytics"], cmdline  # our engine, built without arq's CLI
         assert psutil.Process(pid).environ().get(MAX_JOBS_ENV) is None
 
 
@@ -255,14 +248,13 @@ async def test_recycles_children_after_n_jobs(supervisor: Start, clean_redis: Re
     assert all(psutil.Process(pid).environ().get(MAX_JOBS_ENV) == "3" for pid in first)
     # an unscheduled task: a scheduled one (refresh_realtime_…) keeps its result 1 s, not 24 h (the worker's
     # functions map holds its CronJob, keep_result_s=0), so the records would expire while we wait
-    jobs = [await jobstore.enqueue_raw(clean_redis, task_name="refresh_all_materialized_views",
-                                       queue="analytics", kwargs={}) for _ in range(10)]
-    ids = [job.job_id for job in jobs if job is not None]
-    assert len(ids) == 10
+    ids = [await enqueue_job(clean_redis, "refresh_all_materialized_views", "analytics") for _ in range(10)]
 
     async def all_done() -> list[dict[str, object]] | None:
         raw = await clean_redis.mget([jobstore.result_key(i) for i in ids])
-        return [json.loads(r) for r in raw] if all(raw) else None
+        if not all(raw):
+            return None
+        return [{"status": r.status, "worker_id": r.worker_id} for r in map(jobstore.decode_record, raw)]
 
     try:
         records = await wait_for(all_done, timeout=40, interval=0.2)

@@ -42,5 +42,6 @@ def is_transient(exc: BaseException) -> bool:
 
 def backoff_seconds(policy: RetryPolicy, failed_tries: int, rng: random.Random | None = None) -> float:
     """Exponential backoff, capped, with equal jitter: half fixed, half random (avoids retry stampedes)."""
-    ceiling = min(policy.backoff_cap_s, policy.backoff_base_s * 2 ** max(failed_tries - 1, 0))
-    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+    ceiling: float = min(policy.backoff_cap_s, policy.backoff_base_s * 2 ** max(failed_tries - 1, 0))
+    jitter: float = (rng or random).uniform(0, ceiling / 2)
+    return ceiling / 2 + jitter

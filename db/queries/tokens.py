@@ -48,4 +48,4 @@ async def list_tokens(conn: asyncpg.Connection | asyncpg.Pool) -> list[dict[str,
 async def revoke_token(conn: asyncpg.Connection | asyncpg.Pool, token_id: int) -> bool:
     status = await conn.execute(
         "UPDATE api_tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", token_id)
-    return status.endswith(" 1")
+    return str(status).endswith(" 1")

@@ -183,7 +183,8 @@ def _calendar(us: IntArray) -> tuple[IntArray, IntArray, IntArray, IntArray, Int
 
 def _is_black_friday(days: IntArray) -> npt.NDArray[np.bool_]:
     month, dom, weekday, _, _ = _calendar(days * _US_PER_DAY)
-    return (month == 11) & (weekday == 4) & (dom >= 22) & (dom <= 28)
+    black_friday: npt.NDArray[np.bool_] = (month == 11) & (weekday == 4) & (dom >= 22) & (dom <= 28)
+    return black_friday
 
 
 def _day_factor(days: IntArray) -> FloatArray:
@@ -277,7 +278,8 @@ class _Generator:
         cum = np.cumsum(weight)
         hours = np.minimum(np.searchsorted(cum, rng.random(n) * cum[-1], side="right"), len(cum) - 1)
         span = self.hour_hi[hours] - self.hour_lo[hours]
-        return self.hour_lo[hours] + (rng.random(n) * span).astype(np.int64)
+        offsets: IntArray = self.hour_lo[hours] + (rng.random(n) * span).astype(np.int64)
+        return offsets
 
     # --- products ----------------------------------------------------------------------------------
 
@@ -312,7 +314,8 @@ class _Generator:
 
     def _pick_products(self, rng: np.random.Generator, n: int) -> IntArray:
         u = rng.random(n) * self.product_cum[-1]
-        return np.minimum(np.searchsorted(self.product_cum, u, side="right"), self.n_products - 1).astype(np.int64)
+        picked: IntArray = np.minimum(np.searchsorted(self.product_cum, u, side="right"), self.n_products - 1)
+        return picked.astype(np.int64)
 
     # --- customers ---------------------------------------------------------------------------------
 
@@ -386,7 +389,8 @@ class _Generator:
     @staticmethod
     def _country_p() -> FloatArray:
         weights = np.array([w for _, w in _COUNTRIES], dtype=np.float64)
-        return weights / weights.sum()
+        shares: FloatArray = weights / weights.sum()
+        return shares
 
     def _candidates(self, bucket: int) -> tuple[IntArray, FloatArray]:
         """Customers active at some instant of the week `bucket`, and their cumulative rates."""
