@@ -12,12 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 from salesdash.config import get_settings
-from salesdash.connections import redis_settings as _redis_settings
+from salesdash.connections import LazyRedisSettings
 from worker import context
-from worker.engine import SalesdashWorker as _Engine  # noqa: F401  (importing it installs our job loop)
+from worker.engine import install_engine
+from worker.jobstore import deserialize_json, queue_name, serialize_json
+
+install_engine()
 
 QUEUE = "bench"
-QUEUE_NAME = f"salesdash:queue:{QUEUE}"
+QUEUE_NAME = queue_name(QUEUE)
 
 
 async def noop(ctx: dict[str, Any]) -> None:
@@ -34,12 +37,12 @@ def _settings(max_jobs: int) -> dict[str, Any]:
         "__doc__": f"Our worker on the bench queue, max_jobs={max_jobs}.",
         "queue_name": QUEUE_NAME,
         "functions": [noop, ping],
-        "redis_settings": _redis_settings(),
+        "redis_settings": LazyRedisSettings(),
         "timezone": get_settings().tzinfo,
         "on_startup": context.startup,
         "on_shutdown": context.shutdown,
-        "job_serializer": context.serialize_json,
-        "job_deserializer": context.deserialize_json,
+        "job_serializer": serialize_json,
+        "job_deserializer": deserialize_json,
         "max_jobs": max_jobs,
         "job_completion_wait": 5,
         "keep_result": 3600,

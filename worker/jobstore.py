@@ -283,8 +283,9 @@ def job_record(job: JobPayload, status: Any, *, tries: int, started_ms: int | No
     )
 
 
-def history_entry(record: JobRecord) -> str:
-    return json.dumps(encode_record(record), default=str)
+def history_entry(record: JobRecord) -> bytes:
+    """A record on its way to `job_runs`: always JSON, whatever the queue's job serializer."""
+    return serialize_json(encode_record(record))
 
 
 # ---- Lua -----------------------------------------------------------------------------------------------------
@@ -519,10 +520,10 @@ async def finish(redis: Redis, keys: QueueKeys, outcomes: Sequence[Outcome], ser
     argv: list[object] = []
     for o in outcomes:
         job, record = o.job, o.record
-        entry = history_entry(record) if record is not None else ""
+        entry = history_entry(record) if record is not None else b""
         if o.kind == "final" and record is not None:
-            argv += ["final", job.id, serializer(encode_record(record)), max(o.keep_result_ms, 1000),
-                     "1" if job.notify else "0", entry]
+            result = entry if serializer is serialize_json else serializer(encode_record(record))
+            argv += ["final", job.id, result, max(o.keep_result_ms, 1000), "1" if job.notify else "0", entry]
         elif o.kind == "retry":
             argv += ["retry", job.id, serializer(encode_payload(job)), o.retry_at_ms, "0", entry]
         else:

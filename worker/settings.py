@@ -14,7 +14,7 @@ MAX_JOBS = 20
 HEALTH_CHECK_INTERVAL_S = 30
 
 
-def queue_settings(queue: Queue, *functions: JobFunction) -> type:
+def queue_settings(queue: Queue, *functions: JobFunction) -> type[Any]:
     """`Settings` for `arq worker.<queue>.Settings`: exactly the queue's tasks, bound to `functions` by name.
     A class with every attribute its own, since arq reads only a Settings class's own attributes."""
     specs = tasks_for(queue)

@@ -383,6 +383,178 @@ class _StagedLoad:
                     return
 
 
+# --------------------------------------------------------------------------------------------------
+# Serial load in one transaction
+# --------------------------------------------------------------------------------------------------
+
+
+class _SerialLoad:
+    """Everything in one transaction on the caller's connection (a savepoint if it is already in
+    one): TRUNCATE, month partitions, indexes dropped if asked, customers, orders and order_items
+    chunk by chunk (the next chunk generated while this one streams), products, indexes rebuilt,
+    sequences set past the loaded ids."""
+
+    def __init__(self, conn: asyncpg.Connection, generator: _Generator, timings: dict[str, float], bar: Any,
+                 started: float, tick: float) -> None:  # fmt: skip
+        self.conn, self.generator, self.timings, self.bar = conn, generator, timings, bar
+        self.started, self.tick = started, tick  # the start of `seed`, the end of the last phase
+        # COPY FREEZE needs the table truncated in the current (sub)transaction and no other open
+        # snapshot or portal: only take it when we own the transaction.
+        self.freeze = not conn.is_in_transaction()
+        self.total_items = self.revenue_cents = self.low_stock = 0
+
+    def _mark(self, phase: str) -> None:
+        moment = time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + moment - self.tick
+        self.tick = moment
+
+    async def run(self, start: datetime, end: datetime, counts: dict[str, int], rebuild_indexes: bool) -> None:
+        conn = self.conn
+        async with conn.transaction():
+            rebuild = await self._prepare(start, end, rebuild_indexes)
+            await self._customers()
+            await self._orders(counts["orders"])
+            await self._products()
+            await self._build_indexes(rebuild)
+            for table, count in counts.items():
+                await conn.execute(
+                    "SELECT setval(pg_get_serial_sequence($1, 'id'), $2, $3)", table, max(count, 1), count > 0
+                )
+        self._mark("commit")
+
+    async def _prepare(self, start: datetime, end: datetime, rebuild_indexes: bool) -> list[str]:
+        """Empty the tables and make the month partitions; return the statements rebuilding the
+        dropped indexes (none unless ``rebuild_indexes``)."""
+        conn = self.conn
+        if self.freeze:  # our own transaction: nothing to lose but the last ms of WAL on a crash
+            await conn.execute("SET LOCAL synchronous_commit = off")
+        await conn.execute("TRUNCATE order_items, orders, customers, products RESTART IDENTITY")
+        await conn.execute("SELECT ensure_order_partitions($1::date, $2::date)", start.date(), end.date())
+        rebuild = await _drop_indexes(conn) if rebuild_indexes else []
+        self._mark("prepare")
+        return rebuild
+
+    async def _customers(self) -> None:
+        body = await asyncio.to_thread(self.generator.customers_body)
+        self._mark("generate")
+        await _copy(self.conn, "customers", _CUSTOMER_COLUMNS, body)
+        del body
+        self._mark("copy_customers")
+
+    def _generate(self, k: int) -> asyncio.Future[_Chunk]:
+        return asyncio.ensure_future(asyncio.to_thread(self.generator.chunk, k))
+
+    async def _orders(self, orders: int) -> None:
+        bar = self.bar
+        task = bar.add_task("orders", total=orders, rate="") if bar is not None else None
+        n_chunks = len(self.generator.chunk_sizes)
+        next_chunk: asyncio.Future[_Chunk] | None = None
+        try:
+            if n_chunks:
+                next_chunk = self._generate(0)
+            done = 0
+            for k in range(n_chunks):
+                assert next_chunk is not None
+                chunk = await next_chunk
+                self._mark("wait_generate")
+                self.timings["generate"] = self.timings.get("generate", 0.0) + chunk.seconds
+                next_chunk = None
+                if k + 1 < n_chunks:  # generate the next chunk while this one streams
+                    next_chunk = self._generate(k + 1)
+                await self._copy_chunk(chunk)
+                done += chunk.orders
+                if bar is not None:
+                    rate = f"{done / (time.perf_counter() - self.started):,.0f}/s"
+                    bar.update(task, advance=chunk.orders, rate=rate)
+        finally:
+            if next_chunk is not None:  # a COPY failed: let the worker thread finish first
+                with contextlib.suppress(Exception):
+                    await next_chunk
+
+    async def _copy_chunk(self, chunk: _Chunk) -> None:
+        for suffix, orders_body, items_body in chunk.segments:
+            await _copy(self.conn, f"orders_p{suffix}", _ORDER_COLUMNS, orders_body, self.freeze)
+            self._mark("copy_orders")
+            await _copy(self.conn, f"order_items_p{suffix}", _ITEM_COLUMNS, items_body, self.freeze)
+            self._mark("copy_items")
+        self.total_items += chunk.items
+        self.revenue_cents += chunk.revenue_cents
+
+    async def _products(self) -> None:
+        body, self.low_stock = await asyncio.to_thread(self.generator.products_body)
+        self._mark("generate")
+        await _copy(self.conn, "products", _PRODUCT_COLUMNS, body)
+        del body
+        self._mark("copy_products")
+
+    async def _build_indexes(self, rebuild: list[str]) -> None:
+        conn, bar = self.conn, self.bar
+        task = bar.add_task("indexes", total=len(rebuild), rate="") if bar is not None and rebuild else None
+        if rebuild:  # sorts for the index builds stay in memory instead of spilling to disk
+            await conn.execute("SET LOCAL maintenance_work_mem = '512MB'")
+        for statement in rebuild:
+            await conn.execute(statement)
+            if bar is not None:
+                bar.advance(task)
+        self._mark("build_indexes")
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+async def _load_staged(
+    conn: asyncpg.Connection, helper: asyncpg.Connection, generator: _Generator, start: datetime, end: datetime,
+    counts: dict[str, int], timings: dict[str, float], progress: bool,
+) -> _StagedLoad:  # fmt: skip
+    """Run `_StagedLoad` with ``helper`` as the second connection, which is closed afterwards."""
+    try:
+        with _progress_bar(progress) as bar:
+            staged = _StagedLoad(conn, helper, start, end, timings, bar)
+            try:
+                await staged.load(generator)
+                await staged.swap(start, end, counts)
+            except BaseException:
+                helper.terminate()  # may be mid-COPY; its staging transaction rolls back
+                await staged.discard()
+                raise
+    finally:
+        if not helper.is_closed():
+            await helper.close()
+    return staged
+
+
+async def _load_serial(
+    conn: asyncpg.Connection, generator: _Generator, start: datetime, end: datetime, counts: dict[str, int],
+    rebuild_indexes: bool, timings: dict[str, float], progress: bool, started: float, tick: float,
+) -> _SerialLoad:  # fmt: skip
+    with _progress_bar(progress) as bar:
+        serial = _SerialLoad(conn, generator, timings, bar, started, tick)
+        await serial.run(start, end, counts, rebuild_indexes)
+    return serial
+
+
+def _summary(
+    loaded: _StagedLoad | _SerialLoad, counts: dict[str, int], *, seed: int, months: int, start: datetime,
+    end: datetime, started: float,
+) -> SeedSummary:  # fmt: skip
+    return SeedSummary(
+        customers=counts["customers"],
+        products=counts["products"],
+        orders=counts["orders"],
+        order_items=loaded.total_items,
+        seconds=time.perf_counter() - started,
+        seed=seed,
+        months=months,
+        window_start=start,
+        window_end=end,
+        revenue=Decimal(loaded.revenue_cents).scaleb(-2),
+        low_stock_products=loaded.low_stock,
+        timings=loaded.timings,
+    )
+
+
 async def seed(
     conn: asyncpg.Connection,
     *,
@@ -423,128 +595,21 @@ async def seed(
     if rebuild_indexes is None:
         rebuild_indexes = orders >= REBUILD_INDEXES_FROM
     timings: dict[str, float] = {}
-
-    def mark(phase: str, since: float) -> float:
-        moment = time.perf_counter()
-        timings[phase] = timings.get(phase, 0.0) + moment - since
-        return moment
-
     generator = await asyncio.to_thread(
         _Generator, customers=customers, products=products, orders=orders, seed=seed,
         start_us=_to_us(start), now_us=_to_us(end),
     )  # fmt: skip
-    tick = mark("model", started)
+    tick = time.perf_counter()
+    timings["model"] = tick - started
     if parallel is None:
         parallel = rebuild_indexes
     helper = await _connect_like(conn, dsn) if parallel and not conn.is_in_transaction() else None
+    counts = {"customers": customers, "products": products, "orders": orders}
+    loaded: _StagedLoad | _SerialLoad
     if helper is not None:
-        try:
-            with _progress_bar(progress) as bar:
-                staged = _StagedLoad(conn, helper, start, end, timings, bar)
-                try:
-                    await staged.load(generator)
-                    await staged.swap(start, end, {"customers": customers, "products": products, "orders": orders})
-                except BaseException:
-                    helper.terminate()  # may be mid-COPY; its staging transaction rolls back
-                    await staged.discard()
-                    raise
-        finally:
-            if not helper.is_closed():
-                await helper.close()
-        return SeedSummary(
-            customers=customers,
-            products=products,
-            orders=orders,
-            order_items=staged.total_items,
-            seconds=time.perf_counter() - started,
-            seed=seed,
-            months=months,
-            window_start=start,
-            window_end=end,
-            revenue=Decimal(staged.revenue_cents).scaleb(-2),
-            low_stock_products=staged.low_stock,
-            timings=timings,
+        loaded = await _load_staged(conn, helper, generator, start, end, counts, timings, progress)
+    else:
+        loaded = await _load_serial(
+            conn, generator, start, end, counts, rebuild_indexes, timings, progress, started, tick
         )
-    # COPY FREEZE needs the table truncated in the current (sub)transaction and no other open
-    # snapshot or portal: only take it when we own the transaction.
-    freeze = not conn.is_in_transaction()
-    total_items = revenue_cents = low_stock = 0
-    with _progress_bar(progress) as bar:
-        async with conn.transaction():
-            if freeze:  # our own transaction: nothing to lose but the last ms of WAL on a crash
-                await conn.execute("SET LOCAL synchronous_commit = off")
-            await conn.execute("TRUNCATE order_items, orders, customers, products RESTART IDENTITY")
-            await conn.execute("SELECT ensure_order_partitions($1::date, $2::date)", start.date(), end.date())
-            rebuild = await _drop_indexes(conn) if rebuild_indexes else []
-            tick = mark("prepare", tick)
-
-            body = await asyncio.to_thread(generator.customers_body)
-            tick = mark("generate", tick)
-            await _copy(conn, "customers", _CUSTOMER_COLUMNS, body)
-            del body
-            tick = mark("copy_customers", tick)
-
-            task = bar.add_task("orders", total=orders, rate="") if bar is not None else None
-            n_chunks = len(generator.chunk_sizes)
-            next_chunk: asyncio.Future[_Chunk] | None = None
-            try:
-                if n_chunks:
-                    next_chunk = asyncio.ensure_future(asyncio.to_thread(generator.chunk, 0))
-                done = 0
-                for k in range(n_chunks):
-                    assert next_chunk is not None
-                    chunk = await next_chunk
-                    tick = mark("wait_generate", tick)
-                    timings["generate"] = timings.get("generate", 0.0) + chunk.seconds
-                    next_chunk = None
-                    if k + 1 < n_chunks:  # generate the next chunk while this one streams
-                        next_chunk = asyncio.ensure_future(asyncio.to_thread(generator.chunk, k + 1))
-                    for suffix, orders_body, items_body in chunk.segments:
-                        await _copy(conn, f"orders_p{suffix}", _ORDER_COLUMNS, orders_body, freeze)
-                        tick = mark("copy_orders", tick)
-                        await _copy(conn, f"order_items_p{suffix}", _ITEM_COLUMNS, items_body, freeze)
-                        tick = mark("copy_items", tick)
-                    total_items += chunk.items
-                    revenue_cents += chunk.revenue_cents
-                    done += chunk.orders
-                    if bar is not None:
-                        rate = f"{done / (time.perf_counter() - started):,.0f}/s"
-                        bar.update(task, advance=chunk.orders, rate=rate)
-            finally:
-                if next_chunk is not None:  # a COPY failed: let the worker thread finish first
-                    with contextlib.suppress(Exception):
-                        await next_chunk
-
-            body, low_stock = await asyncio.to_thread(generator.products_body)
-            tick = mark("generate", tick)
-            await _copy(conn, "products", _PRODUCT_COLUMNS, body)
-            del body
-            tick = mark("copy_products", tick)
-
-            task = bar.add_task("indexes", total=len(rebuild), rate="") if bar is not None and rebuild else None
-            if rebuild:  # sorts for the index builds stay in memory instead of spilling to disk
-                await conn.execute("SET LOCAL maintenance_work_mem = '512MB'")
-            for statement in rebuild:
-                await conn.execute(statement)
-                if bar is not None:
-                    bar.advance(task)
-            tick = mark("build_indexes", tick)
-            for table, count in (("customers", customers), ("products", products), ("orders", orders)):
-                await conn.execute(
-                    "SELECT setval(pg_get_serial_sequence($1, 'id'), $2, $3)", table, max(count, 1), count > 0
-                )
-        mark("commit", tick)
-    return SeedSummary(
-        customers=customers,
-        products=products,
-        orders=orders,
-        order_items=total_items,
-        seconds=time.perf_counter() - started,
-        seed=seed,
-        months=months,
-        window_start=start,
-        window_end=end,
-        revenue=Decimal(revenue_cents).scaleb(-2),
-        low_stock_products=low_stock,
-        timings=timings,
-    )
+    return _summary(loaded, counts, seed=seed, months=months, start=start, end=end, started=started)
