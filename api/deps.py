@@ -1,4 +1,4 @@
-"""FastAPI dependencies: the process's pools (opened in the lifespan) and scope checks."""
+"""FastAPI dependencies: the process's pools (opened in the lifespan) and the caller's principal."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import asyncpg
 from fastapi import Depends, Header, Request
 from redis.asyncio import Redis
 
-from api.auth import Principal, authenticate, require
-from worker.registry import Scope
+from api.auth import authenticate
+from salesdash.auth import Principal, Scope, require
 
 
 def get_db(request: Request) -> asyncpg.Pool:
-    return request.app.state.db  # type: ignore[no-any-return]
+    return request.app.state.db
 
 
 def get_redis(request: Request) -> Redis:
@@ -25,14 +25,20 @@ DbDep = Annotated[asyncpg.Pool, Depends(get_db)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 
 
+async def principal(db: DbDep, authorization: Annotated[str | None, Header()] = None) -> Principal:
+    return await authenticate(db, authorization)
+
+
 def scoped(needed: Scope) -> Callable[..., Awaitable[Principal]]:
-    async def dependency(db: DbDep, authorization: Annotated[str | None, Header()] = None) -> Principal:
-        principal = await authenticate(db, authorization)
-        require(principal, needed)
-        return principal
+    """For read-only routes, whose service functions take no principal: the same rule, checked at the door."""
+    async def dependency(caller: Annotated[Principal, Depends(principal)]) -> Principal:
+        require(caller, needed)
+        return caller
 
     return dependency
 
 
+# Routes that change jobs take only an authenticated principal: the job service checks the scope each operation
+# and each task needs (a trigger token may abort an ordinary task's job but not an admin task's).
+PrincipalDep = Annotated[Principal, Depends(principal)]
 ReadDep = Annotated[Principal, Depends(scoped(Scope.READ))]
-TriggerDep = Annotated[Principal, Depends(scoped(Scope.TRIGGER))]

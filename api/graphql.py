@@ -106,7 +106,8 @@ class TaskStatus:
     def from_status(cls, s: JobStatus) -> TaskStatus:
         return cls(task_id=s.task_id, task_name=s.task_name, queue=s.queue, status=s.status, result=s.result,
                    error=s.error, enqueued_at=s.enqueued_at, started_at=s.started_at, finished_at=s.finished_at,
-                   tries=s.tries, priority=s.priority, progress=JobProgress.from_pydantic(s.progress) if s.progress else None)
+                   tries=s.tries, priority=s.priority,
+                   progress=JobProgress.from_pydantic(s.progress) if s.progress else None)
 
 
 @strawberry.type

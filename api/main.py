@@ -10,11 +10,11 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, generate_latest
 
-from api.auth import AuthError
 from api.dashboard import router as dashboard_router
 from api.deps import DbDep, RedisDep
 from api.graphql import graphql_router
 from api.rest import router
+from salesdash.auth import AuthError
 from salesdash.config import get_settings
 from salesdash.connections import open_db_pool, open_redis
 from salesdash.logs import setup_logging

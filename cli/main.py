@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from rich.console import Console
 from rich.table import Table
 
+from salesdash.auth import OPERATOR
 from salesdash.config import get_settings
 from salesdash.connections import database_url, open_db_pool, open_redis
 
@@ -182,13 +183,15 @@ def call(
 ) -> None:
     """Enqueue a task by name."""
     from worker import client, jobstore
+    from worker.records import JobStatus
     from worker.registry import UnknownTaskError
 
     parsed_args = _parse_json(args, "args", list)
     parsed_kwargs = _parse_json(kwargs, "kwargs", dict)
 
-    async def work(db: asyncpg.Pool, redis: Redis) -> tuple[Any, dict[str, Any] | None]:
-        job = await client.enqueue_task(redis, task, parsed_args, parsed_kwargs, priority, notify_done=wait)
+    async def work(db: asyncpg.Pool, redis: Redis) -> tuple[Any, JobStatus | None]:
+        job = await client.enqueue_task(redis, OPERATOR, task, parsed_args, parsed_kwargs, priority,
+                                        notify_done=wait)
         if not wait:
             return job, None
         await jobstore.wait_done(redis, job.task_id, timeout)  # on timeout the status says where it is
@@ -202,9 +205,9 @@ def call(
         _emit({"task_id": job.task_id, "task_name": job.task_name, "queue": job.queue,
                "priority": job.priority}, as_json)
         return
-    _emit({k: v for k, v in status.items() if k != "traceback"} if not as_json else status, as_json,
+    _emit(status.model_dump(mode="json", exclude=None if as_json else {"traceback"}), as_json,
           ["task_id", "task_name", "status", "result", "error", "tries"])
-    if status["status"] != "complete":
+    if status.status != "complete":
         raise typer.Exit(1)
 
 
@@ -218,9 +221,9 @@ def result(task_id: str, as_json: JsonOpt = False) -> None:
     except client.JobNotFoundError as exc:
         _fail(str(exc), 1)
     if as_json:
-        _emit(status, True)
+        _emit(status.model_dump(mode="json"), True)
         return
-    for key, value in status.items():
+    for key, value in status.model_dump().items():
         if value is not None:
             console.print(f"[bold]{key}[/bold]: {_cell(value)}")
 
@@ -229,10 +232,11 @@ def result(task_id: str, as_json: JsonOpt = False) -> None:
 def retry(task_id: str, as_json: JsonOpt = False) -> None:
     """Run a failed job again."""
     from worker import client
+    from worker.registry import UnknownTaskError
 
     try:
-        job = _run(lambda db, redis: client.retry_job(redis, db, task_id))
-    except (client.JobNotFoundError, client.JobStateError) as exc:
+        job = _run(lambda db, redis: client.retry_job(redis, db, OPERATOR, task_id))
+    except (client.JobNotFoundError, client.JobStateError, UnknownTaskError) as exc:
         _fail(str(exc), 1)
     _emit({"task_id": job.task_id, "retry_of": task_id, "task_name": job.task_name}, as_json)
 
@@ -244,14 +248,14 @@ def purge(
     as_json: JsonOpt = False,
 ) -> None:
     """Drop every waiting job of a queue (running jobs finish)."""
-    from worker import jobstore
+    from worker import client
     from worker.registry import Queue
 
-    if queue not in {q.value for q in Queue}:
+    if queue not in {q.value for q in Queue}:  # before the prompt: never ask to confirm what cannot be done
         _fail(f"unknown queue {queue!r}; queues: {', '.join(q.value for q in Queue)}")
     if not yes and not typer.confirm(f"drop every waiting job of {queue}?"):
         raise typer.Exit(1)
-    removed = _run(lambda _, redis: jobstore.purge(redis, queue))
+    removed = _run(lambda _, redis: client.purge_queue(redis, OPERATOR, queue))
     _emit({"queue": queue, "removed": removed}, as_json)
 
 

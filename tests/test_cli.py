@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
+from salesdash.auth import OPERATOR
 from tests.conftest import ROOT, wait_for
 from worker import client, jobstore
 
@@ -58,7 +59,7 @@ async def test_call_wait_result_inspect_and_purge(clean_redis: Redis, db: asyncp
     assert queues["analytics"]["workers"] >= 1
 
     for _ in range(3):
-        await client.enqueue_task(clean_redis, "prune_job_history", defer_seconds=600)
+        await client.enqueue_task(clean_redis, OPERATOR, "prune_job_history", defer_seconds=600)
     scheduled = json.loads(salesdash("inspect", "scheduled", "--json").stdout)
     assert len([s for s in scheduled if s["status"] == "deferred"]) == 3
     purged = json.loads(salesdash("purge", "maintenance", "--yes", "--json").stdout)
@@ -86,5 +87,5 @@ async def test_call_wait_exits_non_zero_when_the_job_fails(clean_redis: Redis, d
 
 
 async def _final(redis: Redis, db: asyncpg.Pool, job_id: str) -> dict[str, Any] | None:
-    status = await client.job_status(redis, db, job_id)
+    status = (await client.job_status(redis, db, job_id)).model_dump()
     return status if status["status"] in ("complete", "failed") else None
