@@ -1,4 +1,4 @@
-"""Bearer-token authentication: who the caller is (CONTRACT §6). What a principal may do is decided in
+"""Bearer-token authentication: who the caller is (docs/rest.md#auth). What a principal may do is decided in
 salesdash.auth and checked by the job service (worker.client), the same for REST, GraphQL and the CLI."""
 
 from __future__ import annotations

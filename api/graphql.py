@@ -1,4 +1,4 @@
-"""Strawberry GraphQL at /graphql (CONTRACT §4): thin resolvers over worker.client, which checks scopes.
+"""Strawberry GraphQL at /graphql (docs/graphql.md): thin resolvers over worker.client, which checks scopes.
 A refusal is a GraphQL error with extensions.code UNAUTHENTICATED or FORBIDDEN; other failures are results with
 success false and a message."""
 
@@ -26,7 +26,7 @@ from worker.registry import TASKS, UnknownTaskError
 
 @contextmanager
 def auth_errors() -> Iterator[None]:
-    """Report an AuthError, whoever raised it, as the GraphQL error the contract specifies."""
+    """Report an AuthError, whoever raised it, as a GraphQL error with its code (docs/graphql.md)."""
     try:
         yield
     except AuthError as exc:

@@ -1,4 +1,4 @@
-"""REST routes (CONTRACT §5): thin, they authenticate, parse, call worker.client with the principal, and shape
+"""REST routes (docs/rest.md): thin, they authenticate, parse, call worker.client with the principal, and shape
 the answer. Scope refusals raised by the service (salesdash.auth.AuthError) become 401/403 in api.main."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`salesdash`, the operator CLI (CONTRACT §7). Each command takes `--json` for machine-readable output."""
+"""`salesdash`, the operator CLI (docs/cli.md). Commands that print data take `--json` for machine-readable output."""
 
 from __future__ import annotations
 
@@ -236,8 +236,8 @@ def retry(task_id: str, as_json: JsonOpt = False) -> None:
 
     try:
         job = _run(lambda db, redis: client.retry_job(redis, db, OPERATOR, task_id))
-    except (client.JobNotFoundError, client.JobStateError, UnknownTaskError) as exc:
-        _fail(str(exc), 1)
+    except (client.JobNotFoundError, client.JobStateError, UnknownTaskError, ValueError) as exc:
+        _fail(str(exc), 1)  # ValueError: the stored arguments no longer fit the task
     _emit({"task_id": job.task_id, "retry_of": task_id, "task_name": job.task_name}, as_json)
 
 

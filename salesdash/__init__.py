@@ -1,1 +1,2 @@
-"""What the API, the workers and the CLI share: settings, embedded servers, logging, the operator CLI."""
+"""The foundation every other layer builds on: settings, connections, embedded servers, logging, authorization.
+It imports nothing else of the project."""

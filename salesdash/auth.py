@@ -1,4 +1,4 @@
-"""Who may do what (CONTRACT §6): scopes read ⊂ trigger ⊂ admin, the principal an API call or CLI command acts
+"""Who may do what (docs/rest.md#auth): scopes read ⊂ trigger ⊂ admin, the principal an API call or CLI command acts
 as, and the one check every job operation makes.
 
 This is the foundation package, so it imports nothing else from the project: the registry, the job service, the

@@ -1,4 +1,4 @@
-"""One settings object for every process (CONTRACT §2), read from the environment and `.env`."""
+"""One settings object for every process (docs/configuration.md), read from the environment and `.env`."""
 
 from __future__ import annotations
 

@@ -245,7 +245,7 @@ async def test_the_service_checks_scopes_itself(clean_redis: Redis, db: asyncpg.
 
 def test_the_matrix_tasks_have_the_scopes_it_assumes() -> None:
     assert registry.TASKS[ORDINARY_TASK].scope is Scope.TRIGGER
-    assert registry.TASKS[ADMIN_TASK].scope is Scope.ADMIN  # deletes job history (CONTRACT §6: destructive)
+    assert registry.TASKS[ADMIN_TASK].scope is Scope.ADMIN  # deletes job history (destructive tasks need admin)
 
 
 def test_scopes_are_ordered_and_unknown_ones_grant_nothing() -> None:

@@ -1,4 +1,4 @@
-"""Configuration (CONTRACT §2): URL forms and clear errors."""
+"""Configuration (docs/configuration.md): URL forms and clear errors."""
 
 from __future__ import annotations
 

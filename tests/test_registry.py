@@ -57,7 +57,7 @@ def _next_runs(cron_job: CronJob, start: datetime, count: int) -> list[datetime]
     ("refresh_daily_materialized_views", ["2026-01-05 11:00", "2026-01-05 12:00"]),
     ("check_low_stock_products", ["2026-01-06 09:00", "2026-01-07 09:00"]),
 ])
-def test_cron_schedule_matches_contract(name: str, expected: list[str]) -> None:
+def test_cron_schedule_matches_the_documented_one(name: str, expected: list[str]) -> None:
     spec = TASKS[name]
     cron_job = SETTINGS[spec.queue].cron_jobs[[c.name for c in SETTINGS[spec.queue].cron_jobs].index(name)]
     start = datetime(2026, 1, 5, 10, 0, 30, tzinfo=ZoneInfo("UTC"))  # a Monday

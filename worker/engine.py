@@ -26,6 +26,7 @@ import inspect
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -452,17 +453,29 @@ class SalesdashWorker(arq.worker.Worker):
             try:
                 await self._renew_leases_and_check_aborts()
                 await self.run_cron(datetime.now(tz=self.timezone), HEARTBEAT_S)
+                await self.record_health()
                 if self.loop.time() - last_sweep >= SWEEP_EVERY_S:
                     last_sweep = self.loop.time()
                     await self._sweep()
                     await self._register()
-                    await self.record_health()
                 await st.metrics.flush(self.pool)
                 await flush_history(self.pool, self.ctx.get("db"), st.worker_id)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 logger.exception("heartbeat failed")
+
+    async def record_health(self) -> None:
+        """arq's health key (`arq --check`), rewritten every `health_check_interval`; it lives one heartbeat and a
+        second longer than that [arq: interval + 1 s, so a check between late writes can miss a live worker]."""
+        now = time.time()
+        if now - self._last_health_check < self.health_check_interval:
+            return
+        self._last_health_check = now
+        info = (f"{datetime.now():%b-%d %H:%M:%S} j_complete={self.jobs_complete} j_failed={self.jobs_failed} "
+                f"j_retried={self.jobs_retried} j_ongoing={len(self._state.running)}")
+        ttl_ms = int((self.health_check_interval + HEARTBEAT_S + 1) * 1000)
+        await self.pool.psetex(self.health_check_key, ttl_ms, info.encode())
 
     async def _renew_leases_and_check_aborts(self) -> None:
         st = self._state

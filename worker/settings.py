@@ -12,6 +12,7 @@ from worker.registry import JobFunction, Queue, tasks_for
 
 MAX_JOBS = 20
 HEALTH_CHECK_INTERVAL_S = 30
+KEEP_RESULT_S = 24 * 3600
 
 
 def queue_settings(queue: Queue, *functions: JobFunction) -> type[Any]:
@@ -36,6 +37,7 @@ def queue_settings(queue: Queue, *functions: JobFunction) -> type[Any]:
         "job_serializer": serialize_json,
         "job_deserializer": deserialize_json,
         "max_jobs": MAX_JOBS,
+        "keep_result": KEEP_RESULT_S,  # for what no task declares: a refused payload's record
         "job_completion_wait": config.shutdown_timeout,
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
     }

@@ -99,7 +99,7 @@ $fn$;
 SELECT ensure_order_partitions((now() - interval '24 months')::date, (now() + interval '3 months')::date);
 
 -- Analytics views. Each has a unique index on plain columns: REFRESH ... CONCURRENTLY requires it.
--- Revenue counts paid, shipped and delivered orders (CONTRACT §8). Buckets are UTC.
+-- Revenue counts paid, shipped and delivered orders. Buckets are UTC.
 CREATE MATERIALIZED VIEW mv_hourly_sales_metrics AS
 SELECT date_trunc('hour', o.created_at AT TIME ZONE 'UTC') AS hour,
        count(*) AS orders_count,
