@@ -28,7 +28,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy salesdash api db worker
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy salesdash db worker api cli
+	$(BIN)/mypy tests
 
 bench: bench-queue bench-seed
 

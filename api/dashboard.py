@@ -16,8 +16,7 @@ from salesdash.auth import AuthError, Scope, require
 from worker import client
 
 router = APIRouter()
-_templates = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")),
-                         autoescape=select_autoescape())
+_templates = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")), autoescape=select_autoescape())
 COOKIE = "salesdash_token"
 
 _LOGIN = """<!doctype html><meta charset="utf-8"><title>salesdash · sign in</title>
@@ -27,9 +26,13 @@ _LOGIN = """<!doctype html><meta charset="utf-8"><title>salesdash · sign in</ti
 
 
 @router.get("/dashboard", response_class=HTMLResponse)
-async def dashboard(request: Request, db: DbDep, redis: RedisDep,
-                    authorization: Annotated[str | None, Header()] = None,
-                    salesdash_token: Annotated[str | None, Cookie()] = None) -> HTMLResponse:
+async def dashboard(
+    request: Request,
+    db: DbDep,
+    redis: RedisDep,
+    authorization: Annotated[str | None, Header()] = None,
+    salesdash_token: Annotated[str | None, Cookie()] = None,
+) -> HTMLResponse:
     """Bearer header for scripts; a cookie set by the sign-in form for browsers."""
     try:
         credentials = authorization or (f"Bearer {salesdash_token}" if salesdash_token else None)

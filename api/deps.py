@@ -31,6 +31,7 @@ async def principal(db: DbDep, authorization: Annotated[str | None, Header()] = 
 
 def scoped(needed: Scope) -> Callable[..., Awaitable[Principal]]:
     """For read-only routes, whose service functions take no principal: the same rule, checked at the door."""
+
     async def dependency(caller: Annotated[Principal, Depends(principal)]) -> Principal:
         require(caller, needed)
         return caller

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 import strawberry
@@ -55,8 +56,9 @@ class Context(BaseContext):
             require(principal, needed)
 
 
-async def get_context(request: Request, db: asyncpg.Pool = Depends(get_db),
-                      redis: Redis = Depends(get_redis)) -> Context:
+async def get_context(
+    request: Request, db: asyncpg.Pool = Depends(get_db), redis: Redis = Depends(get_redis)
+) -> Context:
     return Context(db, redis, request.headers.get("authorization"))
 
 
@@ -104,10 +106,20 @@ class TaskStatus:
 
     @classmethod
     def from_status(cls, s: JobStatus) -> TaskStatus:
-        return cls(task_id=s.task_id, task_name=s.task_name, queue=s.queue, status=s.status, result=s.result,
-                   error=s.error, enqueued_at=s.enqueued_at, started_at=s.started_at, finished_at=s.finished_at,
-                   tries=s.tries, priority=s.priority,
-                   progress=JobProgress.from_pydantic(s.progress) if s.progress else None)
+        return cls(
+            task_id=s.task_id,
+            task_name=s.task_name,
+            queue=s.queue,
+            status=s.status,
+            result=s.result,
+            error=s.error,
+            enqueued_at=s.enqueued_at,
+            started_at=s.started_at,
+            finished_at=s.finished_at,
+            tries=s.tries,
+            priority=s.priority,
+            progress=JobProgress.from_pydantic(s.progress) if s.progress else None,
+        )
 
 
 @strawberry.type
@@ -132,27 +144,47 @@ class Query:
     @strawberry.field
     async def background_tasks(self, info: strawberry.Info[Context, None]) -> list[BackgroundTask]:
         await info.context.require(Scope.READ)
-        return [BackgroundTask(name=s.name, queue=s.queue.value,
-                               schedule=s.schedule.text if s.schedule else "on demand",
-                               description=s.description, scope=s.scope.value) for s in TASKS.values()]
+        return [
+            BackgroundTask(
+                name=s.name,
+                queue=s.queue.value,
+                schedule=s.schedule.text if s.schedule else "on demand",
+                description=s.description,
+                scope=s.scope.value,
+            )
+            for s in TASKS.values()
+        ]
 
 
 @strawberry.type
 class Mutation:
     @strawberry.mutation
     async def trigger_background_task(
-        self, info: strawberry.Info[Context, None], task_name: str, args: JSON | None = None,
-        kwargs: JSON | None = None, priority: int = 5, defer_seconds: float = 0,
+        self,
+        info: strawberry.Info[Context, None],
+        task_name: str,
+        args: JSON | None = None,
+        kwargs: JSON | None = None,
+        priority: int = 5,
+        defer_seconds: float = 0,
     ) -> TriggerResult:
         principal = await info.context.principal()
         try:
             with auth_errors():
-                job = await client.enqueue_task(info.context.redis, principal, task_name,
-                                                args, kwargs, priority, defer_seconds)  # type: ignore[arg-type]
+                # JSON scalars arrive as any JSON value; the service refuses anything but an array / an object
+                positional: Any = args
+                named: Any = kwargs
+                job = await client.enqueue_task(
+                    info.context.redis, principal, task_name, positional, named, priority, defer_seconds
+                )
         except (UnknownTaskError, ValueError) as exc:
             return TriggerResult(success=False, task_id=None, message=str(exc), queue=None)
-        return TriggerResult(success=True, task_id=job.task_id, queue=job.queue,
-                             message=f"{job.task_name} enqueued on {job.queue} with priority {job.priority}")
+        return TriggerResult(
+            success=True,
+            task_id=job.task_id,
+            queue=job.queue,
+            message=f"{job.task_name} enqueued on {job.queue} with priority {job.priority}",
+        )
 
     @strawberry.mutation
     async def abort_task(self, info: strawberry.Info[Context, None], task_id: str) -> AbortResult:
@@ -172,8 +204,7 @@ class Mutation:
                 job = await client.retry_job(info.context.redis, info.context.db, principal, task_id)
         except (client.JobNotFoundError, client.JobStateError, UnknownTaskError, ValueError) as exc:
             return TriggerResult(success=False, task_id=None, message=str(exc), queue=None)
-        return TriggerResult(success=True, task_id=job.task_id, queue=job.queue,
-                             message=f"retry of {task_id} enqueued")
+        return TriggerResult(success=True, task_id=job.task_id, queue=job.queue, message=f"retry of {task_id} enqueued")
 
     @strawberry.mutation
     async def purge_queue(self, info: strawberry.Info[Context, None], queue: str) -> PurgeResult:

@@ -68,17 +68,24 @@ class TaskInfo(BaseModel):
 @router.post("/jobs", status_code=202)
 async def create_job(body: JobRequest, redis: RedisDep, principal: PrincipalDep) -> JobAccepted:
     try:
-        job = await client.enqueue_task(redis, principal, body.task_name, body.args, body.kwargs, body.priority,
-                                        body.defer_seconds)
+        job = await client.enqueue_task(
+            redis, principal, body.task_name, body.args, body.kwargs, body.priority, body.defer_seconds
+        )
     except (UnknownTaskError, ValueError) as exc:
         raise HTTPException(422, detail=str(exc)) from None
-    return JobAccepted(task_id=job.task_id, task_name=job.task_name, queue=job.queue, priority=job.priority,
-                       status="deferred" if job.deferred else "queued")
+    return JobAccepted(
+        task_id=job.task_id,
+        task_name=job.task_name,
+        queue=job.queue,
+        priority=job.priority,
+        status="deferred" if job.deferred else "queued",
+    )
 
 
 @router.get("/jobs")
-async def list_jobs(redis: RedisDep, db: DbDep, _: ReadDep, queue: str | None = None, status: str | None = None,
-                    limit: int = Query(50)) -> list[JobStatus]:
+async def list_jobs(
+    redis: RedisDep, db: DbDep, _: ReadDep, queue: str | None = None, status: str | None = None, limit: int = Query(50)
+) -> list[JobStatus]:
     try:
         jobs = await client.list_jobs(redis, db, queue=queue, status=status, limit=limit)
     except ValueError as exc:
@@ -134,5 +141,13 @@ async def queues(redis: RedisDep, _: ReadDep) -> dict[str, QueueCounts]:
 
 @router.get("/tasks")
 async def tasks(_: ReadDep) -> list[TaskInfo]:
-    return [TaskInfo(name=s.name, queue=s.queue.value, schedule=s.schedule.text if s.schedule else "on demand",
-                     description=s.description, scope=s.scope.value) for s in TASKS.values()]
+    return [
+        TaskInfo(
+            name=s.name,
+            queue=s.queue.value,
+            schedule=s.schedule.text if s.schedule else "on demand",
+            description=s.description,
+            scope=s.scope.value,
+        )
+        for s in TASKS.values()
+    ]

@@ -113,9 +113,16 @@ def seed(
 
     async def work(db: asyncpg.Pool, _: Redis) -> Any:
         async with db.acquire() as conn:
-            return await run_seed(conn, customers=customers, products=products, orders=orders, months=months,
-                                  dsn=database_url(),
-                                  seed=seed, progress=not as_json)
+            return await run_seed(
+                conn,
+                customers=customers,
+                products=products,
+                orders=orders,
+                months=months,
+                dsn=database_url(),
+                seed=seed,
+                progress=not as_json,
+            )
 
     try:
         summary = _run(work)
@@ -155,8 +162,11 @@ def token_list(as_json: JsonOpt = False) -> None:
     """List tokens (never the tokens themselves)."""
     from db.queries.tokens import list_tokens
 
-    _emit(_run(lambda db, _: list_tokens(db)), as_json, ["id", "name", "scopes", "created_at", "last_used_at",
-                                                          "revoked_at"])
+    _emit(
+        _run(lambda db, _: list_tokens(db)),
+        as_json,
+        ["id", "name", "scopes", "created_at", "last_used_at", "revoked_at"],
+    )
 
 
 @token_app.command("revoke")
@@ -190,8 +200,7 @@ def call(
     parsed_kwargs = _parse_json(kwargs, "kwargs", dict)
 
     async def work(db: asyncpg.Pool, redis: Redis) -> tuple[Any, JobStatus | None]:
-        job = await client.enqueue_task(redis, OPERATOR, task, parsed_args, parsed_kwargs, priority,
-                                        notify_done=wait)
+        job = await client.enqueue_task(redis, OPERATOR, task, parsed_args, parsed_kwargs, priority, notify_done=wait)
         if not wait:
             return job, None
         await jobstore.wait_done(redis, job.task_id, timeout)  # on timeout the status says where it is
@@ -202,11 +211,15 @@ def call(
     except (UnknownTaskError, ValueError) as exc:
         _fail(str(exc))
     if status is None:
-        _emit({"task_id": job.task_id, "task_name": job.task_name, "queue": job.queue,
-               "priority": job.priority}, as_json)
+        _emit(
+            {"task_id": job.task_id, "task_name": job.task_name, "queue": job.queue, "priority": job.priority}, as_json
+        )
         return
-    _emit(status.model_dump(mode="json", exclude=None if as_json else {"traceback"}), as_json,
-          ["task_id", "task_name", "status", "result", "error", "tries"])
+    _emit(
+        status.model_dump(mode="json", exclude=None if as_json else {"traceback"}),
+        as_json,
+        ["task_id", "task_name", "status", "result", "error", "tries"],
+    )
     if status.status != "complete":
         raise typer.Exit(1)
 
@@ -293,7 +306,8 @@ def worker(
     processes: Annotated[int, typer.Option(help="Worker processes to run.")] = 1,
     max_tasks_per_child: Annotated[int, typer.Option(help="Replace a process after this many jobs (0: never).")] = 0,
     max_memory_per_child: Annotated[
-        int, typer.Option(help="Replace a process above this resident memory in KiB (0: never).")] = 0,
+        int, typer.Option(help="Replace a process above this resident memory in KiB (0: never).")
+    ] = 0,
 ) -> None:
     """Supervise worker processes for one queue: restart dead ones, recycle after N jobs or above a memory limit."""
     from cli.supervisor import supervise

@@ -128,9 +128,15 @@ class Supervisor:
     # ---- main loop -------------------------------------------------------------------------------------
     def run(self) -> int:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        logger.info("supervisor starting", extra={
-            "command": " ".join(self.command), "processes": self.processes,
-            "max_tasks_per_child": self.max_tasks_per_child, "max_memory_kb": self.max_memory_kb})
+        logger.info(
+            "supervisor starting",
+            extra={
+                "command": " ".join(self.command),
+                "processes": self.processes,
+                "max_tasks_per_child": self.max_tasks_per_child,
+                "max_memory_kb": self.max_memory_kb,
+            },
+        )
         try:
             while not self.signals:
                 self.step()
@@ -160,13 +166,16 @@ class Supervisor:
         for index, slot in enumerate(self.slots):
             if slot.child is None and now >= slot.start_at:
                 slot.child = self._spawn(index, now)
-                logger.info("child started", extra={"pid": slot.child.pid, "slot": index,
-                                                    "replaces": slot.replaces})
+                logger.info("child started", extra={"pid": slot.child.pid, "slot": index, "replaces": slot.replaces})
                 slot.replaces = None
 
     def _spawn(self, index: int, now: float) -> Child:
-        proc = subprocess.Popen(self.command, env=self.env, start_new_session=True,
-                                preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+        proc = subprocess.Popen(
+            self.command,
+            env=self.env,
+            start_new_session=True,
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+        )
         return Child(proc, index, now)
 
     # ---- exits -------------------------------------------------------------------------------------------
@@ -180,8 +189,10 @@ class Supervisor:
             reason = self._settle_exit(slot, child, code, now)
             self._log_exit(child, code, reason, now)
             if slot.start_at > now:
-                logger.warning("restarting child after backoff", extra={
-                    "slot": child.slot, "delay_s": round(slot.start_at - now, 1), "crashes": slot.crashes})
+                logger.warning(
+                    "restarting child after backoff",
+                    extra={"slot": child.slot, "delay_s": round(slot.start_at - now, 1), "crashes": slot.crashes},
+                )
         still: list[Child] = []
         for child in self.retiring:
             code = child.proc.poll()
@@ -204,9 +215,18 @@ class Supervisor:
 
     def _log_exit(self, child: Child, code: int, reason: str, now: float) -> None:
         level = logging.WARNING if reason in ("crashed", "exited unexpectedly") else logging.INFO
-        logger.log(level, "child exited", extra={
-            "pid": child.pid, "slot": child.slot, "code": code, "how": describe_exit(code), "reason": reason,
-            "lived_s": round(now - child.started, 1)})
+        logger.log(
+            level,
+            "child exited",
+            extra={
+                "pid": child.pid,
+                "slot": child.slot,
+                "code": code,
+                "how": describe_exit(code),
+                "reason": reason,
+                "lived_s": round(now - child.started, 1),
+            },
+        )
 
     # ---- stopping ----------------------------------------------------------------------------------------
     def _check_memory(self, now: float) -> None:
@@ -215,8 +235,10 @@ class Supervisor:
             rss = None if child is None else rss_kb(child.pid)
             if child is None or rss is None or rss <= self.max_memory_kb:
                 continue
-            logger.warning("child above memory limit; replacing it", extra={
-                "pid": child.pid, "slot": child.slot, "rss_kb": rss, "limit_kb": self.max_memory_kb})
+            logger.warning(
+                "child above memory limit; replacing it",
+                extra={"pid": child.pid, "slot": child.slot, "rss_kb": rss, "limit_kb": self.max_memory_kb},
+            )
             self._retire(child, f"memory {rss} KiB > {self.max_memory_kb} KiB", now)
             slot.child, slot.replaces, slot.start_at = None, child.pid, now
 
@@ -229,8 +251,10 @@ class Supervisor:
     def _kill_overdue(self, now: float) -> None:
         for child in self.retiring:
             if now >= child.kill_at and child.proc.poll() is None:
-                logger.warning("child did not stop in time; killing it", extra={
-                    "pid": child.pid, "slot": child.slot, "reason": child.stop_reason})
+                logger.warning(
+                    "child did not stop in time; killing it",
+                    extra={"pid": child.pid, "slot": child.slot, "reason": child.stop_reason},
+                )
                 child.proc.kill()
                 child.kill_at = math.inf
 
@@ -256,8 +280,9 @@ class Supervisor:
                 time.sleep(TICK_S)
 
 
-def supervise(queue: str, processes: int, max_tasks_per_child: int, max_memory_per_child_kb: int,
-              settings_path: str | None = None) -> int:
+def supervise(
+    queue: str, processes: int, max_tasks_per_child: int, max_memory_per_child_kb: int, settings_path: str | None = None
+) -> int:
     """Run `processes` workers of `queue` until SIGTERM/SIGINT; see the module docstring. Returns the exit
     code (0 after a clean stop). `settings_path` replaces `worker.<queue>.Settings` (tests)."""
     if processes < 1:

@@ -46,8 +46,16 @@ async def _prepare(database_url: str) -> tuple[bool, str]:
         seeded = False
         async with db.acquire() as conn:
             if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM orders)"):
-                await seed(conn, progress=True, customers=DEMO["customers"], products=DEMO["products"],
-                           orders=DEMO["orders"], months=DEMO["months"], seed=DEMO["seed"], dsn=database_url)
+                await seed(
+                    conn,
+                    progress=True,
+                    customers=DEMO["customers"],
+                    products=DEMO["products"],
+                    orders=DEMO["orders"],
+                    months=DEMO["months"],
+                    seed=DEMO["seed"],
+                    dsn=database_url,
+                )
                 seeded = True
         _, token = await create_token(db, f"salesdash up {time.strftime('%Y-%m-%d %H:%M:%S')}", "admin")
         return seeded, token
@@ -85,13 +93,28 @@ def run_up(settings: Settings, host: str, port: int) -> int:
         seeded, token = asyncio.run(_prepare(database_url))
         if seeded:
             console.print(f"seeded demo data: {DEMO}")
-        children.append(_spawn([sys.executable, "-m", "uvicorn", "api.main:app", "--host", host,
-                                "--port", str(port), "--no-access-log"]))
+        children.append(
+            _spawn(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "api.main:app",
+                    "--host",
+                    host,
+                    "--port",
+                    str(port),
+                    "--no-access-log",
+                ]
+            )
+        )
         children += [_spawn([sys.executable, "-m", "worker", q]) for q in QUEUES]
         base = f"http://{host}:{port}"
-        console.print(f"[bold green]salesdash is up[/bold green]\n  API      {base}\n  GraphQL  {base}/graphql\n"
-                      f"  health   {base}/healthz\n  metrics  {base}/metrics\n"
-                      f"  admin token (this run): {token}\nCtrl-C stops everything.")
+        console.print(
+            f"[bold green]salesdash is up[/bold green]\n  API      {base}\n  GraphQL  {base}/graphql\n"
+            f"  health   {base}/healthz\n  metrics  {base}/metrics\n"
+            f"  admin token (this run): {token}\nCtrl-C stops everything."
+        )
         starting = False
         while not stopping:
             if any(child.poll() is not None for child in children):

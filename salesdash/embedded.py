@@ -132,8 +132,11 @@ def _ensure_postgres(root: Path) -> str:
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root):
         # postmaster.pid: a server of this data dir runs but our state file is lost or stale
-        port = (_reuse(server, _read_state(root)) or _reuse(server, _read_postmaster_pid(server.cwd))
-                or _start_postgres(server))
+        port = (
+            _reuse(server, _read_state(root))
+            or _reuse(server, _read_postmaster_pid(server.cwd))
+            or _start_postgres(server)
+        )
         _ensure_database(port)
     return f"postgresql://{_PG_ROLE}@{_HOST}:{port}/{_PG_DATABASE}"
 
@@ -434,9 +437,7 @@ def _wait_ready(proc: psutil.Popen, port: int, answers: Callable[[int], bool], n
         time.sleep(0.05)
     proc.kill()
     proc.wait()
-    raise RuntimeError(
-        f"{name} did not accept connections on port {port} within {_START_TIMEOUT:.0f} s; see {log}"
-    )
+    raise RuntimeError(f"{name} did not accept connections on port {port} within {_START_TIMEOUT:.0f} s; see {log}")
 
 
 def _stop(server: _Started) -> None:
@@ -506,8 +507,7 @@ def _server_process(pid: int, cwd: Path) -> psutil.Process | None:
 def _read_state(root: Path) -> _State | None:
     try:
         raw = json.loads((root / _STATE_NAME).read_text())
-        return _State(int(raw["pid"]), int(raw["port"]), int(raw.get("owner", 0)),
-                      float(raw.get("owner_started", 0)))
+        return _State(int(raw["pid"]), int(raw["port"]), int(raw.get("owner", 0)), float(raw.get("owner_started", 0)))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 

@@ -69,7 +69,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     server_db_url, name = config.stash.get(_DB_NAME, (None, None))
-    if not name:
+    if not name or not server_db_url:
         return
     admin = psycopg2.connect(_with_database(server_db_url, "postgres"))
     admin.autocommit = True
@@ -132,12 +132,17 @@ def auth(tokens: dict[str, str]) -> dict[str, dict[str, str]]:
     return {scope: {"Authorization": f"Bearer {token}"} for scope, token in tokens.items()}
 
 
-def arq_burst(queue: str, timeout: float = 120,
-              extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def arq_burst(
+    queue: str, timeout: float = 120, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run `arq worker.<queue>.Settings --burst` as a real process and return its output."""
     return subprocess.run(
         [sys.executable, "-m", "arq", f"worker.{queue}.Settings", "--burst"],
-        cwd=ROOT, env={**os.environ, **(extra_env or {})}, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(extra_env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -147,13 +152,17 @@ def spawn_worker(tmp_path: Path) -> Iterator[Any]:
     chatty worker never blocks on a full pipe). All are killed at teardown."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(settings_path: str, extra_env: dict[str, str] | None = None,
-              args: list[str] | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        settings_path: str, extra_env: dict[str, str] | None = None, args: list[str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log_path = tmp_path / f"worker-{len(procs)}.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "arq", settings_path, *(args or [])], cwd=ROOT,
-                env={**os.environ, **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "arq", settings_path, *(args or [])],
+                cwd=ROOT,
+                env={**os.environ, **(extra_env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         proc.log_path = log_path  # type: ignore[attr-defined]
         procs.append(proc)
@@ -166,15 +175,25 @@ def spawn_worker(tmp_path: Path) -> Iterator[Any]:
         proc.wait()
 
 
-async def enqueue_job(redis: Redis, task: str, queue: str, kwargs: dict[str, Any] | None = None, *,
-                      priority: int = 5, job_id: str | None = None, defer_ms: int = 0, notify: bool = False) -> str:
+async def enqueue_job(
+    redis: Redis,
+    task: str,
+    queue: str,
+    kwargs: dict[str, Any] | None = None,
+    *,
+    priority: int = 5,
+    job_id: str | None = None,
+    defer_ms: int = 0,
+    notify: bool = False,
+) -> str:
     """Put a job straight into Redis, past the task table (test tasks live on test queues)."""
     from worker import jobstore
     from worker.records import JobPayload
 
     now = jobstore.now_ms()
-    job = JobPayload(job_id or jobstore.new_job_id(), task, [], kwargs or {}, queue, priority, now, now + defer_ms,
-                     notify=notify)
+    job = JobPayload(
+        job_id or jobstore.new_job_id(), task, [], kwargs or {}, queue, priority, now, now + defer_ms, notify=notify
+    )
     assert await jobstore.enqueue(redis, job)
     return job.id
 

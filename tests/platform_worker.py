@@ -63,9 +63,13 @@ install_engine()
 
 def _functions() -> list[Any]:
     return [
-        func(record, name="record"), func(sleep, name="sleep", timeout=120), func(flaky, name="flaky", max_tries=4),
-        func(broken, name="broken", keep_result=3), func(hang, name="hang", timeout=1),
-        func(halfway, name="halfway", timeout=60), func(noop, name="noop"),
+        func(record, name="record"),
+        func(sleep, name="sleep", timeout=120),
+        func(flaky, name="flaky", max_tries=4),
+        func(broken, name="broken", keep_result=3),
+        func(hang, name="hang", timeout=1),
+        func(halfway, name="halfway", timeout=60),
+        func(noop, name="noop"),
     ]
 
 

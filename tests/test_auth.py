@@ -54,8 +54,14 @@ def headers(auth_headers: dict[str, dict[str, str]], token: str) -> dict[str, st
     return {} if token == "none" else auth_headers[token]
 
 
-async def assert_effect(redis: Redis, db: asyncpg.Pool, effect: str | None, jobs: Jobs,
-                        before: dict[bytes, bytes | None], new_id: str | None) -> None:
+async def assert_effect(
+    redis: Redis,
+    db: asyncpg.Pool,
+    effect: str | None,
+    jobs: Jobs,
+    before: dict[bytes, bytes | None],
+    new_id: str | None,
+) -> None:
     """What an allowed call must have done; a refused (or read-only) call must have changed nothing."""
     if effect is None:
         assert await snapshot(redis) == before
@@ -87,16 +93,33 @@ class RestOp:
 
 READS = (401, 200, 200, 200)
 REST_OPS = [
-    RestOp("POST /jobs", lambda j: "/jobs", {"ordinary": (401, 403, 202, 202), "admin": (401, 403, 403, 202)},
-           "enqueue", body=lambda j: {"task_name": j.task}),
+    RestOp(
+        "POST /jobs",
+        lambda j: "/jobs",
+        {"ordinary": (401, 403, 202, 202), "admin": (401, 403, 403, 202)},
+        "enqueue",
+        body=lambda j: {"task_name": j.task},
+    ),
     RestOp("GET /jobs", lambda j: "/jobs", {"ordinary": READS, "admin": READS}),
     RestOp("GET /jobs/{id}", lambda j: f"/jobs/{j.queued}", {"ordinary": READS, "admin": READS}),
-    RestOp("DELETE /jobs/{id}", lambda j: f"/jobs/{j.queued}",
-           {"ordinary": (401, 403, 200, 200), "admin": (401, 403, 403, 200)}, "abort"),
-    RestOp("POST /jobs/{id}/retry", lambda j: f"/jobs/{j.aborted}/retry",
-           {"ordinary": (401, 403, 202, 202), "admin": (401, 403, 403, 202)}, "retry"),
-    RestOp("POST /queues/{queue}/purge", lambda j: f"/queues/{j.queue}/purge",
-           {"ordinary": (401, 403, 403, 200), "admin": (401, 403, 403, 200)}, "purge"),
+    RestOp(
+        "DELETE /jobs/{id}",
+        lambda j: f"/jobs/{j.queued}",
+        {"ordinary": (401, 403, 200, 200), "admin": (401, 403, 403, 200)},
+        "abort",
+    ),
+    RestOp(
+        "POST /jobs/{id}/retry",
+        lambda j: f"/jobs/{j.aborted}/retry",
+        {"ordinary": (401, 403, 202, 202), "admin": (401, 403, 403, 202)},
+        "retry",
+    ),
+    RestOp(
+        "POST /queues/{queue}/purge",
+        lambda j: f"/queues/{j.queue}/purge",
+        {"ordinary": (401, 403, 403, 200), "admin": (401, 403, 403, 200)},
+        "purge",
+    ),
     RestOp("GET /queues", lambda j: "/queues", {"ordinary": READS, "admin": READS}),
     RestOp("GET /tasks", lambda j: "/tasks", {"ordinary": READS, "admin": READS}),
 ]
@@ -105,12 +128,20 @@ REST_OPS = [
 @pytest.mark.parametrize("token", TOKENS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("op", REST_OPS, ids=lambda op: op.name)
-async def test_rest_auth_matrix(op: RestOp, kind: str, token: str, app_client: httpx.AsyncClient,
-                                clean_redis: Redis, db: asyncpg.Pool, auth: dict[str, dict[str, str]]) -> None:
+async def test_rest_auth_matrix(
+    op: RestOp,
+    kind: str,
+    token: str,
+    app_client: httpx.AsyncClient,
+    clean_redis: Redis,
+    db: asyncpg.Pool,
+    auth: dict[str, dict[str, str]],
+) -> None:
     jobs = await make_jobs(clean_redis, db, KINDS[kind])
     before = await snapshot(clean_redis)
-    response = await app_client.request(op.method, op.path(jobs), headers=headers(auth, token),
-                                        json=op.body(jobs) if op.body else None)
+    response = await app_client.request(
+        op.method, op.path(jobs), headers=headers(auth, token), json=op.body(jobs) if op.body else None
+    )
     expected = op.codes[kind][TOKENS.index(token)]
     assert response.status_code == expected, response.text
     if expected in (401, 403):
@@ -134,35 +165,73 @@ class GqlOp:
 
 ANYONE = ("UNAUTHENTICATED", "ok", "ok", "ok")
 GQL_OPS = [
-    GqlOp("triggerBackgroundTask",
-          "mutation($t: String!) { triggerBackgroundTask(taskName: $t) { success taskId message } }",
-          lambda j: {"t": j.task},
-          {"ordinary": ("UNAUTHENTICATED", "FORBIDDEN", "ok", "ok"),
-           "admin": ("UNAUTHENTICATED", "FORBIDDEN", "FORBIDDEN", "ok")}, "enqueue"),
-    GqlOp("taskStatus", "query($id: String!) { taskStatus(taskId: $id) { taskId status } }",
-          lambda j: {"id": j.queued}, {"ordinary": ANYONE, "admin": ANYONE}),
-    GqlOp("backgroundTasks", "query { backgroundTasks { name scope } }", lambda j: {},
-          {"ordinary": ANYONE, "admin": ANYONE}),
-    GqlOp("abortTask", "mutation($id: String!) { abortTask(taskId: $id) { success message previousStatus } }",
-          lambda j: {"id": j.queued},
-          {"ordinary": ("UNAUTHENTICATED", "FORBIDDEN", "ok", "ok"),
-           "admin": ("UNAUTHENTICATED", "FORBIDDEN", "FORBIDDEN", "ok")}, "abort"),
-    GqlOp("retryTask", "mutation($id: String!) { retryTask(taskId: $id) { success taskId message } }",
-          lambda j: {"id": j.aborted},
-          {"ordinary": ("UNAUTHENTICATED", "FORBIDDEN", "ok", "ok"),
-           "admin": ("UNAUTHENTICATED", "FORBIDDEN", "FORBIDDEN", "ok")}, "retry"),
-    GqlOp("purgeQueue", "mutation($q: String!) { purgeQueue(queue: $q) { success message removed } }",
-          lambda j: {"q": j.queue},
-          {"ordinary": ("UNAUTHENTICATED", "FORBIDDEN", "FORBIDDEN", "ok"),
-           "admin": ("UNAUTHENTICATED", "FORBIDDEN", "FORBIDDEN", "ok")}, "purge"),
+    GqlOp(
+        "triggerBackgroundTask",
+        "mutation($t: String!) { triggerBackgroundTask(taskName: $t) { success taskId message } }",
+        lambda j: {"t": j.task},
+        {
+            "ordinary": ("UNAUTHENTICATED", "FORBIDDEN", "ok", "ok"),
+            "admin": ("UNAUTHENTICATED", "FORBIDDEN", "FORBIDDEN", "ok"),
+        },
+        "enqueue",
+    ),
+    GqlOp(
+        "taskStatus",
+        "query($id: String!) { taskStatus(taskId: $id) { taskId status } }",
+        lambda j: {"id": j.queued},
+        {"ordinary": ANYONE, "admin": ANYONE},
+    ),
+    GqlOp(
+        "backgroundTasks",
+        "query { backgroundTasks { name scope } }",
+        lambda j: {},
+        {"ordinary": ANYONE, "admin": ANYONE},
+    ),
+    GqlOp(
+        "abortTask",
+        "mutation($id: String!) { abortTask(taskId: $id) { success message previousStatus } }",
+        lambda j: {"id": j.queued},
+        {
+            "ordinary": ("UNAUTHENTICATED", "FORBIDDEN", "ok", "ok"),
+            "admin": ("UNAUTHENTICATED", "FORBIDDEN", "FORBIDDEN", "ok"),
+        },
+        "abort",
+    ),
+    GqlOp(
+        "retryTask",
+        "mutation($id: String!) { retryTask(taskId: $id) { success taskId message } }",
+        lambda j: {"id": j.aborted},
+        {
+            "ordinary": ("UNAUTHENTICATED", "FORBIDDEN", "ok", "ok"),
+            "admin": ("UNAUTHENTICATED", "FORBIDDEN", "FORBIDDEN", "ok"),
+        },
+        "retry",
+    ),
+    GqlOp(
+        "purgeQueue",
+        "mutation($q: String!) { purgeQueue(queue: $q) { success message removed } }",
+        lambda j: {"q": j.queue},
+        {
+            "ordinary": ("UNAUTHENTICATED", "FORBIDDEN", "FORBIDDEN", "ok"),
+            "admin": ("UNAUTHENTICATED", "FORBIDDEN", "FORBIDDEN", "ok"),
+        },
+        "purge",
+    ),
 ]
 
 
 @pytest.mark.parametrize("token", TOKENS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("op", GQL_OPS, ids=lambda op: op.field)
-async def test_graphql_auth_matrix(op: GqlOp, kind: str, token: str, app_client: httpx.AsyncClient,
-                                   clean_redis: Redis, db: asyncpg.Pool, auth: dict[str, dict[str, str]]) -> None:
+async def test_graphql_auth_matrix(
+    op: GqlOp,
+    kind: str,
+    token: str,
+    app_client: httpx.AsyncClient,
+    clean_redis: Redis,
+    db: asyncpg.Pool,
+    auth: dict[str, dict[str, str]],
+) -> None:
     jobs = await make_jobs(clean_redis, db, KINDS[kind])
     before = await snapshot(clean_redis)
     body = await gql(app_client, op.query, headers(auth, token), **op.variables(jobs))
@@ -186,16 +255,18 @@ async def test_graphql_auth_matrix(op: GqlOp, kind: str, token: str, app_client:
 
 # ---- the order of checks: authenticate, scope, then existence and state --------------------------------------
 @pytest.mark.parametrize(("token", "code"), [("none", 401), ("read", 403), ("trigger", 404), ("admin", 404)])
-async def test_unknown_job_ids(token: str, code: int, app_client: httpx.AsyncClient, clean_redis: Redis,
-                               auth: dict[str, dict[str, str]]) -> None:
+async def test_unknown_job_ids(
+    token: str, code: int, app_client: httpx.AsyncClient, clean_redis: Redis, auth: dict[str, dict[str, str]]
+) -> None:
     for method, path in (("DELETE", "/jobs/0123456789abcdef"), ("POST", "/jobs/0123456789abcdef/retry")):
         response = await app_client.request(method, path, headers=headers(auth, token))
         assert response.status_code == code, (method, path, response.text)
     assert await clean_redis.keys("*") == []
 
 
-async def test_state_conflicts_come_after_the_scope_check(app_client: httpx.AsyncClient, clean_redis: Redis,
-                                                          db: asyncpg.Pool, auth: dict[str, dict[str, str]]) -> None:
+async def test_state_conflicts_come_after_the_scope_check(
+    app_client: httpx.AsyncClient, clean_redis: Redis, db: asyncpg.Pool, auth: dict[str, dict[str, str]]
+) -> None:
     ordinary, admin = await make_jobs(clean_redis, db, ORDINARY_TASK), await make_jobs(clean_redis, db, ADMIN_TASK)
     # allowed, but the job is in the wrong state: 409
     for jobs, token in ((ordinary, "trigger"), (admin, "admin")):
@@ -206,18 +277,19 @@ async def test_state_conflicts_come_after_the_scope_check(app_client: httpx.Asyn
     assert (await app_client.post(f"/jobs/{admin.queued}/retry", headers=auth["trigger"])).status_code == 403
 
 
-async def test_purge_of_an_unknown_queue(app_client: httpx.AsyncClient, clean_redis: Redis,
-                                         auth: dict[str, dict[str, str]]) -> None:
+async def test_purge_of_an_unknown_queue(
+    app_client: httpx.AsyncClient, clean_redis: Redis, auth: dict[str, dict[str, str]]
+) -> None:
     assert (await app_client.post("/queues/nope/purge", headers=auth["trigger"])).status_code == 403
     missing = await app_client.post("/queues/nope/purge", headers=auth["admin"])
     assert missing.status_code == 404 and "unknown queue 'nope'" in missing.text
-    body = await gql(app_client, 'mutation { purgeQueue(queue: "nope") { success message removed } }',
-                     auth["admin"])
+    body = await gql(app_client, 'mutation { purgeQueue(queue: "nope") { success message removed } }', auth["admin"])
     assert body["data"]["purgeQueue"]["success"] is False and body["data"]["purgeQueue"]["removed"] is None
 
 
-async def test_a_job_whose_task_left_the_registry_needs_admin(clean_redis: Redis, db: asyncpg.Pool,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_job_whose_task_left_the_registry_needs_admin(
+    clean_redis: Redis, db: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     job = await client.enqueue_task(clean_redis, OPERATOR, ORDINARY_TASK)
     monkeypatch.delitem(registry.TASKS, ORDINARY_TASK)
     with pytest.raises(ForbiddenError):
@@ -234,9 +306,11 @@ async def test_the_service_checks_scopes_itself(clean_redis: Redis, db: asyncpg.
         await client.enqueue_task(clean_redis, TRIGGER_ONLY, ADMIN_TASK)
     jobs = await make_jobs(clean_redis, db, ADMIN_TASK)
     before = await snapshot(clean_redis)
-    for refused in (client.abort_job(clean_redis, db, TRIGGER_ONLY, jobs.queued),
-                    client.retry_job(clean_redis, db, TRIGGER_ONLY, jobs.aborted),
-                    client.purge_queue(clean_redis, TRIGGER_ONLY, jobs.queue)):
+    for refused in (
+        client.abort_job(clean_redis, db, TRIGGER_ONLY, jobs.queued),
+        client.retry_job(clean_redis, db, TRIGGER_ONLY, jobs.aborted),
+        client.purge_queue(clean_redis, TRIGGER_ONLY, jobs.queue),
+    ):
         with pytest.raises(ForbiddenError):
             await refused
     assert await snapshot(clean_redis) == before
@@ -250,13 +324,17 @@ def test_the_matrix_tasks_have_the_scopes_it_assumes() -> None:
 
 def test_scopes_are_ordered_and_unknown_ones_grant_nothing() -> None:
     assert [Scope(s) for s in ("read", "trigger", "admin")] == list(Scope)
-    assert registry.Scope is Scope  # one definition, used by the registry too
+    assert registry.Scope is Scope  # type: ignore[attr-defined]  # one definition, used by the registry too
     admin, trigger = Principal.of(["admin"]), Principal.of(["trigger", "root"])
     assert all(admin.allows(s) for s in Scope) and admin == OPERATOR
     assert trigger.scopes == {Scope.TRIGGER} and not trigger.allows(Scope.ADMIN) and trigger.allows(Scope.READ)
     assert not Principal.of([]).allows(Scope.READ)
     assert [scope_to_operate(s) for s in (Scope.READ, Scope.TRIGGER, Scope.ADMIN, None)] == [
-        Scope.TRIGGER, Scope.TRIGGER, Scope.ADMIN, Scope.ADMIN]
+        Scope.TRIGGER,
+        Scope.TRIGGER,
+        Scope.ADMIN,
+        Scope.ADMIN,
+    ]
 
 
 def test_the_foundation_module_imports_nothing_from_the_project() -> None:

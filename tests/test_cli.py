@@ -17,8 +17,14 @@ from worker import client, jobstore
 
 
 def salesdash(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=os.environ.copy(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args],
+        cwd=ROOT,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_token_lifecycle() -> None:
@@ -54,7 +60,8 @@ async def test_call_wait_result_inspect_and_purge(clean_redis: Redis, db: asyncp
 
     registered = json.loads(salesdash("inspect", "registered", "--json").stdout)
     assert {"refresh_all_materialized_views", "refresh_daily_materialized_views"} <= {
-        r["task"] for r in registered if r["queue"] == "analytics"}
+        r["task"] for r in registered if r["queue"] == "analytics"
+    }
     queues = {q["queue"]: q for q in json.loads(salesdash("inspect", "queues", "--json").stdout)}
     assert queues["analytics"]["workers"] >= 1
 
@@ -68,8 +75,9 @@ async def test_call_wait_result_inspect_and_purge(clean_redis: Redis, db: asyncp
     assert salesdash("purge", "nope", "--yes").returncode == 2
 
 
-async def test_call_wait_exits_non_zero_when_the_job_fails(clean_redis: Redis, db: asyncpg.Pool,
-                                                           spawn_worker: Any) -> None:
+async def test_call_wait_exits_non_zero_when_the_job_fails(
+    clean_redis: Redis, db: asyncpg.Pool, spawn_worker: Any
+) -> None:
     spawn_worker("worker.notifications.Settings")
     await db.execute("ALTER TABLE notifications RENAME TO notifications_away")
     try:

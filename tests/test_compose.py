@@ -91,7 +91,7 @@ def _mount_targets(service: str) -> set[str]:
     targets = set()
     for volume in SERVICES[service].get("volumes") or []:
         if isinstance(volume, dict):
-            targets.add(volume.get("target"))
+            targets.add(str(volume.get("target")))
         else:
             parts = str(volume).split(":")
             targets.add(parts[1] if len(parts) > 1 else parts[0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from pydantic import ValidationError
 
@@ -10,7 +12,8 @@ from salesdash.connections import database_url, redis_settings
 
 
 def _settings(**env: str) -> Settings:
-    return Settings(**{"DATABASE_URL": "postgresql://u@db:5432/x", "REDIS_URL": "redis://r:6379/0", **env})
+    values: dict[str, Any] = {"DATABASE_URL": "postgresql://u@db:5432/x", "REDIS_URL": "redis://r:6379/0", **env}
+    return Settings(**values)
 
 
 def test_sqlalchemy_style_database_url_is_accepted() -> None:

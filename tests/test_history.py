@@ -15,9 +15,11 @@ from worker.records import JobRecord
 
 async def test_history_is_batched_and_pruned(clean_redis: Redis, db: asyncpg.Pool) -> None:
     now = jobstore.now_ms()
-    records = [JobRecord(f"hist-{i}", "noop", "platform", "complete", [], {}, now, now, 1, 5, started_ms=now)
-               for i in range(2500)]
-    await clean_redis.lpush(jobstore.HISTORY_KEY, *[jobstore.history_entry(r) for r in records])
+    records = [
+        JobRecord(f"hist-{i}", "noop", "platform", "complete", [], {}, now, now, 1, 5, started_ms=now)
+        for i in range(2500)
+    ]
+    await clean_redis.lpush(jobstore.HISTORY_KEY, *[jobstore.history_entry(r) for r in records])  # type: ignore[misc]
     assert await flush_history(clean_redis, db, "test") == 2500
     assert await clean_redis.llen(jobstore.HISTORY_KEY) == 0  # type: ignore[misc]
     assert await db.fetchval("SELECT count(*) FROM job_runs WHERE job_id LIKE 'hist-%'") == 2500
@@ -29,8 +31,7 @@ async def test_history_is_batched_and_pruned(clean_redis: Redis, db: asyncpg.Poo
     assert await db.fetchval("SELECT count(*) FROM job_runs WHERE job_id LIKE 'hist-%'") == 2500 - 1111
 
 
-async def test_maintenance_job_is_not_consumed_by_the_analytics_worker(db: asyncpg.Pool,
-                                                                       clean_redis: Redis) -> None:
+async def test_maintenance_job_is_not_consumed_by_the_analytics_worker(db: asyncpg.Pool, clean_redis: Redis) -> None:
     job = await client.enqueue_task(clean_redis, OPERATOR, "prune_job_history")
     run = arq_burst("analytics")
     assert run.returncode == 0, run.stderr

@@ -32,8 +32,14 @@ print(json.dumps({{"modules": names, "children": [c.pid for c in me.children(rec
 def test_importing_every_module_starts_no_server_and_opens_no_connection(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env["SALESDASH_DATA_DIR"] = str(tmp_path / "data")
-    probe = subprocess.run([sys.executable, "-c", _PROBE.format(packages=PACKAGES)], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=120)
+    probe = subprocess.run(
+        [sys.executable, "-c", _PROBE.format(packages=PACKAGES)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert probe.returncode == 0, probe.stderr
     seen = json.loads(probe.stdout.strip().splitlines()[-1])
     assert {"worker.analytics", "worker.engine", "api.main", "cli.up", "salesdash.embedded"} <= set(seen["modules"])
@@ -45,8 +51,14 @@ def test_importing_every_module_starts_no_server_and_opens_no_connection(tmp_pat
 def test_a_worker_launched_with_the_urls_unset_starts_the_embedded_servers(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env["SALESDASH_DATA_DIR"] = str(tmp_path / "data")
-    check = subprocess.run([sys.executable, "-m", "arq", "--check", "worker.maintenance.Settings"], cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=120)
+    check = subprocess.run(
+        [sys.executable, "-m", "arq", "--check", "worker.maintenance.Settings"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     # no worker is alive on this fresh Redis, so the health check fails; but launching found a Redis to ask
     assert check.returncode == 1, check.stderr
     assert (tmp_path / "data" / "redis").is_dir()

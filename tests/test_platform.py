@@ -39,15 +39,16 @@ async def finished(redis: Redis, db: asyncpg.Pool, job_id: str, timeout: float =
     return result
 
 
-async def test_priority_job_starts_before_a_waiting_backlog(clean_redis: Redis, db: asyncpg.Pool,
-                                                            spawn_worker: Any) -> None:
+async def test_priority_job_starts_before_a_waiting_backlog(
+    clean_redis: Redis, db: asyncpg.Pool, spawn_worker: Any
+) -> None:
     for i in range(1000):
         await enqueue(clean_redis, "record", priority=3, tag=f"p3-{i}")
     urgent = await enqueue(clean_redis, "record", priority=9, tag="p9")
     spawn_worker(SETTINGS)
     await finished(clean_redis, db, urgent)
     await wait_for(lambda: _list_len(clean_redis, "test:order", 1001), timeout=60)
-    order = [t.decode() for t in await clean_redis.lrange("test:order", 0, -1)]
+    order = [t.decode() for t in await clean_redis.lrange("test:order", 0, -1)]  # type: ignore[misc]
     assert order[0] == "p9"
     # FIFO within a priority, to the millisecond (jobs enqueued in the same ms tie; ten run concurrently)
     assert all(int(tag.split("-")[1]) < 300 for tag in order[1:11]), order[1:11]
@@ -58,7 +59,8 @@ async def _list_len(redis: Redis, key: str, at_least: int) -> bool:
 
 
 async def test_retries_transient_faults_and_fails_permanent_ones_at_once(
-        clean_redis: Redis, db: asyncpg.Pool, spawn_worker: Any) -> None:
+    clean_redis: Redis, db: asyncpg.Pool, spawn_worker: Any
+) -> None:
     spawn_worker(SETTINGS)
     recovers = await enqueue(clean_redis, "flaky", key="test:flaky:a", failures=2)
     exhausts = await enqueue(clean_redis, "flaky", key="test:flaky:b", failures=10)
@@ -93,8 +95,9 @@ async def test_backoff_grows_and_is_capped() -> None:
     assert not is_transient(ValueError("bad")) and not is_transient(KeyError("x"))
 
 
-async def test_hung_job_times_out_and_the_worker_keeps_serving(clean_redis: Redis, db: asyncpg.Pool,
-                                                               spawn_worker: Any) -> None:
+async def test_hung_job_times_out_and_the_worker_keeps_serving(
+    clean_redis: Redis, db: asyncpg.Pool, spawn_worker: Any
+) -> None:
     spawn_worker(SETTINGS)
     hung = await enqueue(clean_redis, "hang")
     after = await enqueue(clean_redis, "record", tag="after-hang")
@@ -103,8 +106,9 @@ async def test_hung_job_times_out_and_the_worker_keeps_serving(clean_redis: Redi
     assert (await finished(clean_redis, db, after))["status"] == "complete"
 
 
-async def test_results_expire_per_task_and_history_takes_over(clean_redis: Redis, db: asyncpg.Pool,
-                                                              spawn_worker: Any) -> None:
+async def test_results_expire_per_task_and_history_takes_over(
+    clean_redis: Redis, db: asyncpg.Pool, spawn_worker: Any
+) -> None:
     spawn_worker(SETTINGS)
     job_id = await enqueue(clean_redis, "broken")  # registered with keep_result=3 s, failures included
     await finished(clean_redis, db, job_id)
@@ -125,8 +129,12 @@ async def _gone(redis: Redis, key: str) -> bool:
 
 
 async def test_abort_queued_and_running_jobs_and_unknown_ids_harm_nothing(
-        clean_redis: Redis, db: asyncpg.Pool, spawn_worker: Any, app_client: httpx.AsyncClient,
-        auth: dict[str, dict[str, str]]) -> None:
+    clean_redis: Redis,
+    db: asyncpg.Pool,
+    spawn_worker: Any,
+    app_client: httpx.AsyncClient,
+    auth: dict[str, dict[str, str]],
+) -> None:
     queued = await enqueue(clean_redis, "record", tag="never")
     # the test tasks are not in the task table, so only admin may touch their jobs (tests/test_auth.py)
     gone = await app_client.delete(f"/jobs/{queued}", headers=auth["admin"])
@@ -147,15 +155,16 @@ async def test_abort_queued_and_running_jobs_and_unknown_ids_harm_nothing(
     assert (await app_client.delete(f"/jobs/{unknown}", headers=auth["admin"])).status_code == 404
     await enqueue_job(clean_redis, "record", QUEUE, {"tag": "later"}, job_id=unknown)
     assert (await finished(clean_redis, db, unknown))["status"] == "complete"
-    assert b"never" not in await clean_redis.lrange("test:order", 0, -1)
+    assert b"never" not in await clean_redis.lrange("test:order", 0, -1)  # type: ignore[misc]
 
 
 async def _is(redis: Redis, db: asyncpg.Pool, job_id: str, status: str) -> bool:
     return (await status_of(redis, db, job_id))["status"] == status
 
 
-async def test_job_of_a_killed_worker_runs_again_within_a_minute(clean_redis: Redis, db: asyncpg.Pool,
-                                                                 spawn_worker: Any) -> None:
+async def test_job_of_a_killed_worker_runs_again_within_a_minute(
+    clean_redis: Redis, db: asyncpg.Pool, spawn_worker: Any
+) -> None:
     doomed = spawn_worker(SETTINGS)
     job_id = await enqueue(clean_redis, "sleep", seconds=3, tag="crash")
     await wait_for(lambda: _list_len(clean_redis, "test:started", 1), timeout=20)
@@ -170,8 +179,9 @@ async def test_job_of_a_killed_worker_runs_again_within_a_minute(clean_redis: Re
     assert status["tries"] == 2  # the lost try counts
 
 
-async def test_sigterm_finishes_short_jobs_and_hands_back_the_rest(clean_redis: Redis, db: asyncpg.Pool,
-                                                                   spawn_worker: Any) -> None:
+async def test_sigterm_finishes_short_jobs_and_hands_back_the_rest(
+    clean_redis: Redis, db: asyncpg.Pool, spawn_worker: Any
+) -> None:
     worker = spawn_worker(SETTINGS, extra_env={"SALESDASH_SHUTDOWN_TIMEOUT": "3"})
     short = await enqueue(clean_redis, "sleep", seconds=1, tag="short")
     long = await enqueue(clean_redis, "sleep", seconds=60, tag="long")
@@ -201,8 +211,9 @@ async def test_replicas_run_each_cron_tick_once(clean_redis: Redis, spawn_worker
     assert set(counts) == {1}, counts  # each tick ran once, whichever replica enqueued it first
 
 
-async def test_idle_replicas_are_not_starved_by_running_jobs(clean_redis: Redis, db: asyncpg.Pool,
-                                                             spawn_worker: Any) -> None:
+async def test_idle_replicas_are_not_starved_by_running_jobs(
+    clean_redis: Redis, db: asyncpg.Pool, spawn_worker: Any
+) -> None:
     for _ in range(3):
         spawn_worker(SETTINGS, extra_env={"TEST_MAX_JOBS": "2"})
     await wait_for(lambda: _workers_alive(clean_redis, 3), timeout=20)
@@ -236,8 +247,9 @@ async def test_progress_is_shown_in_status(clean_redis: Redis, db: asyncpg.Pool,
     assert (await finished(clean_redis, db, job_id))["result"] == "done"
 
 
-async def test_metrics_cover_jobs_run_by_workers(clean_redis: Redis, db: asyncpg.Pool, spawn_worker: Any,
-                                                 app_client: httpx.AsyncClient) -> None:
+async def test_metrics_cover_jobs_run_by_workers(
+    clean_redis: Redis, db: asyncpg.Pool, spawn_worker: Any, app_client: httpx.AsyncClient
+) -> None:
     spawn_worker(SETTINGS)
     ok = [await enqueue(clean_redis, "record", tag=str(i)) for i in range(3)]
     bad = await enqueue(clean_redis, "broken")
@@ -263,9 +275,13 @@ async def test_metrics_cover_jobs_run_by_workers(clean_redis: Redis, db: asyncpg
     assert 'salesdash_workers{queue="analytics"} 0.0' in text
 
 
-async def test_failed_jobs_are_listed_and_can_run_again(clean_redis: Redis, db: asyncpg.Pool, spawn_worker: Any,
-                                                        app_client: httpx.AsyncClient,
-                                                        auth: dict[str, dict[str, str]]) -> None:
+async def test_failed_jobs_are_listed_and_can_run_again(
+    clean_redis: Redis,
+    db: asyncpg.Pool,
+    spawn_worker: Any,
+    app_client: httpx.AsyncClient,
+    auth: dict[str, dict[str, str]],
+) -> None:
     failed_job = await client.enqueue_task(clean_redis, OPERATOR, "check_low_stock_products")
     await db.execute("ALTER TABLE notifications RENAME TO notifications_away")
     try:
@@ -321,8 +337,13 @@ async def test_arq_check_reports_a_live_worker(clean_redis: Redis, spawn_worker:
     from tests.conftest import ROOT
 
     def check() -> int:
-        return subprocess.run([sys.executable, "-m", "arq", "--check", "worker.analytics.Settings"], cwd=ROOT,
-                              env=os.environ.copy(), capture_output=True, timeout=30).returncode
+        return subprocess.run(
+            [sys.executable, "-m", "arq", "--check", "worker.analytics.Settings"],
+            cwd=ROOT,
+            env=os.environ.copy(),
+            capture_output=True,
+            timeout=30,
+        ).returncode
 
     assert await asyncio.to_thread(check) == 1  # nobody has written the health key yet
     spawn_worker("worker.analytics.Settings")
@@ -333,8 +354,9 @@ async def test_arq_check_reports_a_live_worker(clean_redis: Redis, spawn_worker:
     await wait_for(healthy, timeout=20, interval=0.5)
 
 
-async def test_worker_survives_a_redis_restart(db: asyncpg.Pool, spawn_worker: Any, tmp_path: Any,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_worker_survives_a_redis_restart(
+    db: asyncpg.Pool, spawn_worker: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Redis dies under an idle worker and comes back on the same port: the worker carries on [arq #435]."""
     from salesdash import embedded
     from salesdash.config import Settings

@@ -25,15 +25,24 @@ from worker.registry import Queue
 ANALYTICS = Queue.ANALYTICS.queue_name
 PLATFORM = queue_name("platform")  # tests/platform_worker.py
 FINISHED = ("complete", "failed", "aborted")
-ARQ_STATUS = {"queued": JobStatus.queued, "deferred": JobStatus.deferred, "in_progress": JobStatus.in_progress,
-              "complete": JobStatus.complete, "failed": JobStatus.complete, "aborted": JobStatus.complete}
+ARQ_STATUS = {
+    "queued": JobStatus.queued,
+    "deferred": JobStatus.deferred,
+    "in_progress": JobStatus.in_progress,
+    "complete": JobStatus.complete,
+    "failed": JobStatus.complete,
+    "aborted": JobStatus.complete,
+}
 
 
 @pytest.fixture
 async def arq_pool(clean_redis: Redis) -> AsyncIterator[ArqRedis]:
     """A pool made as the README shows: arq's create_pool with the queue's serializer functions."""
-    pool = await create_pool(LazyRedisSettings(), job_serializer=AnalyticsSettings.job_serializer,
-                             job_deserializer=AnalyticsSettings.job_deserializer)
+    pool = await create_pool(
+        LazyRedisSettings(),
+        job_serializer=AnalyticsSettings.job_serializer,
+        job_deserializer=AnalyticsSettings.job_deserializer,
+    )
     yield pool
     await pool.aclose(close_connection_pool=True)
 
@@ -51,8 +60,9 @@ async def assert_arq_agrees(job: Job, app_client: httpx.AsyncClient, auth: dict[
     return str(ours)
 
 
-async def finished(app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]], job_id: str,
-                   timeout: float = 30) -> dict[str, Any]:
+async def finished(
+    app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]], job_id: str, timeout: float = 30
+) -> dict[str, Any]:
     async def done() -> dict[str, Any] | None:
         status = await api_status(app_client, auth, job_id)
         return status if status["status"] in FINISHED else None
@@ -62,7 +72,8 @@ async def finished(app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]
 
 
 async def test_a_job_by_name_runs_at_the_default_priority_and_arq_reads_it(
-        arq_pool: ArqRedis, spawn_worker: Any, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]]) -> None:
+    arq_pool: ArqRedis, spawn_worker: Any, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]]
+) -> None:
     job = await arq_pool.enqueue_job("refresh_all_materialized_views", _queue_name=ANALYTICS)
     assert job is not None
     assert await assert_arq_agrees(job, app_client, auth) == "queued"  # no worker yet
@@ -77,32 +88,47 @@ async def test_a_job_by_name_runs_at_the_default_priority_and_arq_reads_it(
 
 
 async def test_deferred_and_named_jobs_behave_as_arq_documents(
-        arq_pool: ArqRedis, spawn_worker: Any, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]]) -> None:
+    arq_pool: ArqRedis, spawn_worker: Any, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]]
+) -> None:
     spawn_worker("worker.analytics.Settings")
-    deferred = await arq_pool.enqueue_job("refresh_realtime_materialized_views", _queue_name=ANALYTICS,
-                                          _defer_by=timedelta(seconds=3))
-    named = await arq_pool.enqueue_job("refresh_daily_materialized_views", _queue_name=ANALYTICS,
-                                       _job_id="nightly-views", _defer_by=timedelta(seconds=3))
+    deferred = await arq_pool.enqueue_job(
+        "refresh_realtime_materialized_views", _queue_name=ANALYTICS, _defer_by=timedelta(seconds=3)
+    )
+    named = await arq_pool.enqueue_job(
+        "refresh_daily_materialized_views",
+        _queue_name=ANALYTICS,
+        _job_id="nightly-views",
+        _defer_by=timedelta(seconds=3),
+    )
     assert deferred is not None and named is not None and named.job_id == "nightly-views"
     assert await assert_arq_agrees(deferred, app_client, auth) == "deferred"
     assert await assert_arq_agrees(named, app_client, auth) == "deferred"
     # a `_job_id` that is still live is refused, as arq refuses it
-    assert await arq_pool.enqueue_job("refresh_daily_materialized_views", _queue_name=ANALYTICS,
-                                      _job_id="nightly-views") is None
+    assert (
+        await arq_pool.enqueue_job("refresh_daily_materialized_views", _queue_name=ANALYTICS, _job_id="nightly-views")
+        is None
+    )
     for job in (deferred, named):
         await job.result(timeout=60, poll_delay=0.05)
         assert await assert_arq_agrees(job, app_client, auth) == "complete"
     timing = await api_status(app_client, auth, deferred.job_id)
     assert timing["started_at"] > timing["enqueued_at"]
     # while its result is kept, the id stays taken (arq checks the result key too)
-    assert await arq_pool.enqueue_job("refresh_daily_materialized_views", _queue_name=ANALYTICS,
-                                      _job_id="nightly-views") is None
+    assert (
+        await arq_pool.enqueue_job("refresh_daily_materialized_views", _queue_name=ANALYTICS, _job_id="nightly-views")
+        is None
+    )
 
 
 async def test_an_expired_job_ends_failed_and_result_raises(
-        arq_pool: ArqRedis, spawn_worker: Any, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]]) -> None:
-    job = await arq_pool.enqueue_job("refresh_all_materialized_views", _queue_name=ANALYTICS,
-                                     _defer_by=timedelta(seconds=1.5), _expires=timedelta(milliseconds=300))
+    arq_pool: ArqRedis, spawn_worker: Any, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]]
+) -> None:
+    job = await arq_pool.enqueue_job(
+        "refresh_all_materialized_views",
+        _queue_name=ANALYTICS,
+        _defer_by=timedelta(seconds=1.5),
+        _expires=timedelta(milliseconds=300),
+    )
     assert job is not None
     spawn_worker("worker.analytics.Settings")
     with pytest.raises(JobFailed, match="payload missing"):
@@ -113,7 +139,8 @@ async def test_an_expired_job_ends_failed_and_result_raises(
 
 
 async def test_a_failing_task_and_refused_arguments_raise_from_result(
-        arq_pool: ArqRedis, spawn_worker: Any, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]]) -> None:
+    arq_pool: ArqRedis, spawn_worker: Any, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]]
+) -> None:
     spawn_worker("tests.platform_worker.Settings")
     spawn_worker("worker.analytics.Settings")
     running = await arq_pool.enqueue_job("sleep", 2, tag="arq", _queue_name=PLATFORM)
@@ -136,9 +163,13 @@ async def _is_running(app_client: httpx.AsyncClient, auth: dict[str, dict[str, s
     return (await api_status(app_client, auth, job_id))["status"] == "in_progress"
 
 
-async def test_arq_reads_jobs_our_api_enqueued(arq_pool: ArqRedis, db: asyncpg.Pool, spawn_worker: Any,
-                                               app_client: httpx.AsyncClient,
-                                               auth: dict[str, dict[str, str]]) -> None:
+async def test_arq_reads_jobs_our_api_enqueued(
+    arq_pool: ArqRedis,
+    db: asyncpg.Pool,
+    spawn_worker: Any,
+    app_client: httpx.AsyncClient,
+    auth: dict[str, dict[str, str]],
+) -> None:
     ours = await client.enqueue_task(arq_pool, OPERATOR, "refresh_realtime_materialized_views", priority=7)
     later = await client.enqueue_task(arq_pool, OPERATOR, "refresh_realtime_materialized_views", defer_seconds=60)
     job = Job(ours.task_id, arq_pool, _queue_name=ANALYTICS, _deserializer=AnalyticsSettings.job_deserializer)

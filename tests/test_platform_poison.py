@@ -34,8 +34,19 @@ class _CreatesAFile:
 
 def _ours(task: str, **changes: Any) -> dict[str, Any]:
     now = jobstore.now_ms()
-    payload = {"f": task, "a": [], "k": {"tag": "x"}, "t": 0, "et": now, "queue": QUEUE, "priority": 5,
-               "due_ms": now, "retry_of": None, "notify": False, "last_error": None}
+    payload = {
+        "f": task,
+        "a": [],
+        "k": {"tag": "x"},
+        "t": 0,
+        "et": now,
+        "queue": QUEUE,
+        "priority": 5,
+        "due_ms": now,
+        "retry_of": None,
+        "notify": False,
+        "last_error": None,
+    }
     payload.update(changes)
     return {k: v for k, v in payload.items() if v is not _DROP}
 
@@ -55,8 +66,13 @@ async def _plant(redis: Redis, job_id: str, raw: bytes | None) -> None:
 
 
 async def test_poison_payloads_fail_with_a_reason_and_the_good_jobs_run(
-        clean_redis: Redis, db: asyncpg.Pool, spawn_worker: Any, app_client: httpx.AsyncClient,
-        auth: dict[str, dict[str, str]], tmp_path: Path) -> None:
+    clean_redis: Redis,
+    db: asyncpg.Pool,
+    spawn_worker: Any,
+    app_client: httpx.AsyncClient,
+    auth: dict[str, dict[str, str]],
+    tmp_path: Path,
+) -> None:
     marker = tmp_path / "unpickled"
     poison = {
         "missing": (None, "payload missing"),
@@ -64,11 +80,15 @@ async def test_poison_payloads_fail_with_a_reason_and_the_good_jobs_run(
         "array": (b"[1, 2, 3]", "payload is a JSON array, not an object"),
         "pickle": (pickle.dumps(_CreatesAFile(marker)), "not valid JSON"),
         "no-task": (json.dumps(_ours("record", f=_DROP)).encode(), "payload field 'f' (the task name) is missing"),
-        "no-priority": (json.dumps(_ours("record", priority=_DROP)).encode(),
-                        "payload field 'priority' (the priority) is missing"),
+        "no-priority": (
+            json.dumps(_ours("record", priority=_DROP)).encode(),
+            "payload field 'priority' (the priority) is missing",
+        ),
         "bad-type": (json.dumps(_ours("record", k=["tag"])).encode(), "'k' (keyword arguments) must be a JSON object"),
-        "unknown-task": (json.dumps(_ours("no_such_task")).encode(),
-                         "task 'no_such_task' is not registered on queue 'platform'"),
+        "unknown-task": (
+            json.dumps(_ours("no_such_task")).encode(),
+            "task 'no_such_task' is not registered on queue 'platform'",
+        ),
     }
     good = []
     for i, (name, (raw, _)) in enumerate(poison.items()):
@@ -129,8 +149,11 @@ async def _history_has(db: asyncpg.Pool, n: int) -> bool:
 async def _failure_metric(redis: Redis) -> dict[str, float]:
     async def flushed() -> dict[str, float] | None:
         raw = await redis.hgetall(METRICS_KEY)  # type: ignore[misc]
-        counts = {json.loads(k)[1]: float(v) for k, v in raw.items()
-                  if json.loads(k)[0] == "total" and json.loads(k)[-1] == "failure"}
+        counts = {
+            json.loads(k)[1]: float(v)
+            for k, v in raw.items()
+            if json.loads(k)[0] == "total" and json.loads(k)[-1] == "failure"
+        }
         return counts if counts.get("no_such_task") else None
 
     result: dict[str, float] = await wait_for(flushed, timeout=10)

@@ -28,8 +28,13 @@ def test_settings_the_engine_would_ignore_are_refused_by_name() -> None:
 
 
 def test_a_worker_with_refused_settings_stops_at_start_with_the_reason() -> None:
-    run = subprocess.run([sys.executable, "-m", "arq", "tests.platform_worker.RefusedSettings"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "arq", "tests.platform_worker.RefusedSettings"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode != 0
     assert "RefusedSettings.poll_delay = 0.1 is not honoured by the salesdash engine" in run.stderr
 
@@ -42,14 +47,18 @@ def test_the_engine_refuses_another_arq(monkeypatch: pytest.MonkeyPatch) -> None
 
 @pytest.fixture
 async def marked_pool(clean_redis: Redis) -> AsyncIterator[ArqRedis]:
-    pool = await create_pool(LazyRedisSettings(), job_serializer=platform_worker.marked_serializer,
-                             job_deserializer=platform_worker.marked_deserializer)
+    pool = await create_pool(
+        LazyRedisSettings(),
+        job_serializer=platform_worker.marked_serializer,
+        job_deserializer=platform_worker.marked_deserializer,
+    )
     yield pool
     await pool.aclose(close_connection_pool=True)
 
 
 async def test_hooks_serializers_timeouts_tries_expiry_and_health_come_from_the_settings(
-        marked_pool: ArqRedis, spawn_worker: Any) -> None:
+    marked_pool: ArqRedis, spawn_worker: Any
+) -> None:
     queue = platform_worker.HookSettings.queue_name
     spawn_worker("tests.platform_worker.HookSettings")
     greeting = await marked_pool.enqueue_job("greet", "ada", _queue_name=queue)
@@ -75,5 +84,5 @@ async def test_hooks_serializers_timeouts_tries_expiry_and_health_come_from_the_
 
 
 async def _hooks(redis: Redis, job_id: str, at_least: int) -> list[str] | None:
-    events = [e.decode() for e in await redis.lrange(f"test:hooks:{job_id}", 0, -1)]
+    events = [e.decode() for e in await redis.lrange(f"test:hooks:{job_id}", 0, -1)]  # type: ignore[misc]
     return events if len(events) >= at_least else None

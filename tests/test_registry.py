@@ -7,6 +7,7 @@ import importlib
 import subprocess
 import sys
 from datetime import datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -35,7 +36,7 @@ def test_each_settings_registers_only_its_own_tasks() -> None:
 def test_settings_are_plain_classes_read_by_arq() -> None:
     for settings in SETTINGS.values():
         assert settings.__bases__ == (object,)  # arq ignores inherited attributes
-        kwargs = get_kwargs(settings)
+        kwargs: dict[str, Any] = dict(get_kwargs(settings))
         assert kwargs["health_check_interval"] <= 30
         assert kwargs["job_serializer"]({"a": 1}) == b'{"a":1}'  # JSON, never pickle
         assert kwargs["on_startup"] and kwargs["on_shutdown"]
@@ -52,11 +53,14 @@ def _next_runs(cron_job: CronJob, start: datetime, count: int) -> list[datetime]
     return runs
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("refresh_realtime_materialized_views", [f"2026-01-05 10:{m:02d}" for m in (5, 10, 15)]),
-    ("refresh_daily_materialized_views", ["2026-01-05 11:00", "2026-01-05 12:00"]),
-    ("check_low_stock_products", ["2026-01-06 09:00", "2026-01-07 09:00"]),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("refresh_realtime_materialized_views", [f"2026-01-05 10:{m:02d}" for m in (5, 10, 15)]),
+        ("refresh_daily_materialized_views", ["2026-01-05 11:00", "2026-01-05 12:00"]),
+        ("check_low_stock_products", ["2026-01-06 09:00", "2026-01-07 09:00"]),
+    ],
+)
 def test_cron_schedule_matches_the_documented_one(name: str, expected: list[str]) -> None:
     spec = TASKS[name]
     cron_job = SETTINGS[spec.queue].cron_jobs[[c.name for c in SETTINGS[spec.queue].cron_jobs].index(name)]
@@ -95,8 +99,10 @@ def test_each_task_is_a_slice_one_hop_from_its_name(name: str) -> None:
 
 
 def test_the_task_table_imports_no_job_code() -> None:
-    probe = ("import sys, worker.registry, worker.client; "
-             "print(sorted(m for m in sys.modules if m.startswith(('worker.jobs.', 'worker.engine', 'db.seed'))))")
+    probe = (
+        "import sys, worker.registry, worker.client; "
+        "print(sorted(m for m in sys.modules if m.startswith(('worker.jobs.', 'worker.engine', 'db.seed'))))"
+    )
     loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == "[]"  # the API and the CLI validate and enqueue without loading job code

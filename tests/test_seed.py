@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+import db.seed.binary as binary_module
 import db.seed.load as seed_module
 from db.migrate import upgrade
 from db.seed import SeedSummary, seed
@@ -288,7 +289,7 @@ async def test_failure_mid_load_keeps_previous_data_and_indexes(
 ) -> None:
     before = await conn.fetchval(FINGERPRINT)
     indexes = await conn.fetchval(INDEXES)
-    real_copy = seed_module._copy
+    real_copy = binary_module._copy  # what db.seed.load calls as `_copy`
 
     async def failing_copy(connection: asyncpg.Connection, table: str, *args: Any) -> None:
         if table.startswith("order_items"):
@@ -320,8 +321,7 @@ async def test_no_orders_and_progress_bar(db_url: str, seeded: SeedSummary, conn
 STAGING_TABLES = "SELECT count(*) FROM pg_class WHERE relname LIKE 'order%\\_stage\\_%'"
 
 
-async def test_parallel_load_gives_the_same_tables(seeded: SeedSummary, conn: asyncpg.Connection,
-                                                   db_url: str) -> None:
+async def test_parallel_load_gives_the_same_tables(seeded: SeedSummary, conn: asyncpg.Connection, db_url: str) -> None:
     before = await conn.fetchval(FINGERPRINT)
     indexes = await conn.fetchval(INDEXES)
     summary = await seed(conn, progress=True, parallel=True, dsn=db_url, **ARGS)
@@ -340,14 +340,18 @@ async def test_parallel_load_gives_the_same_tables(seeded: SeedSummary, conn: as
     ("failing", "parallel"), [("order_items", True), ("orders_p", True), ("products", True), ("order_items", False)]
 )
 async def test_parallel_failure_keeps_previous_data_and_leaves_no_staging_tables(
-    seeded: SeedSummary, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch, failing: str, parallel: bool,
+    seeded: SeedSummary,
+    conn: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    failing: str,
+    parallel: bool,
     db_url: str,
 ) -> None:
     """A COPY fails while order_items are staged, while orders are staged, or in the swap transaction
     (after the orders' staging tables were committed); and the single-transaction path for comparison."""
     before = await conn.fetchval(FINGERPRINT)
     indexes = await conn.fetchval(INDEXES)
-    real_copy = seed_module._copy
+    real_copy = binary_module._copy  # what db.seed.load calls as `_copy`
 
     async def failing_copy(connection: asyncpg.Connection, table: str, *args: Any) -> None:
         if failing in table:

@@ -28,6 +28,10 @@ async def test_low_stock_products_get_one_alert_a_day(db: asyncpg.Pool, clean_re
         results.append(status.result)
     assert results[0]["low_stock_products"] == low and results[0]["alerts_created"] == low
     assert results[1] == {"low_stock_products": low, "alerts_created": 0}
-    alerted = {r["payload"]["sku"] for r in await db.fetch(
-        "SELECT payload FROM notifications WHERE kind = 'low_stock' AND created_at > now() - interval '1 hour'")}
+    alerted = {
+        r["payload"]["sku"]
+        for r in await db.fetch(
+            "SELECT payload FROM notifications WHERE kind = 'low_stock' AND created_at > now() - interval '1 hour'"
+        )
+    }
     assert {"STOCK-LOW", "STOCK-EDGE"} <= alerted and "STOCK-OK" not in alerted

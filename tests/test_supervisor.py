@@ -46,9 +46,12 @@ class Run:
         self.log_path = log
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cli", "worker", "analytics", *args], cwd=ROOT,
+                [sys.executable, "-m", "cli", "worker", "analytics", *args],
+                cwd=ROOT,
                 env={**os.environ, "SALESDASH_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT_S)},
-                stdout=out, stderr=subprocess.STDOUT)
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         self.seen: set[int] = set()
 
     @property
@@ -118,8 +121,11 @@ async def job_states(redis: Redis, ids: list[str]) -> dict[str, str]:
     for job_id in ids:
         if await redis.exists(jobstore.result_key(job_id)):
             continue
-        where = [name for name, key in (("ready", keys.ready), ("running", keys.running),
-                                        ("schedule", keys.schedule)) if await redis.zscore(key, job_id) is not None]
+        where = [
+            name
+            for name, key in (("ready", keys.ready), ("running", keys.running), ("schedule", keys.schedule))
+            if await redis.zscore(key, job_id) is not None
+        ]
         payload = await redis.exists(jobstore.job_key(job_id))
         states[job_id] = f"in {where or 'no queue set'}, payload {'present' if payload else 'gone'}"
     return states
@@ -173,8 +179,10 @@ def test_crashing_children_back_off(caplog: pytest.LogCaptureFixture) -> None:
 def test_stop_kills_a_child_that_ignores_sigterm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(supervisor_module, "KILL_AFTER_EXTRA_S", 0.5)
     ready = tmp_path / "ready"
-    code = ("import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-            f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60)")
+    code = (
+        "import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60)"
+    )
     sup = Supervisor(_python(code), dict(os.environ), processes=1, shutdown_timeout_s=0)
     sup.step()
     child = sup.slots[0].child

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -35,8 +36,13 @@ def test_up_serves_runs_a_job_and_stops_cleanly(tmp_path: Path) -> None:
     log_path = tmp_path / "up.log"
     started = time.monotonic()
     with log_path.open("wb") as log:
-        up = subprocess.Popen([sys.executable, "-m", "cli", "up", "--port", str(port)], cwd=ROOT, env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
+        up = subprocess.Popen(
+            [sys.executable, "-m", "cli", "up", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         healthy_after = _wait_healthy(base, up, log_path, deadline_s=60)
@@ -67,8 +73,14 @@ def _start_up(tmp_path: Path, data_dir: Path, port: int) -> tuple[subprocess.Pop
     log_path = tmp_path / "up.log"
     with log_path.open("wb") as log:
         # its own session, like `make run` in a terminal: the process group gets the terminal's SIGHUP
-        up = subprocess.Popen([sys.executable, "-m", "cli", "up", "--port", str(port)], cwd=ROOT, env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        up = subprocess.Popen(
+            [sys.executable, "-m", "cli", "up", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return up, log_path
 
 
@@ -168,10 +180,10 @@ def _wait_healthy(base: str, up: subprocess.Popen[bytes], log_path: Path, deadli
     raise AssertionError(f"/healthz did not answer within {deadline_s}s:\n{log_path.read_text()}")
 
 
-def _wait_complete(url: str, headers: dict[str, str]) -> dict[str, object]:
+def _wait_complete(url: str, headers: dict[str, str]) -> dict[str, Any]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        status: dict[str, object] = httpx.get(url, headers=headers).json()
+        status: dict[str, Any] = httpx.get(url, headers=headers).json()
         if status["status"] in ("complete", "failed"):
             return status
         time.sleep(0.2)

@@ -56,9 +56,9 @@ async def seeded(db: asyncpg.Pool) -> None:
         await seed(conn, customers=300, products=40, orders=3_000, months=3, seed=7, progress=False)
 
 
-async def test_trigger_run_and_views_match_orders(seeded: None, db: asyncpg.Pool, clean_redis: Redis,
-                                                  app_client: httpx.AsyncClient,
-                                                  auth: dict[str, dict[str, str]]) -> None:
+async def test_trigger_run_and_views_match_orders(
+    seeded: None, db: asyncpg.Pool, clean_redis: Redis, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]]
+) -> None:
     body = await gql(app_client, TRIGGER, auth["trigger"], name="refresh_all_materialized_views", priority=5)
     task_id = body["data"]["triggerBackgroundTask"]["taskId"]
     assert task_id
@@ -79,8 +79,9 @@ async def test_trigger_run_and_views_match_orders(seeded: None, db: asyncpg.Pool
         assert view_rows, view
         assert view_rows == base_rows, view
 
-    gql_status = await gql(app_client, f'query {{ taskStatus(taskId: "{task_id}") {{ status tries queue }} }}',
-                           auth["read"])
+    gql_status = await gql(
+        app_client, f'query {{ taskStatus(taskId: "{task_id}") {{ status tries queue }} }}', auth["read"]
+    )
     assert gql_status["data"]["taskStatus"] == {"status": "complete", "tries": 1, "queue": "analytics"}
 
 

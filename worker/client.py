@@ -49,13 +49,17 @@ class JobStateError(ValueError):
 
 def validate_priority(priority: Any) -> int:
     if isinstance(priority, bool) or not isinstance(priority, int) or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
-        raise TaskArgumentError(f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}, "
-                                f"got {priority!r}")
+        raise TaskArgumentError(f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}, got {priority!r}")
     return priority
 
 
-def prepare(task_name: str, args: list[Any] | None, kwargs: dict[str, Any] | None, priority: int | None,
-            defer_seconds: float | None) -> tuple[TaskSpec, dict[str, Any], int, int]:
+def prepare(
+    task_name: str,
+    args: list[Any] | None,
+    kwargs: dict[str, Any] | None,
+    priority: int | None,
+    defer_seconds: float | None,
+) -> tuple[TaskSpec, dict[str, Any], int, int]:
     """Validate everything before touching Redis; raises UnknownTaskError or TaskArgumentError (a ValueError)."""
     spec = get_task(task_name)
     if args is not None and not isinstance(args, list):
@@ -70,18 +74,36 @@ def prepare(task_name: str, args: list[Any] | None, kwargs: dict[str, Any] | Non
     return spec, bound, prio, int(defer * 1000)
 
 
-async def enqueue_task(redis: Redis, principal: Principal, task_name: str, args: list[Any] | None = None,
-                       kwargs: dict[str, Any] | None = None, priority: int | None = None,
-                       defer_seconds: float | None = None, *, retry_of: str | None = None,
-                       notify_done: bool = False) -> Enqueued:
+async def enqueue_task(
+    redis: Redis,
+    principal: Principal,
+    task_name: str,
+    args: list[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    priority: int | None = None,
+    defer_seconds: float | None = None,
+    *,
+    retry_of: str | None = None,
+    notify_done: bool = False,
+) -> Enqueued:
     # a read principal is refused before it learns which task names exist; a known task's own scope is checked
     # before its arguments are, so the caller learns nothing more about a task it may not run
     require(principal, Scope.TRIGGER)
     require(principal, scope_to_operate(get_task(task_name).scope))
     spec, bound, prio, defer_ms = prepare(task_name, args, kwargs, priority, defer_seconds)
     now = js.now_ms()
-    job = JobPayload(js.new_job_id(), spec.name, [], bound, spec.queue.value, prio, now, now + defer_ms,
-                     retry_of=retry_of, notify=notify_done)
+    job = JobPayload(
+        js.new_job_id(),
+        spec.name,
+        [],
+        bound,
+        spec.queue.value,
+        prio,
+        now,
+        now + defer_ms,
+        retry_of=retry_of,
+        notify=notify_done,
+    )
     if not await js.enqueue(redis, job):
         raise RuntimeError(f"job id {job.id} is taken")  # fresh random ids never collide
     return Enqueued(job.id, spec.name, spec.queue.value, prio, deferred=defer_ms > 0)
@@ -89,9 +111,18 @@ async def enqueue_task(redis: Redis, principal: Principal, task_name: str, args:
 
 def _from_row(row: dict[str, Any]) -> JobStatus:
     return JobStatus(
-        task_id=row["job_id"], task_name=row["task_name"], queue=row["queue"], status=row["status"],
-        result=row["result"], error=row["error"], traceback=row["traceback"], enqueued_at=row["enqueued_at"],
-        started_at=row["started_at"], finished_at=row["finished_at"], tries=row["tries"], priority=row["priority"],
+        task_id=row["job_id"],
+        task_name=row["task_name"],
+        queue=row["queue"],
+        status=row["status"],
+        result=row["result"],
+        error=row["error"],
+        traceback=row["traceback"],
+        enqueued_at=row["enqueued_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        tries=row["tries"],
+        priority=row["priority"],
         worker_id=row["worker_id"],
     )
 
@@ -107,8 +138,9 @@ async def job_status(redis: Redis, db: asyncpg.Pool, job_id: str) -> JobStatus:
     return _from_row(row)
 
 
-async def list_jobs(redis: Redis, db: asyncpg.Pool, *, queue: str | None = None, status: str | None = None,
-                    limit: int = 50) -> list[JobStatus]:
+async def list_jobs(
+    redis: Redis, db: asyncpg.Pool, *, queue: str | None = None, status: str | None = None, limit: int = 50
+) -> list[JobStatus]:
     if queue is not None and queue not in QUEUES:
         raise ValueError(f"unknown queue {queue!r}; queues: {', '.join(QUEUES)}")
     if status is not None and status not in JOB_STATES:

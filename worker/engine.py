@@ -99,8 +99,10 @@ class SalesdashWorker(arq.worker.Worker):
             max_jobs_per_process=int(os.environ.get(MAX_JOBS_ENV) or 0),
         )
         self.ctx.update(redis=self.pool, worker_id=self._state.worker_id, queue=self.queue_label)
-        logger.info("worker starting", extra={"worker_id": self._state.worker_id, "queue": self.queue_label,
-                                              "functions": sorted(self.functions)})
+        logger.info(
+            "worker starting",
+            extra={"worker_id": self._state.worker_id, "queue": self.queue_label, "functions": sorted(self.functions)},
+        )
         if self.on_startup:
             await self.on_startup(self.ctx)
         self._state.background = [
@@ -144,8 +146,9 @@ class SalesdashWorker(arq.worker.Worker):
         st = self._state
         st.redis_failures += 1
         delay = min(0.1 * 2**st.redis_failures, 5.0)
-        logger.warning("redis unreachable, retrying", extra={"queue": self.queue_label, "error": str(exc),
-                                                              "retry_in_s": delay})
+        logger.warning(
+            "redis unreachable, retrying", extra={"queue": self.queue_label, "error": str(exc), "retry_in_s": delay}
+        )
         await asyncio.sleep(delay)
 
     def _jobs_budget(self) -> int:
@@ -205,9 +208,14 @@ class SalesdashWorker(arq.worker.Worker):
         """Graceful stop: take no new jobs, give running ones `job_completion_wait` seconds, hand back the rest."""
         if not hasattr(self, "_state") or self._state.stop_timer is not None:
             return self.handle_sig(signum)  # not started yet, or a second signal: stop now
-        logger.info("shutdown: waiting for running jobs", extra={
-            "signal": Signals(signum).name, "running": len(self._state.running),
-            "wait_s": self._job_completion_wait})
+        logger.info(
+            "shutdown: waiting for running jobs",
+            extra={
+                "signal": Signals(signum).name,
+                "running": len(self._state.running),
+                "wait_s": self._job_completion_wait,
+            },
+        )
         self.allow_pick_jobs = False
         self._state.slot_free.set()
         self._state.stop_timer = self.loop.call_later(self._job_completion_wait, self.handle_sig, signum)
@@ -268,18 +276,24 @@ class SalesdashWorker(arq.worker.Worker):
         task = named if isinstance(named, str) else "unknown"
         now = js.now_ms()
         job = JobPayload(claimed.job_id, task, [], {}, self.queue_label, PRIORITY_DEFAULT, now, now)
-        logger.error("job refused", extra={"job_id": job.id, "task": task, "queue": self.queue_label,
-                                            "error": reason})
-        record = js.job_record(job, "failed", tries=claimed.lost_tries, worker_id=self._state.worker_id,
-                               error=f"refused: {reason}")
+        logger.error("job refused", extra={"job_id": job.id, "task": task, "queue": self.queue_label, "error": reason})
+        record = js.job_record(
+            job, "failed", tries=claimed.lost_tries, worker_id=self._state.worker_id, error=f"refused: {reason}"
+        )
         self._state.metrics.task_event(task, self.queue_label, "failure")
         self.jobs_failed += 1
         self._queue_outcome(js.Outcome(job, "final", record, keep_result_ms=int(self.keep_result_s * 1000)), None)
 
     def _start(self, job: JobPayload) -> None:
         st = self._state
-        ctx = {**self.ctx, "job_id": job.id, "job_try": job.tries + 1, "task_name": job.task,
-               "enqueue_time": ms_to_dt(job.enqueued_ms), "score": job.due_ms}
+        ctx = {
+            **self.ctx,
+            "job_id": job.id,
+            "job_try": job.tries + 1,
+            "task_name": job.task,
+            "enqueue_time": ms_to_dt(job.enqueued_ms),
+            "score": job.due_ms,
+        }
         running = _Running(job, js.now_ms(), ctx)
         st.running[job.id] = running
         st.started_total += 1
@@ -310,8 +324,9 @@ class SalesdashWorker(arq.worker.Worker):
         self._state.metrics.queue_wait(self.queue_label, max(running.started_ms - job.due_ms, 0) / 1000)
         function = self.functions.get(job.task)
         if function is None:
-            return self._fail_now(running, LookupError(f"task {job.task!r} is not registered on queue "
-                                                       f"{self.queue_label!r}"), log)
+            return self._fail_now(
+                running, LookupError(f"task {job.task!r} is not registered on queue {self.queue_label!r}"), log
+            )
         if job.tries + 1 > self._max_tries(function):
             return self._fail_now(running, RuntimeError(f"max {self._max_tries(function)} tries exceeded"), log)
         try:
@@ -321,8 +336,14 @@ class SalesdashWorker(arq.worker.Worker):
         logger.info("job started", extra={**log, "try": job.tries + 1, "priority": job.priority})
         return await self._call(running, function, args, kwargs, log)
 
-    async def _call(self, running: _Running, function: Function | CronJob, args: list[Any],
-                    kwargs: dict[str, Any], log: dict[str, Any]) -> js.Outcome:
+    async def _call(
+        self,
+        running: _Running,
+        function: Function | CronJob,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        log: dict[str, Any],
+    ) -> js.Outcome:
         timeout_s = function.timeout_s or self.job_timeout_s
         try:
             async with asyncio.timeout(timeout_s) as deadline:
@@ -341,8 +362,9 @@ class SalesdashWorker(arq.worker.Worker):
             if not deadline.expired():
                 return self._failure_or_retry(running, function, exc, log)
             logger.error("job timed out", extra={**log, "timeout_s": timeout_s})
-            return self._final(running, "failed", None, TimeoutError(f"{running.job.task} timed out after "
-                                                                      f"{timeout_s:g}s"))
+            return self._final(
+                running, "failed", None, TimeoutError(f"{running.job.task} timed out after {timeout_s:g}s")
+            )
         except Exception as exc:
             return self._failure_or_retry(running, function, exc, log)
         finally:
@@ -367,24 +389,29 @@ class SalesdashWorker(arq.worker.Worker):
         spec = TASKS.get(task_name)
         return override or (spec.retry if spec else RetryPolicy(max_tries=self._max_tries(function)))
 
-    def _failure_or_retry(self, running: _Running, function: Function | CronJob, exc: Exception,
-                          log: dict[str, Any]) -> js.Outcome:
+    def _failure_or_retry(
+        self, running: _Running, function: Function | CronJob, exc: Exception, log: dict[str, Any]
+    ) -> js.Outcome:
         job = running.job
         try_no = job.tries + 1
         if (isinstance(exc, Retry) or is_transient(exc)) and try_no < self._max_tries(function):
-            delay_s = (exc.defer_score / 1000 if isinstance(exc, Retry) and exc.defer_score
-                       else backoff_seconds(self._policy(job.task, function), try_no))
+            delay_s = (
+                exc.defer_score / 1000
+                if isinstance(exc, Retry) and exc.defer_score
+                else backoff_seconds(self._policy(job.task, function), try_no)
+            )
             self._state.metrics.task_event(job.task, self.queue_label, "retry")
             self.jobs_retried += 1
             error = f"{type(exc).__name__}: {exc}"
             logger.warning("job retrying", extra={**log, "try": try_no, "delay_s": round(delay_s, 3), "error": error})
             due = js.now_ms() + int(delay_s * 1000)
-            record = js.job_record(job, "deferred", tries=try_no, started_ms=running.started_ms,
-                                   worker_id=self._state.worker_id, exc=exc)
-            return js.Outcome(replace(job, tries=try_no, last_error=error, due_ms=due), "retry", record,
-                              retry_at_ms=due)
-        logger.error("job failed", extra={**log, "try": try_no, "error": f"{type(exc).__name__}: {exc}"},
-                     exc_info=exc)
+            record = js.job_record(
+                job, "deferred", tries=try_no, started_ms=running.started_ms, worker_id=self._state.worker_id, exc=exc
+            )
+            return js.Outcome(
+                replace(job, tries=try_no, last_error=error, due_ms=due), "retry", record, retry_at_ms=due
+            )
+        logger.error("job failed", extra={**log, "try": try_no, "error": f"{type(exc).__name__}: {exc}"}, exc_info=exc)
         return self._final(running, "failed", None, exc)
 
     def _fail_now(self, running: _Running, exc: Exception, log: dict[str, Any]) -> js.Outcome:
@@ -393,9 +420,16 @@ class SalesdashWorker(arq.worker.Worker):
 
     def _final(self, running: _Running, status: str, result: Any, exc: BaseException | None) -> js.Outcome:
         job = running.job
-        record = js.job_record(job, status, tries=job.tries + 1, started_ms=running.started_ms,
-                               worker_id=self._state.worker_id, result=result, exc=exc,
-                               error="aborted" if status == "aborted" else None)
+        record = js.job_record(
+            job,
+            status,
+            tries=job.tries + 1,
+            started_ms=running.started_ms,
+            worker_id=self._state.worker_id,
+            result=result,
+            exc=exc,
+            error="aborted" if status == "aborted" else None,
+        )
         metric_status = {"complete": "success", "failed": "failure", "aborted": "aborted"}[status]
         self._state.metrics.task_event(job.task, self.queue_label, metric_status)
         self._state.metrics.duration(job.task, self.queue_label, (record.finished_ms - running.started_ms) / 1000)
@@ -472,8 +506,10 @@ class SalesdashWorker(arq.worker.Worker):
         if now - self._last_health_check < self.health_check_interval:
             return
         self._last_health_check = now
-        info = (f"{datetime.now():%b-%d %H:%M:%S} j_complete={self.jobs_complete} j_failed={self.jobs_failed} "
-                f"j_retried={self.jobs_retried} j_ongoing={len(self._state.running)}")
+        info = (
+            f"{datetime.now():%b-%d %H:%M:%S} j_complete={self.jobs_complete} j_failed={self.jobs_failed} "
+            f"j_retried={self.jobs_retried} j_ongoing={len(self._state.running)}"
+        )
         ttl_ms = int((self.health_check_interval + HEARTBEAT_S + 1) * 1000)
         await self.pool.psetex(self.health_check_key, ttl_ms, info.encode())
 
@@ -495,12 +531,22 @@ class SalesdashWorker(arq.worker.Worker):
 
     async def _register(self) -> None:
         st = self._state
-        await js.register_worker(self.pool, WorkerInfo(
-            worker_id=st.worker_id, queue=self.queue_label, host=socket.gethostname(), pid=os.getpid(),
-            functions=sorted(self.functions), running=list(st.running), jobs_complete=self.jobs_complete,
-            jobs_failed=self.jobs_failed, jobs_retried=self.jobs_retried, max_jobs=self.max_jobs,
-            seen_ms=js.now_ms(),
-        ))
+        await js.register_worker(
+            self.pool,
+            WorkerInfo(
+                worker_id=st.worker_id,
+                queue=self.queue_label,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                functions=sorted(self.functions),
+                running=list(st.running),
+                jobs_complete=self.jobs_complete,
+                jobs_failed=self.jobs_failed,
+                jobs_retried=self.jobs_retried,
+                max_jobs=self.max_jobs,
+                seen_ms=js.now_ms(),
+            ),
+        )
 
     async def run_cron(self, n: datetime, delay: float, num_windows: int = 2) -> None:
         """arq's schedule arithmetic, our enqueue: a unique key per tick makes each tick run once per fleet,
@@ -513,18 +559,46 @@ class SalesdashWorker(arq.worker.Worker):
             if cron_job.next_run < cutoff:
                 run_at = to_unix_ms(cron_job.next_run)
                 now = js.now_ms()
-                job = JobPayload(f"cron:{cron_job.name}:{run_at}", cron_job.name, [], {}, self.queue_label,
-                                 PRIORITY_DEFAULT, now, max(run_at, now))
+                job = JobPayload(
+                    f"cron:{cron_job.name}:{run_at}",
+                    cron_job.name,
+                    [],
+                    {},
+                    self.queue_label,
+                    PRIORITY_DEFAULT,
+                    now,
+                    max(run_at, now),
+                )
                 await js.enqueue(self.pool, job, unique_ms=CRON_UNIQUE_MS)
                 cron_job.calculate_next(cron_job.next_run)
 
 
 # ---- building and installing ---------------------------------------------------------------------------------
 _HONOURED = {
-    "functions", "queue_name", "cron_jobs", "redis_settings", "redis_pool", "burst", "on_startup", "on_shutdown",
-    "on_job_start", "on_job_end", "after_job_end", "handle_signals", "job_completion_wait", "max_jobs",
-    "job_timeout", "keep_result", "max_tries", "health_check_interval", "health_check_key", "ctx",
-    "max_burst_jobs", "job_serializer", "job_deserializer", "timezone",
+    "functions",
+    "queue_name",
+    "cron_jobs",
+    "redis_settings",
+    "redis_pool",
+    "burst",
+    "on_startup",
+    "on_shutdown",
+    "on_job_start",
+    "on_job_end",
+    "after_job_end",
+    "handle_signals",
+    "job_completion_wait",
+    "max_jobs",
+    "job_timeout",
+    "keep_result",
+    "max_tries",
+    "health_check_interval",
+    "health_check_key",
+    "ctx",
+    "max_burst_jobs",
+    "job_serializer",
+    "job_deserializer",
+    "timezone",
 }
 _WHY_NOT = {
     "poll_delay": "workers wait on a wake list instead of polling",
@@ -552,8 +626,7 @@ def check_settings(settings: Any) -> None:
         if attr in defaults and _same(value, defaults[attr]):
             continue  # spelled out at arq's default: harmless
         why = _WHY_NOT.get(attr, "no such arq setting" if attr not in defaults else "the engine does not use it")
-        raise SettingsError(f"{name}.{attr} = {value!r} is not honoured by the salesdash engine ({why}); "
-                            f"remove it")
+        raise SettingsError(f"{name}.{attr} = {value!r} is not honoured by the salesdash engine ({why}); remove it")
 
 
 def _same(value: Any, default: Any) -> bool:
@@ -574,8 +647,10 @@ def install_engine() -> None:
     """Make arq's CLI (`arq worker.analytics.Settings`) build workers with `create_worker`. Refuses to run on an
     arq other than the one whose Worker internals this engine extends."""
     if not ARQ_VERSION.startswith(ARQ_SERIES):
-        raise SystemExit(f"salesdash's worker engine extends arq {ARQ_SERIES}x, but arq {ARQ_VERSION} is "
-                         f"installed; install the version pyproject.toml pins (arq==0.28.*)")
+        raise SystemExit(
+            f"salesdash's worker engine extends arq {ARQ_SERIES}x, but arq {ARQ_VERSION} is "
+            f"installed; install the version pyproject.toml pins (arq==0.28.*)"
+        )
     arq.worker.create_worker = create_worker  # type: ignore[assignment]  # run_worker looks it up at call time
 
 

@@ -27,12 +27,22 @@ _RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call(
 def record_to_row(record: JobRecord) -> dict[str, Any]:
     started, finished = record.started_ms, record.finished_ms
     return {
-        "job_id": record.job_id, "task_name": record.task, "queue": record.queue, "args": json.dumps(record.args),
-        "kwargs": json.dumps(record.kwargs), "status": record.status, "tries": record.tries,
-        "priority": record.priority, "enqueued_at": ms_to_dt(record.enqueued_ms), "started_at": ms_to_dt(started),
-        "finished_at": ms_to_dt(finished), "duration_ms": finished - started if started is not None else None,
+        "job_id": record.job_id,
+        "task_name": record.task,
+        "queue": record.queue,
+        "args": json.dumps(record.args),
+        "kwargs": json.dumps(record.kwargs),
+        "status": record.status,
+        "tries": record.tries,
+        "priority": record.priority,
+        "enqueued_at": ms_to_dt(record.enqueued_ms),
+        "started_at": ms_to_dt(started),
+        "finished_at": ms_to_dt(finished),
+        "duration_ms": finished - started if started is not None else None,
         "result": None if record.result is None else json.dumps(record.result, default=str),
-        "error": record.error, "traceback": record.traceback, "worker_id": record.worker_id,
+        "error": record.error,
+        "traceback": record.traceback,
+        "worker_id": record.worker_id,
         "retry_of": record.retry_of,
     }
 

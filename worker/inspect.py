@@ -34,8 +34,11 @@ async def scheduled(db: asyncpg.Pool, redis: Redis) -> Rows:
 
 
 async def registered(_: asyncpg.Pool, redis: Redis) -> Rows:
-    rows: list[dict[str, Any]] = [{"worker_id": w.worker_id, "queue": w.queue, "task": name}
-                                  for w in await client.workers(redis) for name in w.functions]
+    rows: list[dict[str, Any]] = [
+        {"worker_id": w.worker_id, "queue": w.queue, "task": name}
+        for w in await client.workers(redis)
+        for name in w.functions
+    ]
     if not rows:  # no worker alive: show what the task table declares
         rows = [{"worker_id": None, "queue": s.queue.value, "task": s.name} for s in TASKS.values()]
     return rows, ["worker_id", "queue", "task"]
@@ -43,15 +46,29 @@ async def registered(_: asyncpg.Pool, redis: Redis) -> Rows:
 
 async def stats(db: asyncpg.Pool, redis: Redis) -> Rows:
     rows: list[dict[str, Any]] = [
-        {"worker_id": w.worker_id, "queue": w.queue, "pid": w.pid, "host": w.host, "complete": w.jobs_complete,
-         "failed": w.jobs_failed, "retried": w.jobs_retried, "running": len(w.running)}
+        {
+            "worker_id": w.worker_id,
+            "queue": w.queue,
+            "pid": w.pid,
+            "host": w.host,
+            "complete": w.jobs_complete,
+            "failed": w.jobs_failed,
+            "retried": w.jobs_retried,
+            "running": len(w.running),
+        }
         for w in await client.workers(redis)
     ]
     for row in await job_run_counts(db):
-        rows.append({"worker_id": "(history)", "queue": row["queue"], "task": row["task_name"],
-                     "status": row["status"], "count": row["n"]})
-    return rows, ["worker_id", "queue", "pid", "complete", "failed", "retried", "running", "task", "status",
-                  "count"]
+        rows.append(
+            {
+                "worker_id": "(history)",
+                "queue": row["queue"],
+                "task": row["task_name"],
+                "status": row["status"],
+                "count": row["n"],
+            }
+        )
+    return rows, ["worker_id", "queue", "pid", "complete", "failed", "retried", "running", "task", "status", "count"]
 
 
 async def queues(_: asyncpg.Pool, redis: Redis) -> Rows:
@@ -60,5 +77,9 @@ async def queues(_: asyncpg.Pool, redis: Redis) -> Rows:
 
 
 INSPECTORS: dict[str, Callable[[asyncpg.Pool, Redis], Awaitable[Rows]]] = {
-    "active": active, "scheduled": scheduled, "registered": registered, "stats": stats, "queues": queues,
+    "active": active,
+    "scheduled": scheduled,
+    "registered": registered,
+    "stats": stats,
+    "queues": queues,
 }

@@ -141,8 +141,14 @@ class QueueKeys:
         return self.schedule + ":wake"
 
 
-_PER_JOB_PREFIXES = [job_key_prefix, in_progress_key_prefix, result_key_prefix, progress_key(""), abort_key(""),
-                     done_key("")]
+_PER_JOB_PREFIXES = [
+    job_key_prefix,
+    in_progress_key_prefix,
+    result_key_prefix,
+    progress_key(""),
+    abort_key(""),
+    done_key(""),
+]
 
 
 # ---- encodings -----------------------------------------------------------------------------------------------
@@ -174,9 +180,17 @@ def deserialize_json(raw: bytes) -> Any:
 
 def encode_payload(job: JobPayload) -> dict[str, Any]:
     return {
-        "f": job.task, "a": job.args, "k": job.kwargs, "t": job.tries, "et": job.enqueued_ms,  # arq reads these
-        "queue": job.queue, "priority": job.priority, "due_ms": job.due_ms, "retry_of": job.retry_of,
-        "notify": job.notify, "last_error": job.last_error,
+        "f": job.task,
+        "a": job.args,
+        "k": job.kwargs,
+        "t": job.tries,
+        "et": job.enqueued_ms,  # arq reads these
+        "queue": job.queue,
+        "priority": job.priority,
+        "due_ms": job.due_ms,
+        "retry_of": job.retry_of,
+        "notify": job.notify,
+        "last_error": job.last_error,
     }
 
 
@@ -195,8 +209,18 @@ def decode_payload(job_id: str, data: Any, queue: str) -> JobPayload:
     if tries is not None and (not isinstance(tries, int) or isinstance(tries, bool) or tries < 0):
         raise BadPayload(f"payload field 't' (tries) must be a non-negative integer or null, got {tries!r}")
     if not any(name in data for name in _OURS):
-        return JobPayload(job_id, task, args, kwargs, queue, PRIORITY_DEFAULT, enqueued_ms, enqueued_ms, tries or 0,
-                          from_arq_client=True)
+        return JobPayload(
+            job_id,
+            task,
+            args,
+            kwargs,
+            queue,
+            PRIORITY_DEFAULT,
+            enqueued_ms,
+            enqueued_ms,
+            tries or 0,
+            from_arq_client=True,
+        )
     payload_queue = _field(data, "queue", str, "the queue")
     if payload_queue != queue:
         raise BadPayload(f"payload is for queue {payload_queue!r} but was queued on {queue!r}")
@@ -204,8 +228,17 @@ def decode_payload(job_id: str, data: Any, queue: str) -> JobPayload:
     if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
         raise BadPayload(f"payload field 'priority' must be {PRIORITY_MIN}–{PRIORITY_MAX}, got {priority}")
     return JobPayload(
-        job_id, task, args, kwargs, queue, priority, enqueued_ms, _field(data, "due_ms", int, "the due time"),
-        tries or 0, retry_of=_optional(data, "retry_of", str), notify=bool(_optional(data, "notify", bool)),
+        job_id,
+        task,
+        args,
+        kwargs,
+        queue,
+        priority,
+        enqueued_ms,
+        _field(data, "due_ms", int, "the due time"),
+        tries or 0,
+        retry_of=_optional(data, "retry_of", str),
+        notify=bool(_optional(data, "notify", bool)),
         last_error=_optional(data, "last_error", str),
     )
 
@@ -219,8 +252,9 @@ def _field(data: dict[str, Any], name: str, kind: type, meaning: str) -> Any:
         raise BadPayload(f"payload field {name!r} ({meaning}) is missing")
     value = data[name]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise BadPayload(f"payload field {name!r} ({meaning}) must be a JSON {_TYPE_NAMES[kind]}, "
-                         f"got {_json_kind(value)}")
+        raise BadPayload(
+            f"payload field {name!r} ({meaning}) must be a JSON {_TYPE_NAMES[kind]}, got {_json_kind(value)}"
+        )
     return value
 
 
@@ -237,13 +271,23 @@ _TYPE_NAMES: dict[type, str] = {str: "string", int: "integer", list: "array", di
 def encode_record(record: JobRecord) -> dict[str, Any]:
     """arq's JobResult fields (`r` is the error text of a failed try, `st` never null), then ours."""
     return {
-        "id": record.job_id, "f": record.task, "a": record.args, "k": record.kwargs, "t": record.tries,
-        "et": record.enqueued_ms, "s": record.success,
+        "id": record.job_id,
+        "f": record.task,
+        "a": record.args,
+        "k": record.kwargs,
+        "t": record.tries,
+        "et": record.enqueued_ms,
+        "s": record.success,
         "r": record.result if record.success else record.error or record.status,
         "st": record.started_ms if record.started_ms is not None else record.finished_ms,
-        "ft": record.finished_ms, "q": record.queue,
-        "status": record.status, "started_ms": record.started_ms, "error": record.error,
-        "traceback": record.traceback, "priority": record.priority, "worker_id": record.worker_id,
+        "ft": record.finished_ms,
+        "q": record.queue,
+        "status": record.status,
+        "started_ms": record.started_ms,
+        "error": record.error,
+        "traceback": record.traceback,
+        "priority": record.priority,
+        "worker_id": record.worker_id,
         "retry_of": record.retry_of,
     }
 
@@ -255,11 +299,21 @@ def decode_record(raw: bytes | str) -> JobRecord:
         if status not in ("complete", "failed", "aborted", "deferred"):
             raise ValueError(f"unknown status {status!r}")
         return JobRecord(
-            job_id=str(data["id"]), task=str(data["f"]), queue=str(data["q"]), status=status,
-            args=list(data.get("a") or []), kwargs=dict(data.get("k") or {}), enqueued_ms=int(data["et"]),
-            finished_ms=int(data["ft"]), tries=int(data["t"]), priority=int(data.get("priority", PRIORITY_DEFAULT)),
-            started_ms=_int_or_none(data.get("started_ms")), result=data["r"] if data.get("s") else None,
-            error=data.get("error"), traceback=data.get("traceback"), worker_id=data.get("worker_id"),
+            job_id=str(data["id"]),
+            task=str(data["f"]),
+            queue=str(data["q"]),
+            status=status,
+            args=list(data.get("a") or []),
+            kwargs=dict(data.get("k") or {}),
+            enqueued_ms=int(data["et"]),
+            finished_ms=int(data["ft"]),
+            tries=int(data["t"]),
+            priority=int(data.get("priority", PRIORITY_DEFAULT)),
+            started_ms=_int_or_none(data.get("started_ms")),
+            result=data["r"] if data.get("s") else None,
+            error=data.get("error"),
+            traceback=data.get("traceback"),
+            worker_id=data.get("worker_id"),
             retry_of=data.get("retry_of"),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -270,15 +324,34 @@ def _int_or_none(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
-def job_record(job: JobPayload, status: Any, *, tries: int, started_ms: int | None = None,
-               worker_id: str | None = None, result: Any = None, exc: BaseException | None = None,
-               error: str | None = None) -> JobRecord:
+def job_record(
+    job: JobPayload,
+    status: Any,
+    *,
+    tries: int,
+    started_ms: int | None = None,
+    worker_id: str | None = None,
+    result: Any = None,
+    exc: BaseException | None = None,
+    error: str | None = None,
+) -> JobRecord:
     """The record of a try of `job` that ends now."""
     return JobRecord(
-        job_id=job.id, task=job.task, queue=job.queue, status=status, args=job.args, kwargs=job.kwargs,
-        enqueued_ms=job.enqueued_ms, finished_ms=now_ms(), tries=tries, priority=job.priority,
-        started_ms=started_ms, result=result, error=f"{type(exc).__name__}: {exc}" if exc else error,
-        traceback="".join(traceback.format_exception(exc)) if exc else None, worker_id=worker_id,
+        job_id=job.id,
+        task=job.task,
+        queue=job.queue,
+        status=status,
+        args=job.args,
+        kwargs=job.kwargs,
+        enqueued_ms=job.enqueued_ms,
+        finished_ms=now_ms(),
+        tries=tries,
+        priority=job.priority,
+        started_ms=started_ms,
+        result=result,
+        error=f"{type(exc).__name__}: {exc}" if exc else error,
+        traceback="".join(traceback.format_exception(exc)) if exc else None,
+        worker_id=worker_id,
         retry_of=job.retry_of,
     )
 
@@ -326,7 +399,9 @@ end
 
 # KEYS: job, schedule, ready, wake, unique (or the job key again), result
 # ARGV: prelude(8), payload, priority, age ms, due ms ('' when due now), unique ttl ('' for none), id
-_ENQUEUE = _PRELUDE + """
+_ENQUEUE = (
+    _PRELUDE
+    + """
 if redis.call('EXISTS', KEYS[1], KEYS[6]) > 0 then return 0 end
 if ARGV[13] ~= '' and not redis.call('SET', KEYS[5], '1', 'NX', 'PX', ARGV[13]) then return 0 end
 local ttl = JOB_TTL
@@ -341,12 +416,15 @@ redis.call('SET', KEYS[1], ARGV[9], 'PX', string.format('%.0f', ttl))
 wake(KEYS[4])
 return 1
 """
+)
 
 # Take due jobs in (deferred ones, retries, arq client's), then pop up to `limit` ready ones into `running`.
 # KEYS: schedule, ready, running, owners, wake, lost
 # ARGV: prelude(8), now ms, limit, lease expiry ms, worker id
 # returns {next due ms or -1, id, payload or nil, lost tries or nil, id, ...}
-_CLAIM = _PRELUDE + """
+_CLAIM = (
+    _PRELUDE
+    + """
 local now = tonumber(ARGV[9])
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], 0, now, 'WITHSCORES', 'LIMIT', 0, 1000)
 for i = 1, #due, 2 do
@@ -375,13 +453,16 @@ if limit > 0 then
 end
 return out
 """
+)
 
 # Apply finished tries. KEYS: schedule, running, owners, lost, history, ready, wake
 # ARGV: prelude(8), then per job 6 values: kind, id, blob, number, notify, history entry
 #   final:   blob = result,      number = keep ms
 #   retry:   blob = new payload, number = due ms            (entry: the failed try's record)
 #   requeue: blob = age ms,      number = priority          (handed back on shutdown; no entry)
-_FINISH = _PRELUDE + """
+_FINISH = (
+    _PRELUDE
+    + """
 local woke = false
 for i = 9, #ARGV, 6 do
   local kind, id, blob, n, notify, entry = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
@@ -404,12 +485,15 @@ end
 if woke then wake(KEYS[7]) end
 return 1
 """
+)
 
 # Abort a waiting job at once (its record written here), or flag a running one for its worker.
 # KEYS: schedule, ready, running, lost, history
 # ARGV: prelude(8), id, result, keep ms, notify, history entry, now ms, abort flag ttl ms
 # Returns the status the job had, or nil when it is not live on this queue.
-_ABORT = _PRELUDE + """
+_ABORT = (
+    _PRELUDE
+    + """
 local id, now = ARGV[9], tonumber(ARGV[14])
 local was = nil
 if redis.call('ZREM', KEYS[2], id) == 1 then
@@ -428,10 +512,13 @@ if redis.call('ZSCORE', KEYS[3], id) then
 end
 return nil
 """
+)
 
 # Re-queue jobs whose lease ran out (their worker died); the lost try is counted in `lost`.
 # KEYS: ready, running, owners, wake, lost   ARGV: prelude(8), now ms   returns the re-queued ids
-_SWEEP = _PRELUDE + """
+_SWEEP = (
+    _PRELUDE
+    + """
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[9], 'LIMIT', 0, 1000)
 for _, id in ipairs(expired) do
   redis.call('ZREM', KEYS[2], id)
@@ -443,10 +530,13 @@ end
 if #expired > 0 then wake(KEYS[4]) end
 return expired
 """
+)
 
 # Drop up to 1000 waiting jobs (ready, deferred, not yet taken in). KEYS: schedule, ready, lost
 # ARGV: prelude(8). Returns how many went; call again until 0.
-_PURGE = _PRELUDE + """
+_PURGE = (
+    _PRELUDE
+    + """
 local ids = redis.call('ZRANGE', KEYS[2], 0, 999)
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], 0, '+inf', 'LIMIT', 0, 1000 - #ids)) do
   ids[#ids + 1] = id
@@ -459,6 +549,7 @@ for _, id in ipairs(ids) do
 end
 return #ids
 """
+)
 
 _SCRIPTS: dict[str, AsyncScript] = {}
 
@@ -479,13 +570,28 @@ async def enqueue(redis: Redis, job: JobPayload, *, unique_ms: int = 0) -> bool:
     as arq refuses it) or, with `unique_ms`, when that id was enqueued recently (each cron tick runs once)."""
     keys = QueueKeys(job.queue)
     deferred = job.due_ms > job.enqueued_ms
-    return bool(await _run(
-        redis, _ENQUEUE,
-        [job_key(job.id), keys.schedule, keys.ready, keys.wake, unique_key(job.id) if unique_ms else job_key(job.id),
-         result_key(job.id)],
-        [serialize_json(encode_payload(job)), job.priority, job.enqueued_ms, job.due_ms if deferred else "",
-         unique_ms or "", job.id],
-    ))
+    return bool(
+        await _run(
+            redis,
+            _ENQUEUE,
+            [
+                job_key(job.id),
+                keys.schedule,
+                keys.ready,
+                keys.wake,
+                unique_key(job.id) if unique_ms else job_key(job.id),
+                result_key(job.id),
+            ],
+            [
+                serialize_json(encode_payload(job)),
+                job.priority,
+                job.enqueued_ms,
+                job.due_ms if deferred else "",
+                unique_ms or "",
+                job.id,
+            ],
+        )
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -498,8 +604,12 @@ class Claimed:
 async def claim(redis: Redis, keys: QueueKeys, limit: int, worker_id: str) -> tuple[list[Claimed], int]:
     """Up to `limit` jobs, leased to `worker_id`, and when the next deferred one is due (ms, or -1)."""
     now = now_ms()
-    reply = await _run(redis, _CLAIM, [keys.schedule, keys.ready, keys.running, keys.owners, keys.wake, keys.lost],
-                       [now, limit, now + LEASE_MS, worker_id])
+    reply = await _run(
+        redis,
+        _CLAIM,
+        [keys.schedule, keys.ready, keys.running, keys.owners, keys.wake, keys.lost],
+        [now, limit, now + LEASE_MS, worker_id],
+    )
     claimed = [Claimed(reply[i].decode(), reply[i + 1], int(reply[i + 2] or 0)) for i in range(1, len(reply), 3)]
     return claimed, int(float(reply[0]))
 
@@ -528,8 +638,9 @@ async def finish(redis: Redis, keys: QueueKeys, outcomes: Sequence[Outcome], ser
             argv += ["retry", job.id, serializer(encode_payload(job)), o.retry_at_ms, "0", entry]
         else:
             argv += ["requeue", job.id, job.due_ms, job.priority, "0", ""]
-    await _run(redis, _FINISH, [keys.schedule, keys.running, keys.owners, keys.lost, HISTORY_KEY, keys.ready,
-                                keys.wake], argv)
+    await _run(
+        redis, _FINISH, [keys.schedule, keys.running, keys.owners, keys.lost, HISTORY_KEY, keys.ready, keys.wake], argv
+    )
 
 
 async def sweep(redis: Redis, keys: QueueKeys) -> list[str]:
@@ -552,9 +663,20 @@ async def abort(redis: Redis, record: JobRecord, *, notify: bool, keep_result_ms
     next heartbeat. Returns the status it had, None when it is not live (nothing is written then, so a later
     job with the same id can never inherit an abort)."""
     keys = QueueKeys(record.queue)
-    was = await _run(redis, _ABORT, [keys.schedule, keys.ready, keys.running, keys.lost, HISTORY_KEY],
-                     [record.job_id, serialize_json(encode_record(record)), max(keep_result_ms, 1000),
-                      "1" if notify else "0", history_entry(record), now_ms(), JOB_TTL_MS])
+    was = await _run(
+        redis,
+        _ABORT,
+        [keys.schedule, keys.ready, keys.running, keys.lost, HISTORY_KEY],
+        [
+            record.job_id,
+            serialize_json(encode_record(record)),
+            max(keep_result_ms, 1000),
+            "1" if notify else "0",
+            history_entry(record),
+            now_ms(),
+            JOB_TTL_MS,
+        ],
+    )
     return was.decode() if was else None
 
 
@@ -614,7 +736,10 @@ async def live_status(redis: Redis, job_id: str, queues: Sequence[str]) -> JobSt
     live = _read_payload(job_id, job_raw, queue)
     job = live.payload
     return JobStatus(
-        task_id=job_id, task_name=job.task if job else "unknown", queue=queue, status=state,
+        task_id=job_id,
+        task_name=job.task if job else "unknown",
+        queue=queue,
+        status=state,
         error=live.problem or (job.last_error if job else None),
         enqueued_at=ms_to_dt(job.enqueued_ms) if job else None,
         tries=(job.tries if job else 0) + (1 if running else 0),

@@ -16,8 +16,25 @@ from redis.asyncio import Redis
 from worker import jobstore as js
 
 METRICS_KEY = js.METRICS_KEY
-DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
-                    3600.0, math.inf)
+DURATION_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    math.inf,
+)
 
 
 def _field(*parts: str) -> str:
@@ -87,8 +104,11 @@ def _le(bound: float) -> str:
 
 def families(raw: dict[bytes, bytes], depths: dict[str, int], workers: dict[str, int]) -> Iterator[Metric]:
     """Prometheus metric families from the metrics hash and live gauges."""
-    total = CounterMetricFamily("salesdash_task", "Job events by task, queue and status (started, success, "
-                                "failure, retry, aborted)", labels=["task_name", "queue", "status"])
+    total = CounterMetricFamily(
+        "salesdash_task",
+        "Job events by task, queue and status (started, success, failure, retry, aborted)",
+        labels=["task_name", "queue", "status"],
+    )
     histograms: dict[tuple[str, ...], dict[str, float]] = {}
     for key, value in raw.items():
         parts = json.loads(key)
@@ -98,10 +118,8 @@ def families(raw: dict[bytes, bytes], depths: dict[str, int], workers: dict[str,
             kind_labels, rest = _split_series(parts)
             histograms.setdefault(kind_labels, {})["|".join(rest)] = float(value)
     yield total
-    duration = HistogramMetricFamily("salesdash_task_duration_seconds", "Job run time",
-                                     labels=["task_name", "queue"])
-    wait = HistogramMetricFamily("salesdash_task_queue_wait_seconds", "Time from due to started",
-                                 labels=["queue"])
+    duration = HistogramMetricFamily("salesdash_task_duration_seconds", "Job run time", labels=["task_name", "queue"])
+    wait = HistogramMetricFamily("salesdash_task_queue_wait_seconds", "Time from due to started", labels=["queue"])
     for labels, series in sorted(histograms.items()):
         family = duration if labels[0] == "duration" else wait
         buckets = [(_le(b), series.get(f"bucket|{_le(b)}", 0.0)) for b in DURATION_BUCKETS]

@@ -12,5 +12,4 @@ async def report_progress(ctx: dict[str, Any], fraction: float, message: str = "
     job_id = ctx.get("job_id")
     if job_id is None:  # called outside a worker (a test, a script): nothing to report to
         return
-    await set_progress(ctx["redis"], job_id, Progress(fraction=round(min(max(fraction, 0.0), 1.0), 4),
-                                                      message=message))
+    await set_progress(ctx["redis"], job_id, Progress(fraction=round(min(max(fraction, 0.0), 1.0), 4), message=message))

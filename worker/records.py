@@ -93,11 +93,18 @@ class JobStatus(BaseModel):
     @classmethod
     def of_record(cls, record: JobRecord) -> JobStatus:
         return cls(
-            task_id=record.job_id, task_name=record.task, queue=record.queue,
+            task_id=record.job_id,
+            task_name=record.task,
+            queue=record.queue,
             status="deferred" if record.status == "deferred" else record.status,
-            result=record.result, error=record.error, traceback=record.traceback,
-            enqueued_at=ms_to_dt(record.enqueued_ms), started_at=ms_to_dt(record.started_ms),
-            finished_at=ms_to_dt(record.finished_ms), tries=record.tries, priority=record.priority,
+            result=record.result,
+            error=record.error,
+            traceback=record.traceback,
+            enqueued_at=ms_to_dt(record.enqueued_ms),
+            started_at=ms_to_dt(record.started_ms),
+            finished_at=ms_to_dt(record.finished_ms),
+            tries=record.tries,
+            priority=record.priority,
             worker_id=record.worker_id,
         )
 

@@ -106,34 +106,68 @@ class TaskSpec:
 
     def arq_function(self, coroutine: JobFunction) -> Function:
         job: Any = coroutine  # arq's WorkerCoroutine protocol is narrower than our callables
-        return func(job, name=self.name, timeout=self.timeout_s, max_tries=self.retry.max_tries,
-                    keep_result=self.keep_result_s)
+        return func(
+            job, name=self.name, timeout=self.timeout_s, max_tries=self.retry.max_tries, keep_result=self.keep_result_s
+        )
 
     def arq_cron(self, coroutine: JobFunction) -> CronJob:
         if self.schedule is None:
             raise ValueError(f"{self.name} has no schedule")
-        s, job, weekday = self.schedule, coroutine, self.schedule.weekday
-        return cron(job, name=self.name, minute=s.minute, hour=s.hour, day=s.day, weekday=weekday,  # type: ignore[arg-type]
-                    timeout=self.timeout_s, max_tries=self.retry.max_tries, keep_result=self.keep_result_s)
+        s = self.schedule
+        job: Any = coroutine  # as above
+        weekday: Any = s.weekday  # arq types it as a literal day name or number; ours is the same set
+        return cron(
+            job,
+            name=self.name,
+            minute=s.minute,
+            hour=s.hour,
+            day=s.day,
+            weekday=weekday,
+            timeout=self.timeout_s,
+            max_tries=self.retry.max_tries,
+            keep_result=self.keep_result_s,
+        )
 
 
 EVERY_5_MIN = set(range(0, 60, 5))
 
 _SPECS = [
-    TaskSpec("refresh_realtime_materialized_views", Queue.ANALYTICS, "views",
-             "Refresh the hourly sales metrics view", timeout_s=240,
-             schedule=Schedule("every 5 min (minute 0,5,…,55)", minute=EVERY_5_MIN)),
-    TaskSpec("refresh_daily_materialized_views", Queue.ANALYTICS, "views",
-             "Refresh the daily sales, product and category views", timeout_s=1800,
-             schedule=Schedule("every hour (minute 0)", minute=0)),
-    TaskSpec("refresh_all_materialized_views", Queue.ANALYTICS, "views",
-             "Refresh every analytics view", timeout_s=3600),
-    TaskSpec("check_low_stock_products", Queue.NOTIFICATIONS, "stock",
-             "Record a low-stock alert for products at or under their reorder point", timeout_s=300,
-             schedule=Schedule("daily @ 09:00", minute=0, hour=9)),
-    TaskSpec("prune_job_history", Queue.MAINTENANCE, "history",
-             "Delete job_runs rows older than SALESDASH_JOB_HISTORY_DAYS", scope=Scope.ADMIN, timeout_s=600,
-             schedule=Schedule("daily @ 01:30", minute=30, hour=1)),
+    TaskSpec(
+        "refresh_realtime_materialized_views",
+        Queue.ANALYTICS,
+        "views",
+        "Refresh the hourly sales metrics view",
+        timeout_s=240,
+        schedule=Schedule("every 5 min (minute 0,5,…,55)", minute=EVERY_5_MIN),
+    ),
+    TaskSpec(
+        "refresh_daily_materialized_views",
+        Queue.ANALYTICS,
+        "views",
+        "Refresh the daily sales, product and category views",
+        timeout_s=1800,
+        schedule=Schedule("every hour (minute 0)", minute=0),
+    ),
+    TaskSpec(
+        "refresh_all_materialized_views", Queue.ANALYTICS, "views", "Refresh every analytics view", timeout_s=3600
+    ),
+    TaskSpec(
+        "check_low_stock_products",
+        Queue.NOTIFICATIONS,
+        "stock",
+        "Record a low-stock alert for products at or under their reorder point",
+        timeout_s=300,
+        schedule=Schedule("daily @ 09:00", minute=0, hour=9),
+    ),
+    TaskSpec(
+        "prune_job_history",
+        Queue.MAINTENANCE,
+        "history",
+        "Delete job_runs rows older than SALESDASH_JOB_HISTORY_DAYS",
+        scope=Scope.ADMIN,
+        timeout_s=600,
+        schedule=Schedule("daily @ 01:30", minute=30, hour=1),
+    ),
 ]
 
 TASKS: Final[Mapping[str, TaskSpec]] = {spec.name: spec for spec in _SPECS}

@@ -22,8 +22,10 @@ def queue_settings(queue: Queue, *functions: JobFunction) -> type[Any]:
     bound = {f.__name__: f for f in functions}
     declared = {s.name for s in specs}
     if set(bound) != declared:
-        raise LookupError(f"queue {queue.value}: functions {sorted(bound)} do not match its tasks in "
-                          f"worker/registry.py {sorted(declared)}")
+        raise LookupError(
+            f"queue {queue.value}: functions {sorted(bound)} do not match its tasks in "
+            f"worker/registry.py {sorted(declared)}"
+        )
     config = get_settings()  # reads the environment only; no connection is opened here
     attrs: dict[str, Any] = {
         "__doc__": f"The `{queue.value}` queue's worker: `arq worker.{queue.value}.Settings`.",

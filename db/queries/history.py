@@ -7,8 +7,25 @@ from typing import Any
 
 import asyncpg
 
-_COLUMNS = ("job_id", "task_name", "queue", "args", "kwargs", "status", "tries", "priority", "enqueued_at",
-            "started_at", "finished_at", "duration_ms", "result", "error", "traceback", "worker_id", "retry_of")
+_COLUMNS = (
+    "job_id",
+    "task_name",
+    "queue",
+    "args",
+    "kwargs",
+    "status",
+    "tries",
+    "priority",
+    "enqueued_at",
+    "started_at",
+    "finished_at",
+    "duration_ms",
+    "result",
+    "error",
+    "traceback",
+    "worker_id",
+    "retry_of",
+)
 
 # A batch is one statement: unnest the column arrays, upsert on job_id (a job may be written at each try).
 _UPSERT = f"""
@@ -38,13 +55,16 @@ async def get_job_run(conn: asyncpg.Connection | asyncpg.Pool, job_id: str) -> d
     return dict(row) if row else None
 
 
-async def list_job_runs(conn: asyncpg.Connection | asyncpg.Pool, *, queue: str | None, status: str | None,
-                        limit: int) -> list[dict[str, Any]]:
+async def list_job_runs(
+    conn: asyncpg.Connection | asyncpg.Pool, *, queue: str | None, status: str | None, limit: int
+) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         """SELECT * FROM job_runs
             WHERE ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
             ORDER BY enqueued_at DESC NULLS LAST LIMIT $3""",
-        queue, status, limit,
+        queue,
+        status,
+        limit,
     )
     return [dict(r) for r in rows]
 

@@ -23,7 +23,9 @@ async def create_token(conn: asyncpg.Connection | asyncpg.Pool, name: str, scope
     token = "sd_" + secrets.token_urlsafe(32)
     token_id = await conn.fetchval(
         "INSERT INTO api_tokens (name, token_hash, scopes) VALUES ($1, $2, $3) RETURNING id",
-        name, hash_token(token), [scope],
+        name,
+        hash_token(token),
+        [scope],
     )
     return int(token_id), token
 
@@ -40,12 +42,12 @@ async def scopes_for(conn: asyncpg.Connection | asyncpg.Pool, token: str) -> lis
 
 
 async def list_tokens(conn: asyncpg.Connection | asyncpg.Pool) -> list[dict[str, Any]]:
-    rows = await conn.fetch(
-        "SELECT id, name, scopes, created_at, last_used_at, revoked_at FROM api_tokens ORDER BY id")
+    rows = await conn.fetch("SELECT id, name, scopes, created_at, last_used_at, revoked_at FROM api_tokens ORDER BY id")
     return [dict(r) for r in rows]
 
 
 async def revoke_token(conn: asyncpg.Connection | asyncpg.Pool, token_id: int) -> bool:
     status = await conn.execute(
-        "UPDATE api_tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", token_id)
+        "UPDATE api_tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", token_id
+    )
     return str(status).endswith(" 1")
