@@ -182,3 +182,20 @@ async def test_arq_reads_jobs_our_api_enqueued(
     assert await assert_arq_agrees(job, app_client, auth) == "complete"
     info = await job.result_info()
     assert info is not None and info.success and info.job_try == 1 and info.function == ours.task_name
+
+
+async def test_arq_abort_stops_a_deferred_and_a_running_job(
+    arq_pool: ArqRedis, spawn_worker: Any, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]]
+) -> None:
+    spawn_worker("tests.platform_worker.Settings")
+    later = await arq_pool.enqueue_job("record", "never", _queue_name=PLATFORM, _defer_by=timedelta(seconds=30))
+    running = await arq_pool.enqueue_job("sleep", 30, tag="arq-abort", _queue_name=PLATFORM)
+    assert later is not None and running is not None
+    await wait_for(lambda: _is_running(app_client, auth, running.job_id))
+    # arq makes a deferred job due at once to abort it: it must end aborted, never run
+    assert await later.abort(timeout=10, poll_delay=0.05) is True
+    assert await running.abort(timeout=10, poll_delay=0.05) is True
+    for job in (later, running):
+        status = await finished(app_client, auth, job.job_id)
+        assert status["status"] == "aborted", status
+    assert b"never" not in await arq_pool.lrange("test:order", 0, -1)  # type: ignore[misc]

@@ -261,7 +261,21 @@ class SalesdashWorker(arq.worker.Worker):
         except js.BadPayload as exc:
             self._refuse(claimed, data, str(exc))
             return
-        self._start(job.with_tries(job.tries + claimed.lost_tries) if claimed.lost_tries else job)
+        job = job.with_tries(job.tries + claimed.lost_tries) if claimed.lost_tries else job
+        if claimed.abort_requested:
+            self._abort_unstarted(job)
+            return
+        self._start(job)
+
+    def _abort_unstarted(self, job: JobPayload) -> None:
+        logger.info(
+            "job aborted before it started", extra={"job_id": job.id, "task": job.task, "queue": self.queue_label}
+        )
+        record = js.job_record(
+            job, "aborted", tries=job.tries, worker_id=self._state.worker_id, error="aborted before it started"
+        )
+        self._state.metrics.task_event(job.task, self.queue_label, "aborted")
+        self._queue_outcome(js.Outcome(job, "final", record, keep_result_ms=self._keep_result_ms(job.task)), None)
 
     def _deserialize(self, raw: bytes) -> Any:
         if self.job_deserializer is None:
@@ -282,7 +296,7 @@ class SalesdashWorker(arq.worker.Worker):
         )
         self._state.metrics.task_event(task, self.queue_label, "failure")
         self.jobs_failed += 1
-        self._queue_outcome(js.Outcome(job, "final", record, keep_result_ms=int(self.keep_result_s * 1000)), None)
+        self._queue_outcome(js.Outcome(job, "final", record, keep_result_ms=self._keep_result_ms(task)), None)
 
     def _start(self, job: JobPayload) -> None:
         st = self._state
@@ -437,9 +451,12 @@ class SalesdashWorker(arq.worker.Worker):
             self.jobs_complete += 1
         else:
             self.jobs_failed += 1
-        function = self.functions.get(job.task)
+        return js.Outcome(job, "final", record, keep_result_ms=self._keep_result_ms(job.task))
+
+    def _keep_result_ms(self, task: str) -> int:
+        function = self.functions.get(task)
         keep_s = function.keep_result_s if function and function.keep_result_s is not None else self.keep_result_s
-        return js.Outcome(job, "final", record, keep_result_ms=int(keep_s * 1000))
+        return int(keep_s * 1000)
 
     # ---- writing outcomes back -------------------------------------------------------------------------
     async def _flush_outcomes_forever(self) -> None:

@@ -23,6 +23,7 @@ finishing a batch of tries is one more. A claimed job leaves `ready`, so running
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import traceback
@@ -31,7 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
@@ -168,13 +169,15 @@ def serialize_json(value: dict[str, Any]) -> bytes:
 
 def deserialize_json(raw: bytes) -> Any:
     """The job deserializer of every queue. A failed job's result comes back with its error as a `JobFailed`
-    exception, so arq's `Job.result()` raises it as arq does for a failed job."""
+    exception and an aborted one's as `CancelledError`, so arq's `Job.result()` raises them as arq does (and
+    `Job.abort()` sees the abort)."""
     try:
         value = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadPayload(f"not valid JSON ({exc})") from None
     if isinstance(value, dict) and value.get("s") is False and "ft" in value and isinstance(value.get("r"), str):
-        value["r"] = JobFailed(value["r"])
+        failure = asyncio.CancelledError if value.get("status") == "aborted" else JobFailed
+        value["r"] = failure(value["r"])
     return value
 
 
@@ -364,7 +367,9 @@ def history_entry(record: JobRecord) -> bytes:
 # ---- Lua -----------------------------------------------------------------------------------------------------
 # Every script starts with this prelude, so the score formula and the finish protocol exist once.
 # ARGV[1..8]: the per-job key prefixes (job, in-progress, result, progress, abort, done), done-list ttl, job ttl.
-_PRELUDE = """
+_PRELUDE = (
+    f"local ARQ_ABORTS = '{abort_jobs_ss}'"
+    + """
 local P_JOB, P_RUN, P_RES, P_PROG, P_ABORT, P_DONE = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local DONE_TTL, JOB_TTL = ARGV[7], ARGV[8]
 local function ready_score(priority, age_ms)
@@ -385,6 +390,7 @@ local function finish(schedule, lost, history, id, result, keep_ms, notify, entr
   redis.call('ZREM', schedule, id)
   redis.call('HDEL', lost, id)
   redis.call('DEL', P_JOB .. id, P_RUN .. id, P_PROG .. id, P_ABORT .. id)
+  redis.call('ZREM', ARQ_ABORTS, id)
   redis.call('LPUSH', history, entry)
   if notify == '1' then
     redis.call('RPUSH', P_DONE .. id, '1')
@@ -396,6 +402,7 @@ local function wake(list)
   redis.call('LTRIM', list, 0, 63)
 end
 """
+)
 
 # KEYS: job, schedule, ready, wake, unique (or the job key again), result
 # ARGV: prelude(8), payload, priority, age ms, due ms ('' when due now), unique ttl ('' for none), id
@@ -421,7 +428,7 @@ return 1
 # Take due jobs in (deferred ones, retries, arq client's), then pop up to `limit` ready ones into `running`.
 # KEYS: schedule, ready, running, owners, wake, lost
 # ARGV: prelude(8), now ms, limit, lease expiry ms, worker id
-# returns {next due ms or -1, id, payload or nil, lost tries or nil, id, ...}
+# returns {next due ms or -1, id, payload or nil, lost tries or nil, arq abort or nil, id, ...}
 _CLAIM = (
     _PRELUDE
     + """
@@ -449,6 +456,7 @@ if limit > 0 then
     out[#out + 1] = id
     out[#out + 1] = redis.call('GET', P_JOB .. id)
     out[#out + 1] = redis.call('HGET', KEYS[6], id)
+    out[#out + 1] = redis.call('ZSCORE', ARQ_ABORTS, id)  -- arq's `Job.abort()` asked before it started
   end
 end
 return out
@@ -599,6 +607,7 @@ class Claimed:
     job_id: str
     raw: bytes | None  # None: the payload is gone (expired, deleted)
     lost_tries: int  # tries lost with dead workers since the payload was last written
+    abort_requested: bool  # by arq's `Job.abort()`, before a worker started it
 
 
 async def claim(redis: Redis, keys: QueueKeys, limit: int, worker_id: str) -> tuple[list[Claimed], int]:
@@ -610,7 +619,10 @@ async def claim(redis: Redis, keys: QueueKeys, limit: int, worker_id: str) -> tu
         [keys.schedule, keys.ready, keys.running, keys.owners, keys.wake, keys.lost],
         [now, limit, now + LEASE_MS, worker_id],
     )
-    claimed = [Claimed(reply[i].decode(), reply[i + 1], int(reply[i + 2] or 0)) for i in range(1, len(reply), 3)]
+    claimed = [
+        Claimed(reply[i].decode(), reply[i + 1], int(reply[i + 2] or 0), reply[i + 3] is not None)
+        for i in range(1, len(reply), 4)
+    ]
     return claimed, int(float(reply[0]))
 
 
@@ -654,8 +666,9 @@ async def renew_leases(redis: Redis, keys: QueueKeys, job_ids: Sequence[str]) ->
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zadd(keys.running, dict.fromkeys(job_ids, now_ms() + LEASE_MS), xx=True)
         pipe.mget([abort_key(i) for i in job_ids])
-        _, flags = await pipe.execute()
-    return [bool(f) for f in flags]
+        pipe.zmscore(abort_jobs_ss, list(job_ids))  # arq's `Job.abort()`
+        _, ours, arqs = await pipe.execute()
+    return [bool(a) or b is not None for a, b in zip(ours, arqs, strict=True)]
 
 
 async def abort(redis: Redis, record: JobRecord, *, notify: bool, keep_result_ms: int) -> str | None:
