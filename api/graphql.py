@@ -21,8 +21,8 @@ from api.auth import authenticate
 from api.deps import get_db, get_redis
 from salesdash.auth import AuthError, Principal, Scope, require
 from worker import client
-from worker.records import JobStatus, Progress
-from worker.registry import TASKS, UnknownTaskError
+from worker.records import JobStatus, Progress, TaskInfo
+from worker.registry import UnknownTaskError
 
 
 @contextmanager
@@ -122,13 +122,9 @@ class TaskStatus:
         )
 
 
-@strawberry.type
+@strawberry.experimental.pydantic.type(model=TaskInfo, all_fields=True)
 class BackgroundTask:
-    name: str
-    queue: str
-    schedule: str
-    description: str
-    scope: str
+    pass
 
 
 @strawberry.type
@@ -144,16 +140,7 @@ class Query:
     @strawberry.field
     async def background_tasks(self, info: strawberry.Info[Context, None]) -> list[BackgroundTask]:
         await info.context.require(Scope.READ)
-        return [
-            BackgroundTask(
-                name=s.name,
-                queue=s.queue.value,
-                schedule=s.schedule.text if s.schedule else "on demand",
-                description=s.description,
-                scope=s.scope.value,
-            )
-            for s in TASKS.values()
-        ]
+        return [BackgroundTask.from_pydantic(task) for task in client.task_table()]
 
 
 @strawberry.type

@@ -10,8 +10,8 @@ from pydantic import BaseModel, Field
 
 from api.deps import DbDep, PrincipalDep, ReadDep, RedisDep
 from worker import client
-from worker.records import PRIORITY_DEFAULT, JobState, JobStatus
-from worker.registry import TASKS, UnknownTaskError
+from worker.records import PRIORITY_DEFAULT, JobState, JobStatus, TaskInfo
+from worker.registry import UnknownTaskError
 
 router = APIRouter()
 
@@ -55,14 +55,6 @@ class QueueCounts(BaseModel):
     deferred: int
     in_progress: int
     workers: int
-
-
-class TaskInfo(BaseModel):
-    name: str
-    queue: str
-    schedule: str
-    description: str
-    scope: str
 
 
 @router.post("/jobs", status_code=202)
@@ -141,13 +133,4 @@ async def queues(redis: RedisDep, _: ReadDep) -> dict[str, QueueCounts]:
 
 @router.get("/tasks")
 async def tasks(_: ReadDep) -> list[TaskInfo]:
-    return [
-        TaskInfo(
-            name=s.name,
-            queue=s.queue.value,
-            schedule=s.schedule.text if s.schedule else "on demand",
-            description=s.description,
-            scope=s.scope.value,
-        )
-        for s in TASKS.values()
-    ]
+    return client.task_table()

@@ -21,6 +21,7 @@ from worker.records import (
     PRIORITY_MIN,
     JobPayload,
     JobStatus,
+    TaskInfo,
     WorkerInfo,
 )
 from worker.registry import TASKS, Queue, TaskArgumentError, TaskSpec, get_task
@@ -214,6 +215,19 @@ async def purge_queue(redis: Redis, principal: Principal, queue: str) -> int:
     if queue not in QUEUES:
         raise ValueError(f"unknown queue {queue!r}; queues: {', '.join(QUEUES)}")
     return await js.purge(redis, queue)
+
+
+def task_table() -> list[TaskInfo]:
+    return [
+        TaskInfo(
+            name=s.name,
+            queue=s.queue.value,
+            schedule=s.schedule.text if s.schedule else "on demand",
+            description=s.description,
+            scope=s.scope.value,
+        )
+        for s in TASKS.values()
+    ]
 
 
 async def workers(redis: Redis) -> list[WorkerInfo]:

@@ -109,6 +109,16 @@ class JobStatus(BaseModel):
         )
 
 
+class TaskInfo(BaseModel):
+    """A task as the task table declares it (`GET /tasks`, GraphQL `backgroundTasks`)."""
+
+    name: str
+    queue: str
+    schedule: str
+    description: str
+    scope: str
+
+
 class WorkerInfo(BaseModel):
     """What a live worker says about itself every few seconds (`inspect`, `/dashboard`, `/queues`)."""
 
