@@ -7,6 +7,7 @@ hand-counted figures hold whatever else the suite has loaded."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -22,11 +23,11 @@ import pytest
 from redis.asyncio import Redis
 
 from api.reports import prefers_html
-from db.queries.reports import MonthlyReport
+from db.queries.reports import MonthlyReport, lock_report_period
 from salesdash.auth import OPERATOR
 from salesdash.config import Settings
 from salesdash.periods import Month, parse_day_or_month
-from tests.conftest import arq_burst
+from tests.conftest import arq_burst, wait_for
 from tests.test_api import queue_snapshot
 from worker import client
 from worker.jobs.reports import generate_monthly_report
@@ -287,6 +288,24 @@ async def test_running_twice_replaces_the_report(shop: Shop, db: asyncpg.Pool, c
     assert [(r["id"], r["job_id"]) for r in rows] == [(results[0]["report_id"], later.task_id)]
     _, report = await stored(db, "2019-02")
     assert report.figures.revenue == Decimal("25.00") and report.figures.new_customers == 1
+
+
+async def test_a_run_waits_while_another_holds_its_month(shop: Shop, db: asyncpg.Pool) -> None:
+    """The lock is what makes concurrent runs take turns; giving the holder's connection back to the pool
+    releases it (the pool's reset), which is also how a failed or aborted run lets go."""
+    ctx = {"db": db, "settings": Settings(SALESDASH_TIMEZONE="UTC")}
+    async with db.acquire() as holder:
+        await lock_report_period(holder, "monthly", date(2019, 3, 1))
+        run = asyncio.create_task(generate_monthly_report(ctx, month="2019-03"))
+        await wait_for(
+            lambda: db.fetchval(
+                """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
+            )
+        )
+        assert not run.done()
+    result = await asyncio.wait_for(run, 30)
+    assert result["month"] == "2019-03" and result["report_id"]
 
 
 async def test_a_store_in_auckland_gets_its_local_month(db: asyncpg.Pool, clean_redis: Redis) -> None:

@@ -299,12 +299,10 @@ async def save_report(
 
 
 async def lock_report_period(conn: asyncpg.Connection, kind: str, first_day: date) -> None:
-    """Wait until no other run writes this report (session lock: hold `conn` until `unlock_report_period`)."""
+    """Wait until no other run writes this report. A session lock, taken before the read snapshot (so the
+    figures are at least as fresh as the report they replace); it lasts until `conn` is released to its pool,
+    whose reset unlocks it, or closed."""
     await conn.execute("SELECT pg_advisory_lock(hashtext('salesdash:report'), hashtext($1))", f"{kind}:{first_day}")
-
-
-async def unlock_report_period(conn: asyncpg.Connection, kind: str, first_day: date) -> None:
-    await conn.execute("SELECT pg_advisory_unlock(hashtext('salesdash:report'), hashtext($1))", f"{kind}:{first_day}")
 
 
 async def list_reports(

@@ -19,7 +19,6 @@ from db.queries.reports import (
     segment_mix,
     top_categories,
     top_products,
-    unlock_report_period,
 )
 from salesdash.periods import Month
 from worker.progress import report_progress
@@ -40,14 +39,13 @@ async def generate_monthly_report(ctx: dict[str, Any], *, month: str | None = No
     target = Month.parse(month) if month else Month.current(ZoneInfo(timezone)).plus(-1)
     period = month_period(target, timezone)
     async with ctx["db"].acquire() as conn:
+        # Held until the connection goes back to the pool, whose reset releases it (pg_advisory_unlock_all) after
+        # success, failure or cancellation alike: no await in a `finally` that could turn an abort into an error.
         await lock_report_period(conn, MONTHLY, period.first_day)
-        try:
-            report = await _gather(ctx, conn, target, period)
-            await report_progress(ctx, 0.9, "rendering the page")
-            html = render_monthly_report(report)
-            saved = await save_report(conn, MONTHLY, period, report.model_dump(mode="json"), html, ctx.get("job_id"))
-        finally:
-            await unlock_report_period(conn, MONTHLY, period.first_day)
+        report = await _gather(ctx, conn, target, period)
+        await report_progress(ctx, 0.9, "rendering the page")
+        html = render_monthly_report(report)
+        saved = await save_report(conn, MONTHLY, period, report.model_dump(mode="json"), html, ctx.get("job_id"))
     return {
         "report_id": saved.id,
         "replaced": saved.replaced,
