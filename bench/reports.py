@@ -53,7 +53,7 @@ def _server(url: str) -> str:
 Step = Callable[[asyncpg.Connection, q.Period], Awaitable[Any]]
 STEPS: dict[str, tuple[Step, str | None]] = {
     "figures (one month)": (q.period_figures, q._FIGURES),
-    "daily revenue": (q.daily_revenue, None),
+    "daily revenue": (q.daily_revenue, q._DAILY),
     "top products": (q.top_products, q._TOP_PRODUCTS),
     "top categories": (q.top_categories, q._TOP_CATEGORIES),
     "segment mix": (q.segment_mix, q._SEGMENT_MIX),
@@ -63,7 +63,9 @@ STEPS: dict[str, tuple[Step, str | None]] = {
 async def _partitions_read(conn: asyncpg.Connection, sql: str, period: q.Period) -> str:
     """Which month partitions the plan touches (plan-time pruning with the job's parameters)."""
     args: list[Any] = [period.start, period.end, q.REVENUE_STATUSES]
-    if "$4" in sql:
+    if sql is q._DAILY:
+        args = [period.start, period.end, period.timezone, q.REVENUE_STATUSES, period.first_day, period.last_day]
+    elif "$4" in sql:
         args.append(q.TOP_N)
     plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
     months: dict[str, set[str]] = {}
