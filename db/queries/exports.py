@@ -51,6 +51,8 @@ _PLAN = (
     "SET LOCAL enable_hashjoin = off",
     "SET LOCAL enable_hashagg = off",
     "SET LOCAL enable_sort = off",
+    "SET LOCAL enable_nestloop = off",  # without fresh statistics the planner would loop over index probes
+    "SET LOCAL max_parallel_workers_per_gather = 0",
 )
 
 
