@@ -29,12 +29,13 @@ _ROWS = f"""
 SELECT o.id, o.customer_id, o.status, o.total_amount::text AS total_amount, {_ISO_UTC} AS created_at,
        count(i.order_id) AS item_count, coalesce(sum(i.quantity), 0) AS units{_FROM}"""
 
-# Each line is built here rather than with row_to_json (~40% slower). Only `status` is text, and to_json escapes
-# it; numbers and the timestamp need no escaping.
+# Each line is built here: row_to_json is ~40% slower, and concat() looks up every argument's output function on
+# every row. Only `status` is text, and to_json escapes it; numbers and the timestamp need no escaping.
 _NDJSON = f"""
-SELECT concat('{{"id":', o.id, ',"customer_id":', o.customer_id, ',"status":', to_json(o.status),
-              ',"total_amount":"', o.total_amount, '","created_at":"', {_ISO_UTC},
-              '","item_count":', count(i.order_id), ',"units":', coalesce(sum(i.quantity), 0), '}}'){_FROM}"""
+SELECT '{{"id":' || o.id::text || ',"customer_id":' || o.customer_id::text || ',"status":' || to_json(o.status)::text
+       || ',"total_amount":"' || o.total_amount::text || '","created_at":"' || {_ISO_UTC}
+       || '","item_count":' || count(i.order_id)::text
+       || ',"units":' || coalesce(sum(i.quantity), 0)::text || '}}'{_FROM}"""
 
 # COPY's text format would double every backslash of the JSON and CSV format with its defaults would quote lines
 # holding commas and quotes. CSV with a quote and a delimiter that JSON text never holds (JSON escapes control
