@@ -5,7 +5,8 @@ format (`python -m worker analytics --burst`) exports every order of the seeded 
 
 rows/s is the job's own `rows / seconds` (count, COPY, writing, fsync and rename). Peak RSS is the worker process's
 high-water mark (VmHWM), so it covers its start and imports too; the `idle worker` row is the same process
-running no job. The scratch database (created on the server of --database-url, default
+running no job. Worker CPU s is the worker process's CPU time, start included (the rest of an export's time is
+PostgreSQL's). The scratch database (created on the server of --database-url, default
 $DATABASE_URL or the local server) and the data directory are removed at the end. The jobs go through Redis
 --redis-url (default redis://127.0.0.1:6379/15): nothing there is flushed.
 """
@@ -57,19 +58,29 @@ def _peak_rss_kib(pid: int) -> int:
         return 0
 
 
-def _run_worker(env: dict[str, str]) -> int:
-    """One `python -m worker analytics --burst` to its end; returns its peak RSS in KiB, read every 20 ms (the
-    high-water mark only grows, so the last reading misses at most the last 20 ms)."""
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _run_worker(env: dict[str, str]) -> tuple[int, float]:
+    """One `python -m worker analytics --burst` to its end; returns its peak RSS in KiB and its CPU seconds, read
+    every 20 ms (both only grow, so the last reading misses at most the last 20 ms)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker", "analytics", "--burst"], cwd=_ROOT, env=env, stdout=subprocess.DEVNULL
     )
-    peak = 0
+    peak, cpu = 0, 0.0
     while proc.poll() is None:
-        peak = max(peak, _peak_rss_kib(proc.pid))
+        peak, cpu = max(peak, _peak_rss_kib(proc.pid)), max(cpu, _cpu_seconds(proc.pid))
         time.sleep(0.02)
     if proc.returncode != 0:
         raise RuntimeError(f"worker exited with {proc.returncode}")
-    return peak
+    return peak, cpu
 
 
 async def _export(redis: Redis, db: asyncpg.Pool, env: dict[str, str], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -77,14 +88,14 @@ async def _export(redis: Redis, db: asyncpg.Pool, env: dict[str, str], kwargs: d
     from worker import client
 
     job = await client.enqueue_task(redis, OPERATOR, "export_analytics_data", kwargs=kwargs)
-    rss_kib = await asyncio.to_thread(_run_worker, env)
+    rss_kib, cpu_s = await asyncio.to_thread(_run_worker, env)
     status = await client.job_status(redis, db, job.task_id)
     if status.status != "complete":
         raise RuntimeError(f"export {kwargs['export_format']} ended {status.status}: {status.error}")
-    return {**status.result, "rss_kib": rss_kib}
+    return {**status.result, "rss_kib": rss_kib, "cpu_s": cpu_s}
 
 
-async def _bench(args: argparse.Namespace, console: Console) -> tuple[int, list[dict[str, Any]]]:
+async def _bench(args: argparse.Namespace, console: Console) -> tuple[tuple[int, float], list[dict[str, Any]]]:
     from db.migrate import upgrade
     from db.seed import seed
 
@@ -115,7 +126,7 @@ async def _bench(args: argparse.Namespace, console: Console) -> tuple[int, list[
             window["end_date"] = (summary.window_end + timedelta(seconds=1)).isoformat()
             redis = Redis.from_url(args.redis_url)
             try:
-                idle_rss = await asyncio.to_thread(_run_worker, env)
+                idle = await asyncio.to_thread(_run_worker, env)
                 results = [await _export(redis, db, env, {**window, "export_format": f}) for f in args.formats]
             finally:
                 await redis.aclose()
@@ -123,7 +134,7 @@ async def _bench(args: argparse.Namespace, console: Console) -> tuple[int, list[
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
         shutil.rmtree(data_dir, ignore_errors=True)
-    return idle_rss, results
+    return idle, results
 
 
 def main() -> None:
@@ -133,18 +144,18 @@ def main() -> None:
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL") or DEFAULT_SERVER)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
     args = parser.parse_args()
-    console = Console()
-    idle_rss, results = asyncio.run(_bench(args, console))
+    console = Console(width=120)
+    (idle_rss, idle_cpu), results = asyncio.run(_bench(args, console))
 
     table = Table(title=f"export_analytics_data: {args.orders:,} orders seeded over 12 months, one worker process")
-    for column in ("format", "rows", "file MB", "seconds", "rows/s", "worker peak RSS MB"):
+    for column in ("format", "rows", "file MB", "seconds", "rows/s", "worker peak RSS MB", "worker CPU s"):
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(
             r["format"], f"{r['rows']:,}", f"{r['bytes'] / 1e6:,.1f}", f"{r['seconds']:.2f}",
-            f"{r['rows'] / r['seconds']:,.0f}", f"{r['rss_kib'] / 1024:,.0f}",
+            f"{r['rows'] / r['seconds']:,.0f}", f"{r['rss_kib'] / 1024:,.0f}", f"{r['cpu_s']:.1f}",
         )  # fmt: skip
-    table.add_row("idle worker", "", "", "", "", f"{idle_rss / 1024:,.0f}")
+    table.add_row("idle worker", "", "", "", "", f"{idle_rss / 1024:,.0f}", f"{idle_cpu:.1f}")
     console.print(table)
     load = os.getloadavg()
     console.print(f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
