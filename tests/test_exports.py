@@ -74,6 +74,8 @@ async def direct_count(db: asyncpg.Pool, start: datetime, end: datetime) -> int:
 
 def _row(values: dict[str, Any]) -> Row:
     created = values["created_at"]
+    if isinstance(created, str):
+        assert "T" in created and created.endswith("+00:00"), created  # ISO 8601, in UTC
     return (
         int(values["id"]),
         int(values["customer_id"]),
