@@ -75,6 +75,10 @@ def is_temp(name: str) -> bool:
     return name.startswith(".") and name.endswith(TEMP_SUFFIX)
 
 
+def is_export(name: str) -> bool:
+    return name.startswith("orders-") and name.rsplit(".", 1)[-1] in EXTENSIONS.values()
+
+
 async def find_export(redis: Redis, db: asyncpg.Pool, task_id: str, exports_dir: Path) -> ExportFile:
     """The file of a complete export job. Raises client.JobNotFoundError for an unknown id, ExportPendingError while
     the job is queued or running, ExportMissingError when it is not an export, did not complete, or its file is gone.

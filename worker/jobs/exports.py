@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 import asyncpg
 
 from db.queries.exports import EXPORT_COLUMNS, copy_orders, count_orders, export_snapshot
-from worker.exportfiles import EXTENSIONS, ExportResult, export_name, is_temp, temp_name
+from worker.exportfiles import EXTENSIONS, ExportResult, export_name, is_export, is_temp, temp_name
 from worker.progress import report_progress
 from worker.registry import ExportFormat, get_task
 
@@ -215,20 +215,20 @@ async def prune_exports(ctx: dict[str, Any]) -> dict[str, Any]:
     files_before = now - settings.export_retention_days * 86400
     # a partial file untouched for longer than an export may run belongs to a run that died (SIGKILL, power loss)
     partial_before = now - get_task("export_analytics_data").timeout_s
-    deleted, partial = await asyncio.to_thread(_prune, settings.exports_dir, files_before, partial_before)
-    return {"deleted": deleted, "partial_deleted": partial, "older_than_days": settings.export_retention_days}
+    removed = await asyncio.to_thread(_prune, settings.exports_dir, files_before, partial_before)
+    return {**removed, "older_than_days": settings.export_retention_days}
 
 
-def _prune(directory: Path, files_before: float, partial_before: float) -> tuple[int, int]:
-    deleted = partial = 0
+def _prune(directory: Path, files_before: float, partial_before: float) -> dict[str, int]:
+    removed = {"deleted": 0, "partial_deleted": 0}
     if not directory.is_dir():
-        return 0, 0
-    for entry in os.scandir(directory):
-        temp = is_temp(entry.name)
-        ours = temp or (entry.name.startswith("orders-") and entry.name.rsplit(".", 1)[-1] in EXTENSIONS.values())
-        if not ours or not entry.is_file(follow_symlinks=False):
-            continue
-        if entry.stat(follow_symlinks=False).st_mtime < (partial_before if temp else files_before):
-            Path(entry.path).unlink(missing_ok=True)
-            partial, deleted = (partial + 1, deleted) if temp else (partial, deleted + 1)
-    return deleted, partial
+        return removed
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            temp = is_temp(entry.name)
+            if not (temp or is_export(entry.name)) or not entry.is_file(follow_symlinks=False):
+                continue  # not ours: left alone
+            if entry.stat(follow_symlinks=False).st_mtime < (partial_before if temp else files_before):
+                Path(entry.path).unlink(missing_ok=True)
+                removed["partial_deleted" if temp else "deleted"] += 1
+    return removed
