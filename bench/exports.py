@@ -1,7 +1,8 @@
 """Benchmark of `export_analytics_data`: a scratch database seeded with db.seed, then one real worker process per
 format (`python -m worker analytics --burst`) exports every order of the seeded year; one table.
 
-    .venv/bin/python bench/exports.py [--orders 1000000] [--formats csv,json] [--database-url URL] [--redis-url URL]
+    .venv/bin/python bench/exports.py [--orders 1000000] [--formats csv,json] [--runs 2] [--database-url URL]
+                                      [--redis-url URL]
 
 rows/s is the job's own `rows / seconds` (count, COPY, writing, fsync and rename). Peak RSS is the worker process's
 high-water mark (VmHWM), so it covers its start and imports too; the `idle worker` row is the same process
@@ -127,7 +128,11 @@ async def _bench(args: argparse.Namespace, console: Console) -> tuple[tuple[int,
             redis = Redis.from_url(args.redis_url)
             try:
                 idle = await asyncio.to_thread(_run_worker, env)
-                results = [await _export(redis, db, env, {**window, "export_format": f}) for f in args.formats]
+                results = [
+                    {**await _export(redis, db, env, {**window, "export_format": f}), "run": run}
+                    for run in range(1, args.runs + 1)
+                    for f in args.formats
+                ]
             finally:
                 await redis.aclose()
     finally:
@@ -142,20 +147,21 @@ def main() -> None:
     parser.add_argument("--orders", type=int, default=1_000_000)
     parser.add_argument("--formats", type=lambda s: s.split(","), default=["csv", "json"], help="csv,json,parquet")
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL") or DEFAULT_SERVER)
+    parser.add_argument("--runs", type=int, default=2, help="export each format this many times")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
     args = parser.parse_args()
     console = Console(width=120)
     (idle_rss, idle_cpu), results = asyncio.run(_bench(args, console))
 
     table = Table(title=f"export_analytics_data: {args.orders:,} orders seeded over 12 months, one worker process")
-    for column in ("format", "rows", "file MB", "seconds", "rows/s", "worker peak RSS MB", "worker CPU s"):
+    for column in ("run", "format", "rows", "file MB", "seconds", "rows/s", "worker peak RSS MB", "worker CPU s"):
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(
-            r["format"], f"{r['rows']:,}", f"{r['bytes'] / 1e6:,.1f}", f"{r['seconds']:.2f}",
+            str(r["run"]), r["format"], f"{r['rows']:,}", f"{r['bytes'] / 1e6:,.1f}", f"{r['seconds']:.2f}",
             f"{r['rows'] / r['seconds']:,.0f}", f"{r['rss_kib'] / 1024:,.0f}", f"{r['cpu_s']:.1f}",
         )  # fmt: skip
-    table.add_row("idle worker", "", "", "", "", f"{idle_rss / 1024:,.0f}", f"{idle_cpu:.1f}")
+    table.add_row("", "idle worker", "", "", "", "", f"{idle_rss / 1024:,.0f}", f"{idle_cpu:.1f}")
     console.print(table)
     load = os.getloadavg()
     console.print(f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
