@@ -22,6 +22,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, Va
 
 from salesdash.auth import Scope
 from salesdash.config import get_settings
+from salesdash.periods import Month
 from worker.jobstore import queue_name
 
 JobFunction = Callable[..., Awaitable[Any]]
@@ -40,6 +41,23 @@ class Queue(StrEnum):
 
 class NoArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class MonthlyReportArgs(BaseModel):
+    """`month` as YYYY-MM, not after the current month in SALESDASH_TIMEZONE; absent: the previous month."""
+
+    model_config = ConfigDict(extra="forbid")
+    month: str | None = None
+
+    @field_validator("month")
+    @classmethod
+    def _past_or_current_month(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        month, tz = Month.parse(value), get_settings().tzinfo
+        if month > Month.current(tz):
+            raise ValueError(f"{month} is in the future (it is {Month.current(tz)} in {tz.key})")
+        return str(month)
 
 
 ExportFormat = Literal["json", "csv", "parquet"]
@@ -210,6 +228,16 @@ _SPECS = [
     ),
     TaskSpec(
         "refresh_all_materialized_views", Queue.ANALYTICS, "views", "Refresh every analytics view", timeout_s=3600
+    ),
+    TaskSpec(
+        "generate_monthly_report",
+        Queue.ANALYTICS,
+        "reports",
+        "Store the sales report of a month (default: the previous one) as JSON and an HTML page",
+        args_model=MonthlyReportArgs,
+        timeout_s=1800,
+        keep_result_s=7 * 24 * 3600,
+        schedule=Schedule("monthly, day 1 @ 06:00", minute=0, hour=6, day=1),
     ),
     TaskSpec(
         "check_low_stock_products",
