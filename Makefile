@@ -6,7 +6,7 @@ HASH   := $(shell cksum pyproject.toml | cut -d' ' -f1)
 STAMP  := $(VENV)/.installed-$(HASH)
 BENCH_STAMP := $(VENV)/.bench-$(HASH)
 
-.PHONY: run test lint bench bench-queue bench-seed bench-reports clean
+.PHONY: run test lint bench bench-queue bench-seed bench-reports bench-exports clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/mypy salesdash db worker api cli
 	$(BIN)/mypy tests
 
-bench: bench-queue bench-seed bench-reports
+bench: bench-queue bench-seed bench-reports bench-exports
 
 bench-queue: $(BENCH_STAMP)
 	$(BIN)/python bench/queue.py
@@ -43,6 +43,9 @@ bench-seed: $(BENCH_STAMP)
 
 bench-reports: $(BENCH_STAMP)
 	$(BIN)/python bench/reports.py
+
+bench-exports: $(BENCH_STAMP)
+	$(BIN)/python bench/exports.py
 
 clean:
 	rm -rf $(VENV) .salesdash .pytest_cache .mypy_cache .ruff_cache

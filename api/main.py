@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from api.dashboard import router as dashboard_router
 from api.deps import DbDep, RedisDep
+from api.exports import router as exports_router
 from api.graphql import graphql_router
 from api.reports import router as reports_router
 from api.rest import router
@@ -55,6 +56,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="salesdash", lifespan=lifespan)
     app.include_router(router)
     app.include_router(reports_router)
+    app.include_router(exports_router)
     app.include_router(dashboard_router)
     app.add_exception_handler(AuthError, _auth_error)  # type: ignore[arg-type]
     app.include_router(graphql_router(), prefix="/graphql")

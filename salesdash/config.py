@@ -22,6 +22,10 @@ class Settings(BaseSettings):
     db_pool_max: int = Field(default=10, validation_alias="SALESDASH_DB_POOL_MAX")
     job_history_days: int = Field(default=30, validation_alias="SALESDASH_JOB_HISTORY_DAYS")
     shutdown_timeout: int = Field(default=30, validation_alias="SALESDASH_SHUTDOWN_TIMEOUT")
+    export_max_days: int = Field(default=366, ge=1, validation_alias="SALESDASH_EXPORT_MAX_DAYS")
+    export_retention_days: int = Field(default=7, ge=1, validation_alias="SALESDASH_EXPORT_RETENTION_DAYS")
+    # pause after each chunk an export writes: 0 in production; tests use it to kill a worker mid-export
+    export_pause_ms: int = Field(default=0, ge=0, validation_alias="SALESDASH_EXPORT_PAUSE_MS")
     alert_recipient: str = Field(default="ops@example.com", validation_alias="SALESDASH_ALERT_RECIPIENT")
     # how long a rollup refresh waits for a lock (a rebuild for running refreshes, any refresh for table locks)
     rollup_lock_timeout: float = Field(default=5.0, gt=0, validation_alias="SALESDASH_ROLLUP_LOCK_TIMEOUT")
@@ -48,6 +52,11 @@ class Settings(BaseSettings):
     @property
     def tzinfo(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+    @property
+    def exports_dir(self) -> Path:
+        """Where `export_analytics_data` writes its files and `GET /exports/{task_id}` reads them."""
+        return self.data_dir / "exports"
 
 
 @lru_cache

@@ -1,7 +1,7 @@
 """The `analytics` queue: `arq worker.analytics.Settings` starts a worker for it alone."""
 
 from worker.engine import install_engine
-from worker.jobs import reports, views
+from worker.jobs import exports, reports, views
 from worker.registry import Queue
 from worker.settings import queue_settings
 
@@ -12,4 +12,5 @@ Settings = queue_settings(
     views.refresh_daily_materialized_views,
     views.refresh_all_materialized_views,
     reports.generate_monthly_report,
+    exports.export_analytics_data,
 )
