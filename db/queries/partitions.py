@@ -109,9 +109,10 @@ _MARK_DROPPED = "UPDATE order_partition_drops SET state = 'dropped', dropped_at 
 _MARK_DROPPED_WHERE = "WHERE relid = $1::oid AND partition = $2 AND state = 'detaching'"
 _FORGET_INTENT = "DELETE FROM order_partition_drops WHERE relid = $1::oid AND partition = $2 AND state = 'detaching'"
 
-# The partitions ensure_order_partitions (migration 0001) would create for [$1, $2]: same names, same test.
+# The partitions ensure_order_partitions (migration 0001) would create for [$1, $2] (same names, same test), named
+# like the catalog's: quoted and schema-qualified.
 _MISSING = """
-SELECT format('%s_p%s', parent, to_char(month, 'YYYY_MM')) AS name
+SELECT format('public.%I', format('%s_p%s', parent, to_char(month, 'YYYY_MM'))) AS name
   FROM generate_series(date_trunc('month', $1::date), date_trunc('month', $2::date), interval '1 month') AS month
  CROSS JOIN unnest(ARRAY['orders', 'order_items']) AS parent
  WHERE to_regclass(format('public.%I', format('%s_p%s', parent, to_char(month, 'YYYY_MM')))) IS NULL
