@@ -8,7 +8,6 @@ from datetime import datetime
 from typing import Any
 
 import strawberry
-from pydantic import BaseModel
 
 from db import dashboard_records as records
 from worker.cache import CacheEntry
@@ -117,6 +116,6 @@ class LowStockProducts:
     data_watermark: datetime | None
 
 
-def meta(entry: CacheEntry[BaseModel]) -> dict[str, Any]:
+def meta(entry: CacheEntry[Any]) -> dict[str, Any]:
     """The cache entry's fields every dashboard type adds to its payload's."""
     return {"generated_at": entry.generated_at, "data_watermark": entry.data_watermark}

@@ -5,6 +5,7 @@ real worker's warm_dashboard_cache fills every key."""
 from __future__ import annotations
 
 import asyncio
+import os
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
@@ -212,3 +213,220 @@ async def test_low_stock_products_are_at_or_under_their_reorder_point(seeded: No
     assert {(p.product_id, p.shortfall) for p in data.products} == {(r["id"], r["shortfall"]) for r in expected}
     assert data.products[0].product_id == under["id"] and data.products[0].shortfall == 500
     assert [p.shortfall for p in data.products] == sorted((p.shortfall for p in data.products), reverse=True)
+
+
+# ---- GraphQL ---------------------------------------------------------------------------------------------------
+OVERVIEW_GQL = """query($range: String!) { salesOverview(range: $range) {
+  period { range timezone startDate endDate } revenue orders paidOrders averageOrderValue units distinctCustomers
+  cancelledOrders refundedOrders refundedAmount generatedAt dataWatermark } }"""
+
+
+async def test_graphql_serves_exact_money_from_the_cache(
+    seeded: None, db: asyncpg.Pool, clean_redis: Redis, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]]
+) -> None:
+    body = await gql(app_client, OVERVIEW_GQL, auth["read"], range="last_30_days")
+    assert "errors" not in body, body
+    got = body["data"]["salesOverview"]
+    period = Period(
+        range=DashboardRange.LAST_30_DAYS,
+        timezone=got["period"]["timezone"],
+        start_date=date.fromisoformat(got["period"]["startDate"]),
+        end_date=date.fromisoformat(got["period"]["endDate"]),
+    )
+    expected = await expected_overview(db, period)
+    assert got["revenue"] == str(expected["revenue"])  # a string with every cent, never a float
+    assert got["averageOrderValue"] == str(expected["average_order_value"])
+    assert got["refundedAmount"] == str(expected["refunded_amount"])
+    assert (got["orders"], got["paidOrders"], got["units"]) == (
+        expected["orders"],
+        expected["paid_orders"],
+        expected["units"],
+    )
+    newest = await db.fetchval("SELECT max(created_at) FROM orders")
+    assert datetime.fromisoformat(got["dataWatermark"]) == newest
+    # a second request is a cache hit: the same generatedAt, nothing computed again
+    again = await gql(app_client, OVERVIEW_GQL, auth["read"], range="last_30_days")
+    assert again["data"]["salesOverview"]["generatedAt"] == got["generatedAt"]
+    assert (await cache.computations(clean_redis))["sales_overview"] == 1
+
+
+ALL_FIELDS_GQL = """{
+  hourlyMetrics(hours: 3) { hours buckets { hour orders revenue } }
+  topProducts(range: "last_7_days", limit: 2, by: "units") { by limit products { productId units revenue } }
+  topCategories(range: "today") { categories { category revenue revenueShare } }
+  categoryBreakdown(range: "month_to_date") { revenue categories { category } }
+  customerSegments { customers segments { segment customers } }
+  lowStockProducts { total products { productId shortfall } }
+}"""
+
+
+async def test_every_dashboard_field_answers_a_read_token_and_refuses_no_token(
+    seeded: None, clean_redis: Redis, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]]
+) -> None:
+    body = await gql(app_client, ALL_FIELDS_GQL, auth["read"])
+    assert "errors" not in body, body
+    data = body["data"]
+    assert data["hourlyMetrics"]["hours"] == 3 and len(data["hourlyMetrics"]["buckets"]) == 3
+    assert data["topProducts"]["by"] == "units" and len(data["topProducts"]["products"]) == 2
+    assert isinstance(data["topCategories"]["categories"][0]["revenue"], str)
+    assert data["customerSegments"]["customers"] == 300
+    assert data["lowStockProducts"]["total"] == len(data["lowStockProducts"]["products"])
+
+    refused = await gql(app_client, ALL_FIELDS_GQL)
+    assert refused["data"] is None or all(v is None for v in refused["data"].values())
+    assert {e["extensions"]["code"] for e in refused["errors"]} == {"UNAUTHENTICATED"}
+
+
+@pytest.mark.parametrize(
+    ("query", "argument"),
+    [
+        ('{ salesOverview(range: "last_week") { revenue } }', "range"),
+        ("{ hourlyMetrics(hours: 169) { hours } }", "hours"),
+        ("{ hourlyMetrics(hours: 0) { hours } }", "hours"),
+        ('{ topProducts(range: "today", limit: 101) { limit } }', "limit"),
+        ('{ topProducts(range: "today", limit: 0) { limit } }', "limit"),
+        ('{ topCategories(range: "today", by: "profit") { by } }', "by"),
+        ('{ categoryBreakdown(range: "") { revenue } }', "range"),
+    ],
+)
+async def test_bad_arguments_are_graphql_errors_naming_the_argument(
+    clean_redis: Redis, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]], query: str, argument: str
+) -> None:
+    body = await gql(app_client, query, auth["read"])  # asserts HTTP 200, never a 500
+    [error] = body["errors"]
+    assert error["extensions"] == {"code": "BAD_USER_INPUT", "argument": argument}
+    assert error["message"].startswith(f"{argument}: ")
+    assert await clean_redis.keys(f"{cache.PREFIX}:*") == []  # nothing computed, locked or stored
+
+
+async def test_unknown_range_lists_the_known_ones(clean_redis: Redis) -> None:
+    with pytest.raises(dashboard.DashboardArgumentError) as caught:
+        dashboard.request(dashboard.SALES_OVERVIEW, {"range": "fortnight"})
+    assert caught.value.argument == "range"
+    assert "'fortnight'" in str(caught.value) and "month_to_date" in str(caught.value)
+
+
+# ---- the cache -------------------------------------------------------------------------------------------------
+async def _waiting_on_a_lock(probe: asyncpg.Connection) -> bool:
+    return bool(
+        await probe.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FROM orders%'"
+        )
+    )
+
+
+async def test_fifty_concurrent_requests_on_a_cold_cache_compute_once(
+    seeded: None, db: asyncpg.Pool, clean_redis: Redis, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]]
+) -> None:
+    # connections of their own, outside the app's pool: a broken cache that computed 50 times would take the
+    # whole pool and must fail this test, not hang it
+    blocker, probe = (
+        await asyncpg.connect(os.environ["DATABASE_URL"]),
+        await asyncpg.connect(os.environ["DATABASE_URL"]),
+    )
+    try:
+        async with blocker.transaction():
+            # hold the first computation inside PostgreSQL, so the other 49 requests arrive while it runs
+            await blocker.execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")  # the watermark reads orders
+            requests = asyncio.gather(
+                *(gql(app_client, OVERVIEW_GQL, auth["read"], range="last_7_days") for _ in range(50))
+            )
+            await wait_for(lambda: _waiting_on_a_lock(probe), timeout=10, interval=0.02)
+            assert await clean_redis.exists(cache.lock_key("sales_overview", _overview_args("last_7_days")))
+    finally:
+        await blocker.close()
+        await probe.close()
+    bodies = await requests
+    assert all("errors" not in b for b in bodies), bodies[0]
+    assert len({b["data"]["salesOverview"]["generatedAt"] for b in bodies}) == 1
+    assert len({b["data"]["salesOverview"]["revenue"] for b in bodies}) == 1
+    assert (await cache.computations(clean_redis)) == {"sales_overview": 1}
+    assert not await clean_redis.exists(cache.lock_key("sales_overview", _overview_args("last_7_days")))
+
+
+def _overview_args(range_: str) -> str:
+    return dashboard.request(dashboard.SALES_OVERVIEW, {"range": range_}).canonical_args
+
+
+async def test_a_dead_holders_lock_expires_and_one_waiter_computes(
+    seeded: None, db: asyncpg.Pool, clean_redis: Redis
+) -> None:
+    args = _overview_args("yesterday")
+    # a holder that died: its lock is there, its value never comes
+    await clean_redis.set(cache.lock_key("sales_overview", args), "dead-holder", px=300)
+    entries = await asyncio.gather(
+        *(
+            dashboard.read(clean_redis, db, dashboard.SALES_OVERVIEW, {"range": "yesterday"}, lock_s=5)
+            for _ in range(10)
+        )
+    )
+    assert (await cache.computations(clean_redis)) == {"sales_overview": 1}
+    assert len({e.generated_at for e in entries}) == 1
+    assert await clean_redis.exists(cache.entry_key("sales_overview", args))
+
+
+async def test_a_failing_computation_releases_its_lock(clean_redis: Redis) -> None:
+    async def fails() -> cache.CacheEntry[Period]:
+        raise RuntimeError("database went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        await cache.read_through(clean_redis, "probe", "-", Period, fails, ttl_s=60, lock_s=30)
+    assert await clean_redis.keys(f"{cache.PREFIX}:*") == []  # the next caller need not wait 30 s
+
+
+async def test_an_entry_expires_with_its_ttl_and_is_recomputed(
+    seeded: None, db: asyncpg.Pool, clean_redis: Redis
+) -> None:
+    def read() -> Any:
+        return dashboard.read(clean_redis, db, dashboard.CUSTOMER_SEGMENTS, {}, ttl_s=0.5)
+
+    key = cache.entry_key("customer_segments", "-")
+    first = await read()
+    assert 0 < await clean_redis.pttl(key) <= 500
+    assert (await read()).generated_at == first.generated_at  # served from the cache
+    await wait_for(lambda: _gone(clean_redis, key), timeout=5, interval=0.05)
+    second = await read()
+    assert second.generated_at > first.generated_at
+    assert (await cache.computations(clean_redis)) == {"customer_segments": 2}
+
+
+async def _gone(redis: Redis, key: str) -> bool:
+    return not await redis.exists(key)
+
+
+async def test_an_entry_older_than_its_ttl_is_never_served(seeded: None, db: asyncpg.Pool, clean_redis: Redis) -> None:
+    """An entry written under a longer TTL (the setting was lowered since) is dropped, not served."""
+    fresh = await dashboard.read(clean_redis, db, dashboard.LOW_STOCK_PRODUCTS, {}, ttl_s=3600)
+    old = fresh.model_copy(update={"generated_at": fresh.generated_at - timedelta(minutes=30)})
+    await clean_redis.set(cache.entry_key("low_stock_products", "-"), cache.encode(old), px=3_600_000)
+    served = await dashboard.read(clean_redis, db, dashboard.LOW_STOCK_PRODUCTS, {}, ttl_s=600)
+    assert served.generated_at > old.generated_at + timedelta(minutes=29)
+    assert (await cache.computations(clean_redis)) == {"low_stock_products": 2}
+
+
+async def test_warm_dashboard_cache_run_by_a_real_worker_fills_every_key(
+    seeded: None, db: asyncpg.Pool, clean_redis: Redis
+) -> None:
+    before = Moment.current()
+    job = await client.enqueue_task(clean_redis, OPERATOR, "warm_dashboard_cache")
+    run = arq_burst("analytics")
+    assert run.returncode == 0, run.stdout + run.stderr
+    after = Moment.current()
+    status = await client.job_status(clean_redis, db, job.task_id)
+    assert status.status == "complete", status
+    requests = dashboard.warm_requests(before)
+    if {r.key for r in requests} != {r.key for r in dashboard.warm_requests(after)}:
+        requests = dashboard.warm_requests(after)  # the run crossed a day or an hour: its keys are the later ones
+    assert status.result["payloads"] == len(requests) == 23
+
+    stored = {k.decode() for k in await clean_redis.keys(f"{cache.PREFIX}:*")} - {cache.COMPUTATIONS_KEY}
+    assert stored == {r.key for r in requests}
+    newest = await db.fetchval("SELECT max(created_at) FROM orders")
+    ttl_ms = 600_000  # SALESDASH_DASHBOARD_CACHE_TTL's default, which the worker runs with
+    for req in requests:
+        raw = await clean_redis.get(req.key)
+        entry = cache.decode(raw, req.query.payload_model)
+        assert entry.data_watermark == newest and entry.query == req.query.name
+        assert 0 < await clean_redis.pttl(req.key) <= ttl_ms
+    counts = await cache.computations(clean_redis)
+    assert counts == {q.name: sum(r.query is q for r in requests) for q in dashboard.QUERIES}
