@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     job_history_days: int = Field(default=30, validation_alias="SALESDASH_JOB_HISTORY_DAYS")
     shutdown_timeout: int = Field(default=30, validation_alias="SALESDASH_SHUTDOWN_TIMEOUT")
     alert_recipient: str = Field(default="ops@example.com", validation_alias="SALESDASH_ALERT_RECIPIENT")
+    # how long a rollup refresh waits for a lock (a rebuild for running refreshes, any refresh for table locks)
+    rollup_lock_timeout: float = Field(default=5.0, gt=0, validation_alias="SALESDASH_ROLLUP_LOCK_TIMEOUT")
     api_host: str = Field(default="127.0.0.1", validation_alias="SALESDASH_API_HOST")
     api_port: int = Field(default=8000, validation_alias="SALESDASH_API_PORT")
     # warm_dashboard_cache runs every 2 min: a TTL several times that rides out a failed or slow run

@@ -137,7 +137,7 @@ _SPECS = [
         "refresh_realtime_materialized_views",
         Queue.ANALYTICS,
         "views",
-        "Refresh the hourly sales metrics view",
+        "Bring the hourly sales rollup up to date: recompute the UTC hours whose orders changed",
         timeout_s=240,
         schedule=Schedule("every 5 min (minute 0,5,…,55)", minute=EVERY_5_MIN),
     ),
@@ -145,12 +145,16 @@ _SPECS = [
         "refresh_daily_materialized_views",
         Queue.ANALYTICS,
         "views",
-        "Refresh the daily sales, product and category views",
+        "Bring the daily sales, product and category rollups up to date: recompute the local days that changed",
         timeout_s=1800,
         schedule=Schedule("every hour (minute 0)", minute=0),
     ),
     TaskSpec(
-        "refresh_all_materialized_views", Queue.ANALYTICS, "views", "Refresh every analytics view", timeout_s=3600
+        "refresh_all_materialized_views",
+        Queue.ANALYTICS,
+        "views",
+        "Rebuild every analytics rollup from orders (repair) and clear the invalidation log",
+        timeout_s=3600,
     ),
     TaskSpec(
         "warm_dashboard_cache",
