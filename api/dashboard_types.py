@@ -55,6 +55,8 @@ class SalesOverview:
     average_order_value: strawberry.auto
     units: strawberry.auto
     distinct_customers: strawberry.auto
+    new_customers: strawberry.auto
+    returning_customers: strawberry.auto
     cancelled_orders: strawberry.auto
     refunded_orders: strawberry.auto
     refunded_amount: strawberry.auto

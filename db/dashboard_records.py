@@ -60,6 +60,8 @@ class SalesOverview(_Record):
     average_order_value: Decimal | None  # revenue / paid orders, to the cent; null without paid orders
     units: int  # units sold in paid, shipped and delivered orders
     distinct_customers: int  # customers with at least one order of any status
+    new_customers: int  # of those, customers whose first order ever is in the range
+    returning_customers: int  # the others: they had ordered before the range
     cancelled_orders: int
     refunded_orders: int
     refunded_amount: Decimal
@@ -70,8 +72,12 @@ class HourlyBucket(_Record):
     orders: int
     paid_orders: int
     revenue: Decimal
+    units: int
+    average_order_value: Decimal | None
     distinct_customers: int
     cancelled_orders: int
+    refunded_orders: int
+    refunded_amount: Decimal
 
 
 class HourlyMetrics(_Record):

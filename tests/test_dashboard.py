@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
@@ -18,6 +19,7 @@ from redis.asyncio import Redis
 
 from db.dashboard_records import DashboardRange, Period, RankBy
 from salesdash.auth import OPERATOR
+from salesdash.config import get_settings
 from tests.conftest import arq_burst, wait_for
 from tests.test_api import gql
 from worker import cache, client, dashboard
@@ -38,7 +40,7 @@ async def seeded(db: asyncpg.Pool) -> None:
         await seed(conn, customers=300, products=40, orders=4_000, months=2, seed=11, progress=False)
         # every fourth customer stays unsegmented
         await conn.execute("UPDATE customers SET segment = ($1::text[])[id % 4] WHERE id % 4 > 0", list(SEGMENTS))
-    await refresh_all_materialized_views({"db": db})
+    await refresh_all_materialized_views({"db": db, "settings": get_settings()})
 
 
 def instants(period: Period) -> tuple[datetime, datetime]:
@@ -73,7 +75,15 @@ async def expected_overview(db: asyncpg.Pool, period: Period) -> dict[str, Any]:
         start,
         end,
     )
+    new_customers = await db.fetchval(
+        """SELECT count(*) FROM (SELECT min(created_at) AS first_order FROM orders GROUP BY customer_id) f
+            WHERE first_order >= $1 AND first_order < $2""",
+        start,
+        end,
+    )
     expected = dict(row)
+    expected["new_customers"] = new_customers
+    expected["returning_customers"] = expected["distinct_customers"] - new_customers
     paid = expected["paid_orders"]
     expected["average_order_value"] = (expected["revenue"] / paid).quantize(Decimal("0.01")) if paid else None
     expected["units"] = units
@@ -117,6 +127,58 @@ async def test_sales_overview_equals_orders(seeded: None, db: asyncpg.Pool, rang
     assert overview.model_dump(exclude={"period"}) == expected
 
 
+AUCKLAND = ZoneInfo("Pacific/Auckland")
+CRAFTED_TOTAL = Decimal("777.77")
+
+
+@pytest.fixture
+async def auckland_store(seeded: None, db: asyncpg.Pool) -> AsyncIterator[datetime]:
+    """The store moves to Pacific/Auckland: the rollups are rebuilt there by the refresh job, and one order is
+    placed a second after local midnight today, which is still yesterday in UTC. Back to UTC afterwards."""
+    local_midnight = datetime.combine(datetime.now(AUCKLAND).date(), time(), AUCKLAND)
+    placed_at = local_midnight + timedelta(seconds=1)
+    order_id = await db.fetchval(
+        """INSERT INTO orders (customer_id, status, total_amount, created_at)
+           VALUES ((SELECT min(id) FROM customers), 'paid', $1, $2) RETURNING id""",
+        CRAFTED_TOTAL,
+        placed_at,
+    )
+    await db.execute(
+        """INSERT INTO order_items (order_id, line_no, product_id, quantity, unit_price, created_at)
+           VALUES ($1, 1, (SELECT min(id) FROM products), 1, $2, $3)""",
+        order_id,
+        CRAFTED_TOTAL,
+        placed_at,
+    )
+    in_auckland = get_settings().model_copy(update={"timezone": AUCKLAND.key})
+    await refresh_all_materialized_views({"db": db, "settings": in_auckland})
+    try:
+        yield placed_at
+    finally:
+        await db.execute("DELETE FROM order_items WHERE order_id = $1", order_id)
+        await db.execute("DELETE FROM orders WHERE id = $1", order_id)
+        await refresh_all_materialized_views({"db": db, "settings": get_settings()})
+
+
+@pytest.mark.parametrize("range_", list(DashboardRange))
+async def test_a_store_in_auckland_gets_its_local_days(
+    auckland_store: datetime, db: asyncpg.Pool, range_: DashboardRange
+) -> None:
+    moment = Moment(datetime.now(UTC), AUCKLAND)
+    overview = await compute(db, dashboard.SALES_OVERVIEW, {"range": range_}, moment)
+    assert overview.period == moment.period(range_)
+    assert overview.period.timezone == "Pacific/Auckland" and moment.today == datetime.now(AUCKLAND).date()
+    assert overview.model_dump(exclude={"period"}) == await expected_overview(db, overview.period)
+    # the same calendar days read as UTC days give other figures: the crafted order is yesterday there
+    utc_days = overview.period.model_copy(update={"timezone": "UTC"})
+    as_utc = await expected_overview(db, utc_days)
+    assert overview.model_dump(exclude={"period"}) != as_utc
+    if range_ is DashboardRange.TODAY:
+        assert auckland_store.astimezone(UTC).date() < overview.period.start_date
+        crafted = await compute(db, dashboard.TOP_PRODUCTS, {"range": range_, "limit": 100}, moment)
+        assert any(p.revenue >= CRAFTED_TOTAL for p in crafted.products)
+
+
 def test_ranges_are_whole_local_days() -> None:
     today = date(2026, 3, 15)
     assert DashboardRange.TODAY.local_days(today) == (today, today)
@@ -136,10 +198,17 @@ async def test_hourly_metrics_equal_orders(seeded: None, db: asyncpg.Pool) -> No
     expected = await db.fetch(
         f"""SELECT g.hour, count(o.*) AS orders, count(o.*) FILTER (WHERE o.status IN {PAID}) AS paid_orders,
                    coalesce(sum(o.total_amount) FILTER (WHERE o.status IN {PAID}), 0) AS revenue,
+                   coalesce(sum(i.units) FILTER (WHERE o.status IN {PAID}), 0) AS units,
+                   round(sum(o.total_amount) FILTER (WHERE o.status IN {PAID})
+                         / nullif(count(o.*) FILTER (WHERE o.status IN {PAID}), 0), 2) AS average_order_value,
                    count(DISTINCT o.customer_id) AS distinct_customers,
-                   count(o.*) FILTER (WHERE o.status = 'cancelled') AS cancelled_orders
+                   count(o.*) FILTER (WHERE o.status = 'cancelled') AS cancelled_orders,
+                   count(o.*) FILTER (WHERE o.status = 'refunded') AS refunded_orders,
+                   coalesce(sum(o.total_amount) FILTER (WHERE o.status = 'refunded'), 0) AS refunded_amount
               FROM generate_series($1::timestamptz - interval '47 hours', $1::timestamptz, interval '1 hour') g(hour)
               LEFT JOIN orders o ON o.created_at >= g.hour AND o.created_at < g.hour + interval '1 hour'
+              LEFT JOIN LATERAL (SELECT sum(quantity) AS units FROM order_items
+                                  WHERE order_id = o.id AND created_at = o.created_at) i ON true
              GROUP BY g.hour ORDER BY g.hour""",
         moment.current_hour,
     )

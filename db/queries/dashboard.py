@@ -1,9 +1,10 @@
-"""Dashboard payloads, read from the analytics rollups by their stable names.
+"""Dashboard payloads, read from the analytics rollups by their stable names (migration 0002).
 
 `mv_hourly_sales_metrics` buckets UTC hours; `mv_daily_sales_summary`, `mv_daily_product_sales` and
-`mv_daily_category_sales` bucket days. Ranges are whole local days `[start_day, end_day]` in the store's
-timezone. Distinct customers over several days cannot be added up from daily rows, so that one figure (and the
-refunded-order count, which the rollups lack) is counted from `orders` over the range's instants.
+`mv_daily_category_sales` bucket local days in SALESDASH_TIMEZONE. Ranges are whole local days
+`[start_day, end_day]`. Every measure but one adds up over days (an order lies on one day, a customer's first
+order too); distinct customers over several days do not, so that figure is counted from `orders` over the
+range, with the rollups' own test of which local day an order belongs to.
 """
 
 from __future__ import annotations
@@ -42,22 +43,25 @@ WITH days AS (
     SELECT coalesce(sum(revenue), 0)::numeric(16,2) AS revenue,
            coalesce(sum(orders_count), 0)::bigint AS orders,
            coalesce(sum(paid_orders), 0)::bigint AS paid_orders,
+           coalesce(sum(units), 0)::bigint AS units,
+           coalesce(sum(new_customers), 0)::bigint AS new_customers,
            coalesce(sum(cancelled_orders), 0)::bigint AS cancelled_orders,
+           coalesce(sum(refunded_orders), 0)::bigint AS refunded_orders,
            coalesce(sum(refunded_amount), 0)::numeric(16,2) AS refunded_amount
       FROM mv_daily_sales_summary
      WHERE day BETWEEN $1 AND $2
-), units AS (
-    SELECT coalesce(sum(units), 0)::bigint AS units FROM mv_daily_product_sales WHERE day BETWEEN $1 AND $2
-), raw AS (
-    SELECT count(DISTINCT customer_id) AS distinct_customers,
-           count(*) FILTER (WHERE status = 'refunded') AS refunded_orders
+), customers AS (
+    -- 2 h of slack around local midnight, as the rollups have it, for zones whose clocks change at midnight;
+    -- the date test decides
+    SELECT count(DISTINCT customer_id) AS distinct_customers
       FROM orders
-     WHERE created_at >= $1::date::timestamp AT TIME ZONE $3
-       AND created_at < ($2::date + 1)::timestamp AT TIME ZONE $3
+     WHERE created_at >= ($1::date::timestamp AT TIME ZONE $3) - interval '2 hours'
+       AND created_at < (($2::date + 1)::timestamp AT TIME ZONE $3) + interval '2 hours'
+       AND (created_at AT TIME ZONE $3)::date BETWEEN $1 AND $2
 )
 SELECT days.*, round(days.revenue / nullif(days.paid_orders, 0), 2) AS average_order_value,
-       units.units, raw.distinct_customers, raw.refunded_orders
-  FROM days, units, raw
+       customers.distinct_customers, customers.distinct_customers - days.new_customers AS returning_customers
+  FROM days, customers
 """
 
 # $1, $2: first and last hour (UTC, naive as the view stores them).
@@ -66,8 +70,12 @@ SELECT g.hour AT TIME ZONE 'UTC' AS hour,
        coalesce(m.orders_count, 0) AS orders,
        coalesce(m.paid_orders, 0) AS paid_orders,
        coalesce(m.revenue, 0)::numeric(16,2) AS revenue,
+       coalesce(m.units, 0) AS units,
+       m.avg_order_value AS average_order_value,
        coalesce(m.unique_customers, 0) AS distinct_customers,
-       coalesce(m.cancelled_orders, 0) AS cancelled_orders
+       coalesce(m.cancelled_orders, 0) AS cancelled_orders,
+       coalesce(m.refunded_orders, 0) AS refunded_orders,
+       coalesce(m.refunded_amount, 0)::numeric(16,2) AS refunded_amount
   FROM generate_series($1::timestamp, $2::timestamp, interval '1 hour') AS g(hour)
   LEFT JOIN mv_hourly_sales_metrics m ON m.hour = g.hour
  ORDER BY g.hour
