@@ -6,7 +6,7 @@ HASH   := $(shell cksum pyproject.toml | cut -d' ' -f1)
 STAMP  := $(VENV)/.installed-$(HASH)
 BENCH_STAMP := $(VENV)/.bench-$(HASH)
 
-.PHONY: run test lint bench bench-queue bench-seed bench-dashboard clean
+.PHONY: run test lint bench bench-queue bench-seed bench-reports bench-dashboard clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,13 +33,16 @@ lint: $(STAMP)
 	$(BIN)/mypy salesdash db worker api cli
 	$(BIN)/mypy tests
 
-bench: bench-queue bench-seed bench-dashboard
+bench: bench-queue bench-seed bench-reports bench-dashboard
 
 bench-queue: $(BENCH_STAMP)
 	$(BIN)/python bench/queue.py
 
 bench-seed: $(BENCH_STAMP)
 	$(BIN)/python bench/seed.py
+
+bench-reports: $(BENCH_STAMP)
+	$(BIN)/python bench/reports.py
 
 bench-dashboard: $(BENCH_STAMP)
 	$(BIN)/python bench/dashboard.py

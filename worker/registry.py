@@ -16,9 +16,11 @@ from typing import Any, Final
 from arq import cron, func
 from arq.cron import CronJob
 from arq.worker import Function
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from salesdash.auth import Scope
+from salesdash.config import get_settings
+from salesdash.periods import Month
 from worker.jobstore import queue_name
 
 JobFunction = Callable[..., Awaitable[Any]]
@@ -37,6 +39,23 @@ class Queue(StrEnum):
 
 class NoArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class MonthlyReportArgs(BaseModel):
+    """`month` as YYYY-MM, not after the current month in SALESDASH_TIMEZONE; absent: the previous month."""
+
+    model_config = ConfigDict(extra="forbid")
+    month: str | None = None
+
+    @field_validator("month")
+    @classmethod
+    def _past_or_current_month(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        month, tz = Month.parse(value), get_settings().tzinfo
+        if month > Month.current(tz):
+            raise ValueError(f"{month} is in the future (it is {Month.current(tz)} in {tz.key})")
+        return str(month)
 
 
 @dataclass(frozen=True)
@@ -165,6 +184,16 @@ _SPECS = [
         keep_result_s=3600,  # 30 runs an hour: an hour of results is enough to see what happened
         retry=RetryPolicy(max_tries=2, backoff_cap_s=30),  # the next tick comes 2 min later anyway
         schedule=Schedule("every 2 min (minute 0,2,…,58)", minute=EVERY_2_MIN),
+    ),
+    TaskSpec(
+        "generate_monthly_report",
+        Queue.ANALYTICS,
+        "reports",
+        "Store the sales report of a month (default: the previous one) as JSON and an HTML page",
+        args_model=MonthlyReportArgs,
+        timeout_s=1800,
+        keep_result_s=7 * 24 * 3600,
+        schedule=Schedule("monthly, day 1 @ 06:00", minute=0, hour=6, day=1),
     ),
     TaskSpec(
         "check_low_stock_products",
