@@ -201,9 +201,13 @@ def request(query: DashboardQuery[P], raw_args: Mapping[str, Any], moment: Momen
 
 
 async def compute_in(conn: asyncpg.Connection, req: DashboardRequest[P], generated_at: datetime) -> CacheEntry[P]:
-    """Compute a payload on a connection already inside a read-only snapshot; counts the computation."""
-    watermark = await sql.data_watermark(conn)
-    data = await req.query.compute(conn, req.args, req.moment)
+    """Compute one payload on a connection already inside a read-only snapshot."""
+    return _entry(
+        req, generated_at, await sql.data_watermark(conn), await req.query.compute(conn, req.args, req.moment)
+    )
+
+
+def _entry(req: DashboardRequest[P], generated_at: datetime, watermark: datetime | None, data: P) -> CacheEntry[P]:
     return CacheEntry[req.query.payload_model](  # type: ignore[name-defined]
         query=req.query.name, args=req.canonical_args, generated_at=generated_at, data_watermark=watermark, data=data
     )
@@ -219,10 +223,11 @@ async def compute_all(
     generated_at = cache.utc_now()
     entries: list[CacheEntry[Any]] = []
     async with db.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        watermark = await sql.data_watermark(conn)
         for index, req in enumerate(requests):
             if progress is not None:
                 await progress(index / len(requests), f"computing {req.query.name} ({req.canonical_args})")
-            entries.append(await compute_in(conn, req, generated_at))
+            entries.append(_entry(req, generated_at, watermark, await req.query.compute(conn, req.args, req.moment)))
     return entries
 
 

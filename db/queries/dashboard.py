@@ -77,7 +77,7 @@ SELECT g.hour AT TIME ZONE 'UTC' AS hour,
        coalesce(m.refunded_orders, 0) AS refunded_orders,
        coalesce(m.refunded_amount, 0)::numeric(16,2) AS refunded_amount
   FROM generate_series($1::timestamp, $2::timestamp, interval '1 hour') AS g(hour)
-  LEFT JOIN mv_hourly_sales_metrics m ON m.hour = g.hour
+  LEFT JOIN mv_hourly_sales_metrics m ON m.hour = g.hour AND m.hour BETWEEN $1 AND $2  -- a primary-key range
  ORDER BY g.hour
 """
 
