@@ -379,7 +379,8 @@ async def test_unknown_range_lists_the_known_ones(clean_redis: Redis) -> None:
 async def _waiting_on_a_lock(probe: asyncpg.Connection) -> bool:
     return bool(
         await probe.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FROM orders%'"
+            """SELECT count(*) FROM pg_stat_activity
+                WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%FROM orders%'"""
         )
     )
 
@@ -497,5 +498,8 @@ async def test_warm_dashboard_cache_run_by_a_real_worker_fills_every_key(
         entry = cache.decode(raw, req.query.payload_model)
         assert entry.data_watermark == newest and entry.query == req.query.name
         assert 0 < await clean_redis.pttl(req.key) <= ttl_ms
+    # every run computes the whole set once (a cron tick falling inside the burst may add a second run)
     counts = await cache.computations(clean_redis)
-    assert counts == {q.name: sum(r.query is q for r in requests) for q in dashboard.QUERIES}
+    runs = counts["hourly_metrics"]
+    assert runs >= 1
+    assert counts == {q.name: runs * sum(r.query is q for r in requests) for q in dashboard.QUERIES}
