@@ -437,12 +437,12 @@ async def _refresh_realtime(conn: asyncpg.Connection, started: float, progress: 
     await _step(progress, 0.0, "reading the invalidation log")
     consumed = await _consume(conn, Family.REALTIME, "UTC")
     hours: list[datetime] = consumed["hours"]
-    views = []
+    view = ViewRefresh(_HOURLY.table, 0, 0, 0)
     if hours:
         await _step(progress, 0.3, f"recomputing {len(hours)} hours")
-        views.append(await _merge(conn, _HOURLY.table, _HOURLY.partial_sql, hours))
+        view = await _merge(conn, _HOURLY.table, _HOURLY.partial_sql, hours)
     return RefreshOutcome(
-        Family.REALTIME.value, "incremental", False, "", len(consumed["buckets"]), len(hours), 0, views,
+        Family.REALTIME.value, "incremental", False, "", len(consumed["buckets"]), len(hours), 0, [view],
         time.perf_counter() - started,
     )  # fmt: skip
 
@@ -453,16 +453,16 @@ async def _refresh_daily(
     await _step(progress, 0.0, "reading the invalidation log")
     consumed = await _consume(conn, Family.DAILY, timezone)
     buckets: list[datetime] = consumed["buckets"]
-    views: list[ViewRefresh] = []
+    views = [ViewRefresh(rollup.table, 0, 0, 0) for rollup in _ROLLUPS[Family.DAILY]]
     days: list[date] = []
     if buckets:
         await _step(progress, 0.2, f"first orders of the customers in {len(buckets)} buckets")
         first = await conn.fetchrow(_FIRST_ORDERS_PARTIAL, timezone, buckets, consumed["days"])
-        views.append(ViewRefresh(FIRST_ORDERS, first["rows"], first["upserted"], first["deleted"]))
+        views[0] = ViewRefresh(FIRST_ORDERS, first["rows"], first["upserted"], first["deleted"])
         days = first["days"]
-        for k, rollup in enumerate(_ROLLUPS[Family.DAILY][1:]):
-            await _step(progress, 0.4 + 0.2 * k, f"recomputing {len(days)} days of {rollup.table}")
-            views.append(await _merge(conn, rollup.table, rollup.partial_sql, timezone, days))
+        for k, rollup in enumerate(_ROLLUPS[Family.DAILY][1:], 1):
+            await _step(progress, 0.2 + 0.2 * k, f"recomputing {len(days)} days of {rollup.table}")
+            views[k] = await _merge(conn, rollup.table, rollup.partial_sql, timezone, days)
     return RefreshOutcome(
         Family.DAILY.value, "incremental", False, "", len(buckets), 0, len(days), views, time.perf_counter() - started
     )
