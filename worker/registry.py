@@ -207,6 +207,7 @@ class TaskSpec:
         )
 
 
+EVERY_2_MIN = set(range(0, 60, 2))
 EVERY_5_MIN = set(range(0, 60, 5))
 
 _SPECS = [
@@ -214,7 +215,7 @@ _SPECS = [
         "refresh_realtime_materialized_views",
         Queue.ANALYTICS,
         "views",
-        "Refresh the hourly sales metrics view",
+        "Bring the hourly sales rollup up to date: recompute the UTC hours whose orders changed",
         timeout_s=240,
         schedule=Schedule("every 5 min (minute 0,5,…,55)", minute=EVERY_5_MIN),
     ),
@@ -222,12 +223,26 @@ _SPECS = [
         "refresh_daily_materialized_views",
         Queue.ANALYTICS,
         "views",
-        "Refresh the daily sales, product and category views",
+        "Bring the daily sales, product and category rollups up to date: recompute the local days that changed",
         timeout_s=1800,
         schedule=Schedule("every hour (minute 0)", minute=0),
     ),
     TaskSpec(
-        "refresh_all_materialized_views", Queue.ANALYTICS, "views", "Refresh every analytics view", timeout_s=3600
+        "refresh_all_materialized_views",
+        Queue.ANALYTICS,
+        "views",
+        "Rebuild every analytics rollup from orders (repair) and clear the invalidation log",
+        timeout_s=3600,
+    ),
+    TaskSpec(
+        "warm_dashboard_cache",
+        Queue.ANALYTICS,
+        "dashboard",
+        "Compute every default dashboard payload into the Redis cache",
+        timeout_s=100,  # under the 2 min interval, so two runs never overlap
+        keep_result_s=3600,  # 30 runs an hour: an hour of results is enough to see what happened
+        retry=RetryPolicy(max_tries=2, backoff_cap_s=30),  # the next tick comes 2 min later anyway
+        schedule=Schedule("every 2 min (minute 0,2,…,58)", minute=EVERY_2_MIN),
     ),
     TaskSpec(
         "generate_monthly_report",

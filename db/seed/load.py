@@ -16,8 +16,10 @@ from typing import Any
 import asyncpg
 import numpy as np
 
+from db.queries.views import RefreshLimits, lock_rollups, rebuild
 from db.seed.binary import _CUSTOMER_COLUMNS, _ITEM_COLUMNS, _ORDER_COLUMNS, _PRODUCT_COLUMNS, _copy
 from db.seed.model import _Chunk, _Generator, _months_before, _to_us
+from salesdash.config import get_settings
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,28 @@ def _progress_bar(enabled: bool) -> Any:
     )
 
 
+class _Rollups:
+    """The analytics rollups (db/queries/views.py) the load replaces the data under. Their locks are taken before
+    the sales tables are truncated, so a refresh never holds one the load waits for while it waits for a table the
+    load holds; they are rebuilt before the commit, so readers see the new data and its rollups together. With no
+    timezone they are left alone: the TRUNCATE marks them stale and their next refresh rebuilds them."""
+
+    def __init__(self, timezone: str | None) -> None:
+        self.timezone = timezone
+
+    async def lock(self, conn: asyncpg.Connection) -> None:
+        if self.timezone is not None:
+            await lock_rollups(conn)
+
+    async def rebuild(self, conn: asyncpg.Connection, timings: dict[str, float]) -> None:
+        if self.timezone is None:
+            return
+        tick = time.perf_counter()
+        limits = RefreshLimits(lock_timeout_s=None)  # the load holds the locks already
+        await rebuild(conn, timezone=self.timezone, limits=limits, reason="demo data loaded")
+        timings["rollups"] = timings.get("rollups", 0.0) + time.perf_counter() - tick
+
+
 # --------------------------------------------------------------------------------------------------
 # Parallel load through staging tables
 # --------------------------------------------------------------------------------------------------
@@ -199,8 +223,9 @@ class _StagedLoad:
     products. Until that commits nobody sees any of it, so a failure leaves the previous data."""
 
     def __init__(self, conn: asyncpg.Connection, helper: asyncpg.Connection, start: datetime, end: datetime,
-                 timings: dict[str, float], bar: Any) -> None:  # fmt: skip
+                 timings: dict[str, float], bar: Any, rollups: _Rollups) -> None:  # fmt: skip
         self.conn, self.helper, self.start, self.end, self.timings, self.bar = conn, helper, start, end, timings, bar
+        self.rollups = rollups
         self.bounds = _month_bounds(start, end)
         token = uuid.uuid4().hex[:8]
         self.stages = {
@@ -311,6 +336,7 @@ class _StagedLoad:
         tick = time.perf_counter()
         self.transaction = conn.transaction()
         await self.transaction.start()
+        await self.rollups.lock(conn)
         await conn.execute("SET LOCAL synchronous_commit = off")
         await conn.execute("TRUNCATE customers, products RESTART IDENTITY")
         body = await asyncio.to_thread(generator.customers_body)
@@ -361,6 +387,8 @@ class _StagedLoad:
                 "SELECT setval(pg_get_serial_sequence($1, 'id'), $2, $3)", table, max(count, 1), count > 0
             )
         tick = self._mark_since("swap", tick)
+        await self.rollups.rebuild(conn, self.timings)
+        tick = time.perf_counter()
         self.transaction = None
         await transaction.commit()
         self.committed = []  # attached and renamed: no longer staging tables
@@ -395,8 +423,8 @@ class _SerialLoad:
     sequences set past the loaded ids."""
 
     def __init__(self, conn: asyncpg.Connection, generator: _Generator, timings: dict[str, float], bar: Any,
-                 started: float, tick: float) -> None:  # fmt: skip
-        self.conn, self.generator, self.timings, self.bar = conn, generator, timings, bar
+                 started: float, tick: float, rollups: _Rollups) -> None:  # fmt: skip
+        self.conn, self.generator, self.timings, self.bar, self.rollups = conn, generator, timings, bar, rollups
         self.started, self.tick = started, tick  # the start of `seed`, the end of the last phase
         # COPY FREEZE needs the table truncated in the current (sub)transaction and no other open
         # snapshot or portal: only take it when we own the transaction.
@@ -411,6 +439,7 @@ class _SerialLoad:
     async def run(self, start: datetime, end: datetime, counts: dict[str, int], rebuild_indexes: bool) -> None:
         conn = self.conn
         async with conn.transaction():
+            await self.rollups.lock(conn)
             rebuild = await self._prepare(start, end, rebuild_indexes)
             await self._customers()
             await self._orders(counts["orders"])
@@ -420,6 +449,8 @@ class _SerialLoad:
                 await conn.execute(
                     "SELECT setval(pg_get_serial_sequence($1, 'id'), $2, $3)", table, max(count, 1), count > 0
                 )
+            await self.rollups.rebuild(conn, self.timings)
+            self.tick = time.perf_counter()
         self._mark("commit")
 
     async def _prepare(self, start: datetime, end: datetime, rebuild_indexes: bool) -> list[str]:
@@ -506,12 +537,12 @@ class _SerialLoad:
 
 async def _load_staged(
     conn: asyncpg.Connection, helper: asyncpg.Connection, generator: _Generator, start: datetime, end: datetime,
-    counts: dict[str, int], timings: dict[str, float], progress: bool,
+    counts: dict[str, int], timings: dict[str, float], progress: bool, rollups: _Rollups,
 ) -> _StagedLoad:  # fmt: skip
     """Run `_StagedLoad` with ``helper`` as the second connection, which is closed afterwards."""
     try:
         with _progress_bar(progress) as bar:
-            staged = _StagedLoad(conn, helper, start, end, timings, bar)
+            staged = _StagedLoad(conn, helper, start, end, timings, bar, rollups)
             try:
                 await staged.load(generator)
                 await staged.swap(start, end, counts)
@@ -527,10 +558,10 @@ async def _load_staged(
 
 async def _load_serial(
     conn: asyncpg.Connection, generator: _Generator, start: datetime, end: datetime, counts: dict[str, int],
-    rebuild_indexes: bool, timings: dict[str, float], progress: bool, started: float, tick: float,
+    rebuild_indexes: bool, timings: dict[str, float], progress: bool, started: float, tick: float, rollups: _Rollups,
 ) -> _SerialLoad:  # fmt: skip
     with _progress_bar(progress) as bar:
-        serial = _SerialLoad(conn, generator, timings, bar, started, tick)
+        serial = _SerialLoad(conn, generator, timings, bar, started, tick, rollups)
         await serial.run(start, end, counts, rebuild_indexes)
     return serial
 
@@ -568,6 +599,7 @@ async def seed(
     rebuild_indexes: bool | None = None,
     parallel: bool | None = None,
     dsn: str | None = None,
+    rollups: bool = True,
 ) -> SeedSummary:
     """Replace customers, products, orders and order_items with generated demo data.
 
@@ -587,6 +619,11 @@ async def seed(
     in for the month partitions (see `_StagedLoad`); still all or nothing. ``None`` (default) does
     so when indexes are rebuilt and ``conn`` is not inside a transaction. Without a second
     connection, or inside the caller's transaction, everything runs on ``conn``.
+
+    ``rollups`` rebuilds the analytics rollups from the new data in the same transaction (in
+    ``SALESDASH_TIMEZONE``; timing ``rollups``): the loader writes the month partitions directly, which
+    the rollups' change capture does not see. ``False`` leaves them stale until their next refresh,
+    which then rebuilds them.
     """
     _validate(customers, products, orders, months, seed, now)
     started = time.perf_counter()
@@ -605,11 +642,15 @@ async def seed(
         parallel = rebuild_indexes
     helper = await _connect_like(conn, dsn) if parallel and not conn.is_in_transaction() else None
     counts = {"customers": customers, "products": products, "orders": orders}
+    rollup_timezone = get_settings().timezone if rollups else None
     loaded: _StagedLoad | _SerialLoad
     if helper is not None:
-        loaded = await _load_staged(conn, helper, generator, start, end, counts, timings, progress)
+        loaded = await _load_staged(
+            conn, helper, generator, start, end, counts, timings, progress, _Rollups(rollup_timezone)
+        )
     else:
         loaded = await _load_serial(
-            conn, generator, start, end, counts, rebuild_indexes, timings, progress, started, tick
-        )
+            conn, generator, start, end, counts, rebuild_indexes, timings, progress, started, tick,
+            _Rollups(rollup_timezone),
+        )  # fmt: skip
     return _summary(loaded, counts, seed=seed, months=months, start=start, end=end, started=started)
