@@ -6,7 +6,7 @@ HASH   := $(shell cksum pyproject.toml | cut -d' ' -f1)
 STAMP  := $(VENV)/.installed-$(HASH)
 BENCH_STAMP := $(VENV)/.bench-$(HASH)
 
-.PHONY: run test lint bench bench-queue bench-seed bench-reports bench-exports clean
+.PHONY: run test lint bench bench-queue bench-seed bench-reports bench-exports bench-dashboard clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/mypy salesdash db worker api cli
 	$(BIN)/mypy tests
 
-bench: bench-queue bench-seed bench-reports bench-exports
+bench: bench-queue bench-seed bench-reports bench-exports bench-dashboard
 
 bench-queue: $(BENCH_STAMP)
 	$(BIN)/python bench/queue.py
@@ -46,6 +46,9 @@ bench-reports: $(BENCH_STAMP)
 
 bench-exports: $(BENCH_STAMP)
 	$(BIN)/python bench/exports.py
+
+bench-dashboard: $(BENCH_STAMP)
+	$(BIN)/python bench/dashboard.py
 
 clean:
 	rm -rf $(VENV) .salesdash .pytest_cache .mypy_cache .ruff_cache

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     rollup_lock_timeout: float = Field(default=5.0, gt=0, validation_alias="SALESDASH_ROLLUP_LOCK_TIMEOUT")
     api_host: str = Field(default="127.0.0.1", validation_alias="SALESDASH_API_HOST")
     api_port: int = Field(default=8000, validation_alias="SALESDASH_API_PORT")
+    # warm_dashboard_cache runs every 2 min: a TTL several times that rides out a failed or slow run
+    dashboard_cache_ttl_s: float = Field(default=600, ge=120, validation_alias="SALESDASH_DASHBOARD_CACHE_TTL")
+    dashboard_cache_lock_s: float = Field(default=30, gt=0, validation_alias="SALESDASH_DASHBOARD_CACHE_LOCK_TIMEOUT")
 
     @field_validator("database_url")
     @classmethod

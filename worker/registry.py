@@ -216,6 +216,7 @@ class TaskSpec:
         )
 
 
+EVERY_2_MIN = set(range(0, 60, 2))
 EVERY_5_MIN = set(range(0, 60, 5))
 
 _SPECS = [
@@ -241,6 +242,16 @@ _SPECS = [
         "views",
         "Rebuild every analytics rollup from orders (repair) and clear the invalidation log",
         timeout_s=3600,
+    ),
+    TaskSpec(
+        "warm_dashboard_cache",
+        Queue.ANALYTICS,
+        "dashboard",
+        "Compute every default dashboard payload into the Redis cache",
+        timeout_s=100,  # under the 2 min interval, so two runs never overlap
+        keep_result_s=3600,  # 30 runs an hour: an hour of results is enough to see what happened
+        retry=RetryPolicy(max_tries=2, backoff_cap_s=30),  # the next tick comes 2 min later anyway
+        schedule=Schedule("every 2 min (minute 0,2,…,58)", minute=EVERY_2_MIN),
     ),
     TaskSpec(
         "generate_monthly_report",
