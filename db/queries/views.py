@@ -16,9 +16,10 @@ The daily family also keeps each customer's first order (`rollup_customer_first_
 customers). A change can move a customer's first order to another day, so the days of the old and the new first
 order are recomputed too.
 
-A full rebuild computes the same measures (the same SQL fragments) over all rows and merges them the same way, so a
-rebuild of consistent rollups writes nothing. A family is rebuilt instead of refreshed when it was never built (after
-the migration or a TRUNCATE of the sales tables) or was built in another timezone.
+A rebuild computes the same measures (the same SQL fragments) over all rows, deletes every row of the family's tables
+and inserts the result; readers see the old rows until it commits. A refresh rebuilds instead when the family was
+never built (after the migration or a TRUNCATE of the sales tables), was built in another timezone, or when more than
+`REBUILD_SHARE` of its hours or days changed (recomputing them one by one would cost more).
 """
 
 from __future__ import annotations
