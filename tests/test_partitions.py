@@ -17,11 +17,13 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import httpx
 import pytest
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from db.queries import partitions as q
 from db.queries.views import Family, rebuild, refresh_family
 from salesdash.auth import OPERATOR
+from salesdash.config import Settings
 from salesdash.periods import Month
 from tests.conftest import wait_for
 from tests.private_db import private_database, settings_for
@@ -433,3 +435,17 @@ async def test_rest_needs_admin_and_refuses_bad_arguments(
     accepted = await app_client.post("/jobs", json=body, headers=auth["admin"])
     assert accepted.status_code == 202 and accepted.json()["queue"] == "maintenance"
     await clean_redis.flushdb()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("SALESDASH_ORDER_RETENTION_MONTHS", "2"),
+        ("SALESDASH_ORDER_RETENTION_MONTHS", "x"),
+        ("SALESDASH_PARTITION_LOCK_TIMEOUT", "0"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError, match=variable):
+        Settings()

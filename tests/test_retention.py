@@ -9,9 +9,11 @@ from typing import Any
 
 import asyncpg
 import pytest
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from salesdash.auth import OPERATOR
+from salesdash.config import Settings
 from tests.conftest import arq_burst
 from tests.private_db import private_database, settings_for
 from worker import client
@@ -142,3 +144,17 @@ async def test_the_task_runs_on_a_real_maintenance_worker(
     assert await pool.fetchval("SELECT array_agg(customer_id) FROM customer_segment_history WHERE customer_id < 0") == [
         -2
     ]
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "SALESDASH_REPORT_RETENTION_DAYS",
+        "SALESDASH_NOTIFICATION_RETENTION_DAYS",
+        "SALESDASH_SEGMENT_HISTORY_RETENTION_DAYS",
+    ],
+)
+def test_a_retention_below_one_day_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    monkeypatch.setenv(variable, "0")
+    with pytest.raises(ValidationError, match=variable):
+        Settings()

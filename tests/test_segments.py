@@ -11,10 +11,12 @@ from typing import Any
 
 import asyncpg
 import pytest
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from db.queries.segments import SegmentGridError, update_segments
 from salesdash.auth import OPERATOR
+from salesdash.config import Settings
 from tests.conftest import arq_burst
 from tests.private_db import private_database, settings_for
 from worker import client
@@ -288,3 +290,10 @@ async def test_the_job_reports_skipped_while_another_run_holds_the_lock(database
         result = await update_customer_segments(ctx)
     assert result["skipped"] is True and "lock" in result["reason"]
     assert (await update_customer_segments(ctx))["skipped"] is False
+
+
+@pytest.mark.parametrize("value", ["0", "36501", "a year"])
+def test_a_bad_window_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("SALESDASH_RFM_WINDOW_DAYS", value)
+    with pytest.raises(ValidationError, match="SALESDASH_RFM_WINDOW_DAYS"):
+        Settings()
