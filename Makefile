@@ -6,7 +6,7 @@ HASH   := $(shell cksum pyproject.toml | cut -d' ' -f1)
 STAMP  := $(VENV)/.installed-$(HASH)
 BENCH_STAMP := $(VENV)/.bench-$(HASH)
 
-.PHONY: run test lint bench bench-queue bench-seed bench-analytics clean
+.PHONY: run test lint bench bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,13 +33,22 @@ lint: $(STAMP)
 	$(BIN)/mypy salesdash db worker api cli
 	$(BIN)/mypy tests
 
-bench: bench-queue bench-seed bench-analytics
+bench: bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics
 
 bench-queue: $(BENCH_STAMP)
 	$(BIN)/python bench/queue.py
 
 bench-seed: $(BENCH_STAMP)
 	$(BIN)/python bench/seed.py
+
+bench-reports: $(BENCH_STAMP)
+	$(BIN)/python bench/reports.py
+
+bench-exports: $(BENCH_STAMP)
+	$(BIN)/python bench/exports.py
+
+bench-dashboard: $(BENCH_STAMP)
+	$(BIN)/python bench/dashboard.py
 
 bench-analytics: $(BENCH_STAMP)
 	$(BIN)/python bench/analytics.py

@@ -4,23 +4,26 @@ success false and a message."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 import asyncpg
 import strawberry
 from fastapi import Depends, Request
 from graphql import GraphQLError
+from pydantic import BaseModel
 from redis.asyncio import Redis
 from strawberry.fastapi import BaseContext, GraphQLRouter
 from strawberry.scalars import JSON
 
+from api import dashboard_types as dt
 from api.auth import authenticate
 from api.deps import get_db, get_redis
 from salesdash.auth import AuthError, Principal, Scope, require
-from worker import client
+from worker import client, dashboard
+from worker.cache import CacheBusyError, CacheEntry
 from worker.records import JobStatus, Progress, TaskInfo
 from worker.registry import UnknownTaskError
 
@@ -127,8 +130,74 @@ class BackgroundTask:
     pass
 
 
+P = TypeVar("P", bound=BaseModel)
+RangeArg = Annotated[
+    str, strawberry.argument(name="range", description="today, yesterday, last_7_days, last_30_days or month_to_date")
+]
+ByArg = Annotated[str, strawberry.argument(description="revenue or units")]
+
+
+async def _dashboard(
+    info: strawberry.Info[Context, None], query: dashboard.DashboardQuery[P], args: Mapping[str, Any]
+) -> CacheEntry[P]:
+    """A dashboard payload from the cache, for a read token; a bad argument is a GraphQL error naming it."""
+    await info.context.require(Scope.READ)
+    try:
+        return await dashboard.read(info.context.redis, info.context.db, query, args)
+    except dashboard.DashboardArgumentError as exc:
+        raise GraphQLError(str(exc), extensions={"code": "BAD_USER_INPUT", "argument": exc.argument}) from None
+    except CacheBusyError as exc:
+        raise GraphQLError(str(exc), extensions={"code": "UNAVAILABLE"}) from None
+
+
 @strawberry.type
-class Query:
+class DashboardQueries:
+    """Dashboard payloads, served from the Redis cache (warm_dashboard_cache keeps the defaults warm)."""
+
+    @strawberry.field
+    async def sales_overview(self, info: strawberry.Info[Context, None], range_: RangeArg) -> dt.SalesOverview | None:
+        entry = await _dashboard(info, dashboard.SALES_OVERVIEW, {"range": range_})
+        return dt.SalesOverview.from_pydantic(entry.data, extra=dt.meta(entry))
+
+    @strawberry.field
+    async def hourly_metrics(self, info: strawberry.Info[Context, None], hours: int = 48) -> dt.HourlyMetrics | None:
+        entry = await _dashboard(info, dashboard.HOURLY_METRICS, {"hours": hours})
+        return dt.HourlyMetrics.from_pydantic(entry.data, extra=dt.meta(entry))
+
+    @strawberry.field
+    async def top_products(
+        self, info: strawberry.Info[Context, None], range_: RangeArg, limit: int = 10, by: ByArg = "revenue"
+    ) -> dt.TopProducts | None:
+        entry = await _dashboard(info, dashboard.TOP_PRODUCTS, {"range": range_, "limit": limit, "by": by})
+        return dt.TopProducts.from_pydantic(entry.data, extra=dt.meta(entry))
+
+    @strawberry.field
+    async def top_categories(
+        self, info: strawberry.Info[Context, None], range_: RangeArg, limit: int = 10, by: ByArg = "revenue"
+    ) -> dt.TopCategories | None:
+        entry = await _dashboard(info, dashboard.TOP_CATEGORIES, {"range": range_, "limit": limit, "by": by})
+        return dt.TopCategories.from_pydantic(entry.data, extra=dt.meta(entry))
+
+    @strawberry.field
+    async def category_breakdown(
+        self, info: strawberry.Info[Context, None], range_: RangeArg
+    ) -> dt.CategoryBreakdown | None:
+        entry = await _dashboard(info, dashboard.CATEGORY_BREAKDOWN, {"range": range_})
+        return dt.CategoryBreakdown.from_pydantic(entry.data, extra=dt.meta(entry))
+
+    @strawberry.field
+    async def customer_segments(self, info: strawberry.Info[Context, None]) -> dt.CustomerSegments | None:
+        entry = await _dashboard(info, dashboard.CUSTOMER_SEGMENTS, {})
+        return dt.CustomerSegments.from_pydantic(entry.data, extra=dt.meta(entry))
+
+    @strawberry.field
+    async def low_stock_products(self, info: strawberry.Info[Context, None]) -> dt.LowStockProducts | None:
+        entry = await _dashboard(info, dashboard.LOW_STOCK_PRODUCTS, {})
+        return dt.LowStockProducts.from_pydantic(entry.data, extra=dt.meta(entry))
+
+
+@strawberry.type
+class Query(DashboardQueries):
     @strawberry.field
     async def task_status(self, info: strawberry.Info[Context, None], task_id: str) -> TaskStatus | None:
         await info.context.require(Scope.READ)

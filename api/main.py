@@ -12,7 +12,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from api.dashboard import router as dashboard_router
 from api.deps import DbDep, RedisDep
+from api.exports import router as exports_router
 from api.graphql import graphql_router
+from api.reports import router as reports_router
 from api.rest import router
 from salesdash.auth import AuthError
 from salesdash.config import get_settings
@@ -53,6 +55,8 @@ async def _auth_error(_: Request, exc: AuthError) -> JSONResponse:
 def create_app() -> FastAPI:
     app = FastAPI(title="salesdash", lifespan=lifespan)
     app.include_router(router)
+    app.include_router(reports_router)
+    app.include_router(exports_router)
     app.include_router(dashboard_router)
     app.add_exception_handler(AuthError, _auth_error)  # type: ignore[arg-type]
     app.include_router(graphql_router(), prefix="/graphql")

@@ -22,11 +22,18 @@ class Settings(BaseSettings):
     db_pool_max: int = Field(default=10, validation_alias="SALESDASH_DB_POOL_MAX")
     job_history_days: int = Field(default=30, validation_alias="SALESDASH_JOB_HISTORY_DAYS")
     shutdown_timeout: int = Field(default=30, validation_alias="SALESDASH_SHUTDOWN_TIMEOUT")
+    export_max_days: int = Field(default=366, ge=1, validation_alias="SALESDASH_EXPORT_MAX_DAYS")
+    export_retention_days: int = Field(default=7, ge=1, validation_alias="SALESDASH_EXPORT_RETENTION_DAYS")
+    # pause after each chunk an export writes: 0 in production; tests use it to kill a worker mid-export
+    export_pause_ms: int = Field(default=0, ge=0, validation_alias="SALESDASH_EXPORT_PAUSE_MS")
     alert_recipient: str = Field(default="ops@example.com", validation_alias="SALESDASH_ALERT_RECIPIENT")
     # how long a rollup refresh waits for a lock (a rebuild for running refreshes, any refresh for table locks)
     rollup_lock_timeout: float = Field(default=5.0, gt=0, validation_alias="SALESDASH_ROLLUP_LOCK_TIMEOUT")
     api_host: str = Field(default="127.0.0.1", validation_alias="SALESDASH_API_HOST")
     api_port: int = Field(default=8000, validation_alias="SALESDASH_API_PORT")
+    # warm_dashboard_cache runs every 2 min: a TTL several times that rides out a failed or slow run
+    dashboard_cache_ttl_s: float = Field(default=600, ge=120, validation_alias="SALESDASH_DASHBOARD_CACHE_TTL")
+    dashboard_cache_lock_s: float = Field(default=30, gt=0, validation_alias="SALESDASH_DASHBOARD_CACHE_LOCK_TIMEOUT")
 
     @field_validator("database_url")
     @classmethod
@@ -48,6 +55,11 @@ class Settings(BaseSettings):
     @property
     def tzinfo(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+    @property
+    def exports_dir(self) -> Path:
+        """Where `export_analytics_data` writes its files and `GET /exports/{task_id}` reads them."""
+        return self.data_dir / "exports"
 
 
 @lru_cache

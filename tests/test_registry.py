@@ -58,7 +58,10 @@ def _next_runs(cron_job: CronJob, start: datetime, count: int) -> list[datetime]
     [
         ("refresh_realtime_materialized_views", [f"2026-01-05 10:{m:02d}" for m in (5, 10, 15)]),
         ("refresh_daily_materialized_views", ["2026-01-05 11:00", "2026-01-05 12:00"]),
+        ("warm_dashboard_cache", [f"2026-01-05 10:{m:02d}" for m in (2, 4, 6)]),
         ("check_low_stock_products", ["2026-01-06 09:00", "2026-01-07 09:00"]),
+        ("generate_monthly_report", ["2026-02-01 06:00", "2026-03-01 06:00", "2026-04-01 06:00"]),
+        ("prune_exports", ["2026-01-06 01:45", "2026-01-07 01:45"]),
     ],
 )
 def test_cron_schedule_matches_the_documented_one(name: str, expected: list[str]) -> None:

@@ -384,13 +384,19 @@ local function priority_of(raw)  -- a payload we cannot read runs at the default
   end
   return 5
 end
+-- rarely used keys (lost tries, arq's abort set) are touched per job only when they exist at all
+local known = {}
+local function exists(key)
+  if known[key] == nil then known[key] = redis.call('EXISTS', key) == 1 end
+  return known[key]
+end
 -- a finished job: its record becomes the result and goes to history, it leaves the queue, its live keys go
 local function finish(schedule, lost, history, id, result, keep_ms, notify, entry)
   redis.call('SET', P_RES .. id, result, 'PX', keep_ms)
   redis.call('ZREM', schedule, id)
-  redis.call('HDEL', lost, id)
+  if exists(lost) then redis.call('HDEL', lost, id) end
   redis.call('DEL', P_JOB .. id, P_RUN .. id, P_PROG .. id, P_ABORT .. id)
-  redis.call('ZREM', ARQ_ABORTS, id)
+  if exists(ARQ_ABORTS) then redis.call('ZREM', ARQ_ABORTS, id) end
   redis.call('LPUSH', history, entry)
   if notify == '1' then
     redis.call('RPUSH', P_DONE .. id, '1')
@@ -455,8 +461,8 @@ if limit > 0 then
     redis.call('SET', P_RUN .. id, '1', 'PX', JOB_TTL)
     out[#out + 1] = id
     out[#out + 1] = redis.call('GET', P_JOB .. id)
-    out[#out + 1] = redis.call('HGET', KEYS[6], id)
-    out[#out + 1] = redis.call('ZSCORE', ARQ_ABORTS, id)  -- arq's `Job.abort()` asked before it started
+    out[#out + 1] = exists(KEYS[6]) and redis.call('HGET', KEYS[6], id)
+    out[#out + 1] = exists(ARQ_ABORTS) and redis.call('ZSCORE', ARQ_ABORTS, id)  -- arq's `Job.abort()`, before it ran
   end
 end
 return out
@@ -471,17 +477,20 @@ return out
 _FINISH = (
     _PRELUDE
     + """
-local woke = false
+local woke, ids = false, {}
+for i = 10, #ARGV, 6 do ids[#ids + 1] = ARGV[i] end
+if #ids > 0 then
+  redis.call('ZREM', KEYS[2], unpack(ids))
+  redis.call('HDEL', KEYS[3], unpack(ids))
+end
 for i = 9, #ARGV, 6 do
   local kind, id, blob, n, notify, entry = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
-  redis.call('ZREM', KEYS[2], id)
-  redis.call('HDEL', KEYS[3], id)
   if kind == 'final' then
     finish(KEYS[1], KEYS[4], KEYS[5], id, blob, n, notify, entry)
   elseif kind == 'retry' then
     redis.call('SET', P_JOB .. id, blob, 'PX', JOB_TTL, 'XX')
     redis.call('DEL', P_RUN .. id)
-    redis.call('HDEL', KEYS[4], id)
+    if exists(KEYS[4]) then redis.call('HDEL', KEYS[4], id) end
     redis.call('ZADD', KEYS[1], n, id)
     redis.call('LPUSH', KEYS[5], entry)
   else

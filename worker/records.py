@@ -96,7 +96,7 @@ class JobStatus(BaseModel):
             task_id=record.job_id,
             task_name=record.task,
             queue=record.queue,
-            status="deferred" if record.status == "deferred" else record.status,
+            status=record.status,
             result=record.result,
             error=record.error,
             traceback=record.traceback,

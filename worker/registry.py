@@ -8,17 +8,21 @@ A task is a slice named by its `domain`: its coroutine in `worker/jobs/<domain>.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta
 from enum import StrEnum
-from typing import Any, Final
+from typing import Annotated, Any, Final, Literal
 
 from arq import cron, func
 from arq.cron import CronJob
 from arq.worker import Function
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from salesdash.auth import Scope
+from salesdash.config import get_settings
+from salesdash.periods import Month
 from worker.jobstore import queue_name
 
 JobFunction = Callable[..., Awaitable[Any]]
@@ -37,6 +41,80 @@ class Queue(StrEnum):
 
 class NoArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class MonthlyReportArgs(BaseModel):
+    """`month` as YYYY-MM, not after the current month in SALESDASH_TIMEZONE; absent: the previous month."""
+
+    model_config = ConfigDict(extra="forbid")
+    month: str | None = None
+
+    @field_validator("month")
+    @classmethod
+    def _past_or_current_month(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        month, tz = Month.parse(value), get_settings().tzinfo
+        if month > Month.current(tz):
+            raise ValueError(f"{month} is in the future (it is {Month.current(tz)} in {tz.key})")
+        return str(month)
+
+
+ExportFormat = Literal["json", "csv", "parquet"]
+PARQUET_INSTALL = "pip install 'salesdash[parquet]'"
+
+
+def parquet_available() -> bool:
+    """Parquet needs the optional `pyarrow` (the `parquet` extra); looked up without importing it."""
+    return importlib.util.find_spec("pyarrow") is not None
+
+
+def _local_instant(value: Any) -> Any:
+    """An ISO 8601 date or datetime as an aware datetime: a date is local midnight and a datetime without an
+    offset is local time, local meaning SALESDASH_TIMEZONE."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"not an ISO 8601 date or datetime: {value!r}") from None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=get_settings().tzinfo)
+    if isinstance(value, date):
+        return datetime.combine(value, time(), get_settings().tzinfo)
+    raise ValueError(f"expected an ISO 8601 date or datetime string, got {value!r}")
+
+
+LocalInstant = Annotated[datetime, BeforeValidator(_local_instant)]
+
+
+class ExportArgs(BaseModel):
+    """`export_analytics_data`: the orders created in [start_date, end_date), as NDJSON, CSV or Parquet."""
+
+    model_config = ConfigDict(extra="forbid")
+    start_date: LocalInstant
+    end_date: LocalInstant
+    export_format: ExportFormat = "json"
+
+    @field_validator("end_date")
+    @classmethod
+    def _range(cls, end: datetime, info: ValidationInfo) -> datetime:
+        start = info.data.get("start_date")
+        if start is None:  # start_date was refused already, and says so
+            return end
+        if end <= start:
+            raise ValueError(f"must be after start_date ({start.isoformat()}): the range is [start_date, end_date)")
+        max_days = get_settings().export_max_days
+        if end - start > timedelta(days=max_days):
+            days = (end - start) / timedelta(days=1)
+            raise ValueError(f"the range spans {days:g} days, more than SALESDASH_EXPORT_MAX_DAYS ({max_days})")
+        return end
+
+    @field_validator("export_format")
+    @classmethod
+    def _installed(cls, export_format: ExportFormat) -> ExportFormat:
+        if export_format == "parquet" and not parquet_available():
+            raise ValueError(f"parquet needs the optional pyarrow package: {PARQUET_INSTALL}")
+        return export_format
 
 
 @dataclass(frozen=True)
@@ -129,6 +207,7 @@ class TaskSpec:
         )
 
 
+EVERY_2_MIN = set(range(0, 60, 2))
 EVERY_5_MIN = set(range(0, 60, 5))
 
 _SPECS = [
@@ -156,6 +235,26 @@ _SPECS = [
         timeout_s=3600,
     ),
     TaskSpec(
+        "warm_dashboard_cache",
+        Queue.ANALYTICS,
+        "dashboard",
+        "Compute every default dashboard payload into the Redis cache",
+        timeout_s=100,  # under the 2 min interval, so two runs never overlap
+        keep_result_s=3600,  # 30 runs an hour: an hour of results is enough to see what happened
+        retry=RetryPolicy(max_tries=2, backoff_cap_s=30),  # the next tick comes 2 min later anyway
+        schedule=Schedule("every 2 min (minute 0,2,…,58)", minute=EVERY_2_MIN),
+    ),
+    TaskSpec(
+        "generate_monthly_report",
+        Queue.ANALYTICS,
+        "reports",
+        "Store the sales report of a month (default: the previous one) as JSON and an HTML page",
+        args_model=MonthlyReportArgs,
+        timeout_s=1800,
+        keep_result_s=7 * 24 * 3600,
+        schedule=Schedule("monthly, day 1 @ 06:00", minute=0, hour=6, day=1),
+    ),
+    TaskSpec(
         "check_low_stock_products",
         Queue.NOTIFICATIONS,
         "stock",
@@ -171,6 +270,23 @@ _SPECS = [
         scope=Scope.ADMIN,
         timeout_s=600,
         schedule=Schedule("daily @ 01:30", minute=30, hour=1),
+    ),
+    TaskSpec(
+        "export_analytics_data",
+        Queue.ANALYTICS,
+        "exports",
+        "Export the orders created in [start_date, end_date) to a file (NDJSON, CSV or Parquet)",
+        args_model=ExportArgs,
+        timeout_s=3600,
+    ),
+    TaskSpec(
+        "prune_exports",
+        Queue.MAINTENANCE,
+        "exports",
+        "Delete export files older than SALESDASH_EXPORT_RETENTION_DAYS, and abandoned partial ones",
+        scope=Scope.ADMIN,
+        timeout_s=600,
+        schedule=Schedule("daily @ 01:45", minute=45, hour=1),
     ),
 ]
 
