@@ -324,7 +324,8 @@ SELECT coalesce(array_agg(DISTINCT bucket ORDER BY bucket), '{}') AS buckets,
 _TRY_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('salesdash:rollups:' || $1))"
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext('salesdash:rollups:' || $1))"
 _BUILT_TIMEZONE = "SELECT timezone FROM rollup_state WHERE family = $1"
-_MARK_BUILT = "UPDATE rollup_state SET timezone = $2, rebuilt_at = now() WHERE family = $1"
+_MARK_BUILT = """INSERT INTO rollup_state (family, timezone, rebuilt_at) VALUES ($1, $2, now())
+                  ON CONFLICT (family) DO UPDATE SET timezone = EXCLUDED.timezone, rebuilt_at = EXCLUDED.rebuilt_at"""
 
 _WORK_MEM = "128MB"
 # An incremental refresh reaches each hour or day through indexes, a rebuild scans everything once: past this share of
