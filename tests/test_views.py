@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 
 import db.migrate as migrations
 from db.migrate import sqlalchemy_url, upgrade
-from db.queries.views import ALL_VIEWS, FIRST_ORDERS, Family, RefreshLimits, rebuild, refresh_family
+from db.queries.views import ALL_VIEWS, FIRST_ORDERS, Family, RefreshLimits, RefreshOutcome, rebuild, refresh_family
 from db.seed import CATEGORIES, STATUSES
 from salesdash.auth import OPERATOR
 from salesdash.config import get_settings
@@ -142,7 +142,7 @@ async def refresh_both(db: asyncpg.Pool, timezone: str = "UTC") -> list[dict[str
     return [await JOBS[family](job_ctx(db, timezone)) for family in Family]
 
 
-async def refresh_family_with_pool(db: asyncpg.Pool, family: Family, timezone: str = "UTC") -> Any:
+async def refresh_family_with_pool(db: asyncpg.Pool, family: Family, timezone: str = "UTC") -> RefreshOutcome:
     async with db.acquire() as conn:
         return await refresh_family(conn, family, timezone=timezone)
 
