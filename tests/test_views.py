@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 
 import db.migrate as migrations
 from db.migrate import sqlalchemy_url, upgrade
-from db.queries.views import ALL_VIEWS, FIRST_ORDERS, Family, RefreshLimits, rebuild, refresh_family
+from db.queries.views import ALL_VIEWS, FIRST_ORDERS, Family, RefreshLimits, RefreshOutcome, rebuild, refresh_family
 from db.seed import CATEGORIES, STATUSES
 from salesdash.auth import OPERATOR
 from salesdash.config import get_settings
@@ -142,7 +142,7 @@ async def refresh_both(db: asyncpg.Pool, timezone: str = "UTC") -> list[dict[str
     return [await JOBS[family](job_ctx(db, timezone)) for family in Family]
 
 
-async def refresh_family_with_pool(db: asyncpg.Pool, family: Family, timezone: str = "UTC") -> Any:
+async def refresh_family_with_pool(db: asyncpg.Pool, family: Family, timezone: str = "UTC") -> RefreshOutcome:
     async with db.acquire() as conn:
         return await refresh_family(conn, family, timezone=timezone)
 
@@ -388,22 +388,26 @@ async def test_late_changes_count_and_cost_only_their_buckets(seeded: None, db: 
     after = await db.fetchrow("SELECT revenue, cancelled_orders FROM mv_daily_sales_summary WHERE day = $1", old.date())
     assert revenue - after["revenue"] == Decimal("30.00") and after["cancelled_orders"] >= 1
 
-    product, sold_days = await db.fetchrow(
-        """SELECT product_id, count(DISTINCT (created_at AT TIME ZONE 'UTC')::date) FROM order_items
-            GROUP BY 1 HAVING count(DISTINCT (created_at AT TIME ZONE 'UTC')::date) BETWEEN 2 AND 20
-            ORDER BY 2 DESC LIMIT 1"""
-    )  # sold on a few days: recomputing them costs less than a rebuild
+    product = await db.fetchval(  # an id no other test gives items to (the property test's orphans are 41..44)
+        """INSERT INTO products (id, sku, name, category, price, cost) VALUES (900000 + $1, $2, 'Kite', 'Toys', 10, 5)
+           RETURNING id""",
+        await db.fetchval("SELECT count(*) FROM products"), f"TEST-{uuid.uuid4().hex[:8]}",
+    )  # fmt: skip
+    async with db.acquire() as conn:
+        for days_back in (5, 9, 30):
+            await insert_order(conn, NOW - timedelta(days=days_back), customer=11, lines=[(product, 1, 1000)])
+    await refresh_both(db)
     await db.execute("UPDATE products SET category = 'Moved' WHERE id = $1", product)
     assert not await pending_buckets(db, Family.REALTIME)  # categories are daily only
     realtime, daily = await refresh_both(db)
-    assert realtime["buckets"] == 0 and daily["mode"] == "incremental" and daily["days"] == sold_days
-    assert await db.fetchval("SELECT count(*) FROM mv_daily_category_sales WHERE category = 'Moved'") > 0
+    assert realtime["buckets"] == 0 and daily["mode"] == "incremental" and daily["days"] == 3
+    assert await db.fetchval("SELECT count(*) FROM mv_daily_category_sales WHERE category = 'Moved'") == 3
     await assert_equals_rebuild(db, Family.DAILY, "UTC")
 
 
 async def test_changes_all_over_the_history_rebuild_the_family(seeded: None, db: asyncpg.Pool) -> None:
-    """Past a quarter of the hours or days, recomputing them one by one costs more than a rebuild: the refresh
-    rebuilds the family instead, and says why."""
+    """Past a quarter of the hours or half of the days, recomputing them one by one costs more than a rebuild: the
+    refresh rebuilds the family instead, and says why."""
     await refresh_both(db)
     await db.execute(
         """UPDATE orders SET status = CASE status WHEN 'delivered' THEN 'shipped' WHEN 'shipped' THEN 'delivered'
@@ -412,7 +416,7 @@ async def test_changes_all_over_the_history_rebuild_the_family(seeded: None, db:
     )
     realtime, daily = await refresh_both(db)
     for result in (realtime, daily):
-        assert result["mode"] == "rebuild" and "changed (over 25%): rebuilt" in result["reason"], result
+        assert result["mode"] == "rebuild" and " changed (over " in result["reason"], result
         assert result["buckets"] > 100
     for family in Family:
         await assert_equals_rebuild(db, family, "UTC")
@@ -421,7 +425,8 @@ async def test_changes_all_over_the_history_rebuild_the_family(seeded: None, db:
 
 async def test_change_capture_edges(seeded: None, db: asyncpg.Pool) -> None:
     """An update that changes no measured column logs nothing; a write addressed to a partition directly bypasses
-    the triggers (the loader rebuilds instead); TRUNCATE marks both families stale, so their next refresh rebuilds."""
+    the triggers (the loader rebuilds instead); a family without state, or after a TRUNCATE of the sales tables, is
+    rebuilt by its next refresh."""
     await refresh_both(db)
     await db.execute("UPDATE orders SET updated_at = now() WHERE created_at > now() - interval '1 day'")
     assert not await pending_buckets(db, Family.REALTIME)
@@ -432,6 +437,10 @@ async def test_change_capture_edges(seeded: None, db: asyncpg.Pool) -> None:
     )
     assert not await pending_buckets(db, Family.REALTIME)
     await db.execute(f"DELETE FROM {partition} WHERE created_at = $1 AND total_amount = 1", NOW)
+
+    await db.execute("DELETE FROM rollup_state WHERE family = 'daily'")  # lost state: rebuilt once, then recorded
+    assert (await refresh_family_with_pool(db, Family.DAILY)).mode == "rebuild"
+    assert (await refresh_family_with_pool(db, Family.DAILY)).mode == "incremental"
 
     async with db.acquire() as conn:
         transaction = conn.transaction()  # rolled back: the seeded data stays

@@ -98,12 +98,14 @@ _UNITS = "coalesce(sum(i.quantity), 0)::bigint AS units"
 _ITEM_MEASURES = """sum(i.quantity)::bigint AS units,
        sum(i.quantity * i.unit_price)::numeric(16, 2) AS revenue,
        count(DISTINCT i.order_id) AS orders_count"""
-# Items of revenue orders (an item belongs to the order with its id and created_at). The incremental statements
-# reach the items of an hour or day through its orders (order_items has no index on created_at); the rebuilds scan
-# the items and ask for their order (a join on both columns makes the planner expect a handful of rows out of
-# millions, and it then sorts and loops accordingly).
-_PAID_ITEMS = "order_items i JOIN orders o ON o.id = i.order_id AND o.created_at = i.created_at"
+# Items of revenue orders (an item belongs to the order with its id and created_at). order_items has no index on
+# created_at: the incremental statements reach an hour's or a day's items from its orders, each order's through the
+# primary key (the OFFSET 0 keeps the planner from turning that into a scan of the month's items per hour); the
+# rebuilds scan the items and ask for their order (a join on both columns makes the planner expect a handful of
+# rows out of millions, and it then sorts and loops accordingly).
 _PAID = f"o.status IN {_REVENUE}"
+_ITEMS_OF_ORDER = """CROSS JOIN LATERAL (SELECT i.order_id, i.product_id, i.quantity, i.unit_price FROM order_items i
+                     WHERE i.order_id = o.id AND i.created_at = o.created_at OFFSET 0) i"""
 _ALL_PAID_ITEMS = (
     "order_items i {join} WHERE EXISTS (SELECT 1 FROM orders o WHERE o.id = i.order_id AND o.created_at = i.created_at"
     f" AND {_PAID})"
@@ -200,8 +202,8 @@ SELECT m.hour, {_HOURLY_VALUES}
 SELECT h.hour, {_HOURLY_VALUES}
   FROM unnest($1::timestamp[]) AS h (hour)
  CROSS JOIN LATERAL (SELECT {_ORDER_MEASURES} FROM orders o WHERE {_in_hour("o.created_at")}) m
- CROSS JOIN LATERAL (SELECT {_UNITS} FROM {_PAID_ITEMS}
-                      WHERE {_PAID} AND {_in_hour("i.created_at")} AND {_in_hour("o.created_at")}) u
+ CROSS JOIN LATERAL (SELECT {_UNITS} FROM orders o {_ITEMS_OF_ORDER}
+                      WHERE {_PAID} AND {_in_hour("o.created_at")}) u
  WHERE m.orders_count > 0""",
     scope="t.hour = ANY ($1::timestamp[])",
 )
@@ -222,8 +224,8 @@ SELECT m.day, {_DAILY_VALUES}
 SELECT d.day, {_DAILY_VALUES}
   FROM unnest($2::date[]) AS d (day)
  CROSS JOIN LATERAL (SELECT {_ORDER_MEASURES} FROM orders o WHERE {_in_day("o.created_at")}) m
- CROSS JOIN LATERAL (SELECT {_UNITS} FROM {_PAID_ITEMS}
-                      WHERE {_PAID} AND {_in_day("i.created_at")} AND {_in_day("o.created_at")}) u
+ CROSS JOIN LATERAL (SELECT {_UNITS} FROM orders o {_ITEMS_OF_ORDER}
+                      WHERE {_PAID} AND {_in_day("o.created_at")}) u
  CROSS JOIN LATERAL (SELECT {_NEW_CUSTOMERS} FROM {FIRST_ORDERS} f WHERE {_in_day("f.first_order_at")}) n
  WHERE m.orders_count > 0""",
     scope="t.day = ANY ($2::date[])",
@@ -243,8 +245,8 @@ SELECT {_local_day("i.created_at")} AS day, {key_expr} AS {key}, {_ITEM_MEASURES
 SELECT d.day, m.{key}, m.units, m.revenue, m.orders_count
   FROM unnest($2::date[]) AS d (day)
  CROSS JOIN LATERAL (SELECT {key_expr} AS {key}, {_ITEM_MEASURES}
-                       FROM {_PAID_ITEMS} {join}
-                      WHERE {_PAID} AND {_in_day("i.created_at")} AND {_in_day("o.created_at")}
+                       FROM (SELECT i.* FROM orders o {_ITEMS_OF_ORDER}
+                              WHERE {_PAID} AND {_in_day("o.created_at")} OFFSET 0) i {join}
                       GROUP BY 1) m""",
         scope="t.day = ANY ($2::date[])",
     )
@@ -322,12 +324,14 @@ SELECT coalesce(array_agg(DISTINCT bucket ORDER BY bucket), '{}') AS buckets,
 _TRY_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('salesdash:rollups:' || $1))"
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext('salesdash:rollups:' || $1))"
 _BUILT_TIMEZONE = "SELECT timezone FROM rollup_state WHERE family = $1"
-_MARK_BUILT = "UPDATE rollup_state SET timezone = $2, rebuilt_at = now() WHERE family = $1"
+_MARK_BUILT = """INSERT INTO rollup_state (family, timezone, rebuilt_at) VALUES ($1, $2, now())
+                  ON CONFLICT (family) DO UPDATE SET timezone = EXCLUDED.timezone, rebuilt_at = EXCLUDED.rebuilt_at"""
 
 _WORK_MEM = "128MB"
-# An incremental refresh reaches each hour or day through an index, a rebuild scans everything once: past this share
-# of the table's hours or days (late changes spread over the history), rebuilding the family costs less.
-REBUILD_SHARE = 0.25
+# An incremental refresh reaches each hour or day through indexes, a rebuild scans everything once: past this share of
+# the table's hours or days (late changes spread over the history), rebuilding the family costs less. Measured at 1M
+# orders: ~0.4 ms per recomputed hour against ~0.14 ms per hour for a rebuild; ~32 ms per day against 20-40 ms.
+REBUILD_SHARE = {Family.REALTIME: 0.25, Family.DAILY: 0.5}
 _KEYS_IN = {
     Family.REALTIME: "SELECT count(*) FROM mv_hourly_sales_metrics",
     Family.DAILY: "SELECT count(*) FROM mv_daily_sales_summary",
@@ -450,10 +454,10 @@ async def _step(progress: ProgressFn | None, fraction: float, message: str) -> N
 async def _too_many(conn: asyncpg.Connection, family: Family, keys: int) -> str:
     """Why recomputing `keys` hours or days would cost more than a rebuild, or "" when it would not."""
     total = await conn.fetchval(_KEYS_IN[family])
-    if keys <= max(REBUILD_SHARE * total, 1):
+    if keys <= max(REBUILD_SHARE[family] * total, 1):
         return ""
     unit = "hours" if family is Family.REALTIME else "days"
-    return f"{keys} of {total} {unit} changed (over {REBUILD_SHARE:.0%}): rebuilt"
+    return f"{keys} of {total} {unit} changed (over {REBUILD_SHARE[family]:.0%}): rebuilt"
 
 
 async def _refresh_realtime(conn: asyncpg.Connection, started: float, progress: ProgressFn | None) -> RefreshOutcome:
