@@ -173,6 +173,11 @@ async def test_retention_drops_exactly_the_months_wholly_older_than_24_and_keeps
             assert outcome.mode == "incremental" and outcome.buckets == 0
     assert await _rollups(pool) == rollups
     assert min(r[0] for r in rollups["mv_daily_sales_summary"]) < CURRENT.plus(-24).first_day
+    # and through a rebuild (the repair): it replaces only what the remaining partitions hold
+    async with pool.acquire() as conn:
+        repaired = await rebuild(conn, timezone="UTC")
+    assert repaired.mode == "rebuild"
+    assert await _rollups(pool) == rollups
 
 
 async def test_a_second_run_is_a_no_op(ctx: dict[str, Any], pool: asyncpg.Pool) -> None:

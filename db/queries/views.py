@@ -16,8 +16,9 @@ The daily family also keeps each customer's first order (`rollup_customer_first_
 customers). A change can move a customer's first order to another day, so the days of the old and the new first
 order are recomputed too.
 
-A rebuild computes the same measures (the same SQL fragments) over all rows, deletes every row of the family's tables
-and inserts the result; readers see the old rows until it commits. A refresh rebuilds instead when the family was
+A rebuild computes the same measures (the same SQL fragments) over all rows, deletes the family's rows (all of them,
+or, after retention dropped order partitions, those from the end of the dropped months on) and inserts the result;
+readers see the old rows until it commits. A refresh rebuilds instead when the family was
 never built (after the migration or a TRUNCATE of the sales tables), was built in another timezone, or when more than
 `REBUILD_SHARE` of its hours or days changed (recomputing them one by one would cost more).
 """
@@ -43,6 +44,14 @@ REALTIME_VIEWS = ("mv_hourly_sales_metrics",)
 DAILY_VIEWS = ("mv_daily_sales_summary", "mv_daily_product_sales", "mv_daily_category_sales")
 ALL_VIEWS = REALTIME_VIEWS + DAILY_VIEWS
 FIRST_ORDERS = "rollup_customer_first_orders"
+
+# Retention drops whole order partitions (`clean_old_order_partitions`, which keeps a ledger of them); their months
+# live on only in the rollups, so a rebuild replaces rows from the end of the newest dropped range on and keeps the
+# older ones (a local day straddling it keeps its row as it was).
+_HORIZON = """(SELECT coalesce(max(d.range_to), '-infinity') FROM order_partition_drops d
+                WHERE d.parent = 'public.orders' AND d.state IN ('detaching', 'dropped'))"""
+
+_DAY_AFTER_HORIZON = f"(t.day::timestamp AT TIME ZONE $1) >= {_HORIZON}"  # $1: the timezone of the days
 
 Mode = Literal["incremental", "rebuild", "skipped"]
 ProgressFn = Callable[[float, str], Awaitable[None]]
@@ -160,6 +169,9 @@ class _Rollup:
     full: str
     partial: str
     scope: str
+    # the rows a rebuild replaces: those after the dropped partitions' horizon (see `_HORIZON`); older rows are the
+    # only record left of dropped months
+    after_horizon: str = "true"
 
     @property
     def partial_sql(self) -> str:
@@ -182,9 +194,17 @@ SELECT (SELECT count(*) FROM fresh) AS rows, (SELECT count(*) FROM upserted) AS 
 
     @property
     def insert_all_sql(self) -> str:
-        # a rebuild deletes every row first (readers keep seeing the old rows until commit): writing the whole
-        # table costs less than comparing it row by row
-        return f"INSERT INTO {self.table} ({', '.join(self.keys + self.values)}) {self.full}"
+        # a rebuild deletes the rows first (readers keep seeing the old rows until commit): writing the whole table
+        # costs less than comparing it row by row. A key kept from before the horizon wins over a recomputed one.
+        columns = ", ".join(self.keys + self.values)
+        return (
+            f"INSERT INTO {self.table} AS t ({columns}) SELECT {columns} FROM ({self.full}) f "
+            f"WHERE {self.after_horizon.replace('t.', 'f.')} ON CONFLICT DO NOTHING"
+        )
+
+    @property
+    def delete_all_sql(self) -> str:
+        return f"DELETE FROM {self.table} t WHERE {self.after_horizon}"
 
 
 _HOURLY = _Rollup(
@@ -206,6 +226,7 @@ SELECT h.hour, {_HOURLY_VALUES}
                       WHERE {_PAID} AND {_in_hour("o.created_at")}) u
  WHERE m.orders_count > 0""",
     scope="t.hour = ANY ($1::timestamp[])",
+    after_horizon=f"t.hour >= ({_HORIZON} AT TIME ZONE 'UTC')",
 )
 
 _DAILY_SUMMARY = _Rollup(
@@ -229,6 +250,7 @@ SELECT d.day, {_DAILY_VALUES}
  CROSS JOIN LATERAL (SELECT {_NEW_CUSTOMERS} FROM {FIRST_ORDERS} f WHERE {_in_day("f.first_order_at")}) n
  WHERE m.orders_count > 0""",
     scope="t.day = ANY ($2::date[])",
+    after_horizon=_DAY_AFTER_HORIZON,
 )
 
 
@@ -249,6 +271,7 @@ SELECT d.day, m.{key}, m.units, m.revenue, m.orders_count
                               WHERE {_PAID} AND {_in_day("o.created_at")} OFFSET 0) i {join}
                       GROUP BY 1) m""",
         scope="t.day = ANY ($2::date[])",
+        after_horizon=_DAY_AFTER_HORIZON,
     )
 
 
@@ -264,6 +287,7 @@ _FIRST_ORDERS = _Rollup(
     full="SELECT o.customer_id, min(o.created_at) AS first_order_at FROM orders o GROUP BY 1",
     partial="",  # incremental: _FIRST_ORDERS_PARTIAL, which also says which days moved
     scope="",
+    after_horizon=f"t.first_order_at >= {_HORIZON}",
 )
 
 # $1: timezone, $2: the changed 15-minute buckets, $3: their local days. Returns the days to recompute: those,
@@ -437,7 +461,7 @@ async def _merge(conn: asyncpg.Connection, table: str, sql: str, *args: Any) -> 
 
 
 async def _replace(conn: asyncpg.Connection, rollup: _Rollup, *args: Any) -> ViewRefresh:
-    deleted = _row_count(await conn.execute(f"DELETE FROM {rollup.table}"))
+    deleted = _row_count(await conn.execute(rollup.delete_all_sql, *args))
     inserted = _row_count(await conn.execute(rollup.insert_all_sql, *args))
     return ViewRefresh(rollup.table, inserted, inserted, deleted)
 

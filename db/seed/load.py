@@ -125,6 +125,11 @@ def _progress_bar(enabled: bool) -> Any:
     )
 
 
+# New sales history replaces the old one whole: the rollups' kept months of dropped partitions (db/queries/views.py)
+# go with it, so the rebuild must not keep them.
+_FORGET_DROPPED_MONTHS = "DELETE FROM order_partition_drops"
+
+
 class _Rollups:
     """The analytics rollups (db/queries/views.py) the load replaces the data under. Their locks are taken before
     the sales tables are truncated, so a refresh never holds one the load waits for while it waits for a table the
@@ -367,7 +372,7 @@ class _StagedLoad:
         # staged tables carry the partition bounds as a CHECK and the parent indexes' twins, so
         # ATTACH neither scans them nor builds anything.
         script = [f"DROP TABLE {', '.join(f'{schema}.{p}' for p in partitions)}",
-                  "TRUNCATE order_items, orders RESTART IDENTITY"]  # fmt: skip
+                  "TRUNCATE order_items, orders RESTART IDENTITY", _FORGET_DROPPED_MONTHS]  # fmt: skip
         for parent, stages in self.stages.items():
             for suffix, stage in stages.items():
                 partition = f"{parent}_p{suffix}"
@@ -460,6 +465,7 @@ class _SerialLoad:
         if self.freeze:  # our own transaction: nothing to lose but the last ms of WAL on a crash
             await conn.execute("SET LOCAL synchronous_commit = off")
         await conn.execute("TRUNCATE order_items, orders, customers, products RESTART IDENTITY")
+        await conn.execute(_FORGET_DROPPED_MONTHS)
         await conn.execute("SELECT ensure_order_partitions($1::date, $2::date)", start.date(), end.date())
         rebuild = await _drop_indexes(conn) if rebuild_indexes else []
         self._mark("prepare")
