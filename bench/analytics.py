@@ -8,8 +8,10 @@ with db.seed (parallel load, which builds the rollups in its transaction) and an
 one connection as a worker would use it: the full rebuild of each family over full tables (the repair), 1,000 new
 orders with their items (one transaction each, as a shop writes them; and again with the triggers off, for their
 cost), the incremental refresh of each family with its ratio to the rebuild, a refresh with nothing to do, and late
-changes spread over the whole history (which may exceed the share past which a refresh rebuilds). Needs a superuser
-(session_replication_role) on the scratch server.
+changes spread over the whole history (which may exceed the share past which a refresh rebuilds). Last,
+`salesOverview` served from the cache by a real API process (uvicorn, one process) to --clients concurrent clients
+over loopback, each sending --requests-per-client requests back to back: p50 and p99. Needs a superuser
+(session_replication_role) on the scratch server, and a Redis db of its own for the cache (--redis-url; flushed).
 
 Each row of the table comes from one function in ROWS, which gets the shared `Bench` and returns its rows: add a
 function there for another measurement (dashboard cache latency, exports, ...).
@@ -28,6 +30,8 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Awaitable, Callable  # noqa: E402
@@ -35,6 +39,8 @@ from dataclasses import dataclass, field  # noqa: E402
 from decimal import Decimal  # noqa: E402
 
 import asyncpg  # noqa: E402
+import httpx  # noqa: E402
+import redis  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -44,6 +50,8 @@ from db.seed import seed  # noqa: E402
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432"
 TARGET = 0.01  # an incremental refresh after 1,000 orders: at most 1 % of the full rebuild
+P99_TARGET_MS = 10  # salesOverview from the cache at 100 concurrent clients
+_ROOT = os.path.dirname(_HERE)
 
 
 @dataclass
@@ -198,6 +206,77 @@ async def late_change_rows(bench: Bench) -> list[Row]:
     return [await _refresh_row(bench, family, f"{n:,} late cancellations over the history") for family in Family]
 
 
+_OVERVIEW = '{ salesOverview(range: "last_7_days") { revenue orders generatedAt } }'
+
+
+async def overview_rows(bench: Bench) -> list[Row]:
+    """`salesOverview` over HTTP from a real API process (uvicorn, one process), served from the cache: p50/p99
+    of --clients concurrent clients on loopback, each sending requests back to back."""
+    from db.queries.tokens import create_token
+
+    _, token = await create_token(bench.conn, "bench analytics", "read")
+    redis.Redis.from_url(bench.args.redis_url).flushdb()  # the bench's own db: no stale cache entry
+    port = _free_port()
+    env = {**os.environ, "DATABASE_URL": bench.url, "REDIS_URL": bench.args.redis_url,
+           "SALESDASH_TIMEZONE": bench.args.timezone, "SALESDASH_LOG_LEVEL": "WARNING"}  # fmt: skip
+    api = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(port), "--no-access-log", "--log-level",
+         "warning"], cwd=_ROOT, env=env)  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {token}"},
+                                     limits=httpx.Limits(max_connections=bench.args.clients)) as http:  # fmt: skip
+            await _until_up(http)
+            await _overview(http)  # the first call computes and caches the payload; the rest are hits
+            latencies = await _hammer(http, bench.args.clients, bench.args.requests_per_client)
+    finally:
+        api.terminate()
+        api.wait(10)
+    latencies.sort()
+    n = len(latencies)
+    p50, p99 = latencies[n // 2], latencies[min(int(n * 0.99), n - 1)]
+    work = f"{bench.args.clients} clients × {bench.args.requests_per_client} requests; p50 {p50 * 1000:.1f} ms"
+    return [Row(f"salesOverview, cached, over HTTP: p99 (target < {P99_TARGET_MS} ms)", work, p99)]
+
+
+async def _hammer(http: httpx.AsyncClient, clients: int, each: int) -> list[float]:
+    latencies: list[float] = []
+
+    async def client() -> None:
+        for _ in range(each):
+            started = time.perf_counter()
+            await _overview(http)
+            latencies.append(time.perf_counter() - started)
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return latencies
+
+
+async def _overview(http: httpx.AsyncClient) -> None:
+    response = await http.post("/graphql", json={"query": _OVERVIEW})
+    body = response.json()
+    if response.status_code != 200 or body.get("errors"):
+        raise RuntimeError(f"salesOverview failed: {response.status_code} {body}")
+
+
+async def _until_up(http: httpx.AsyncClient, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if (await http.get("/healthz")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the API did not come up")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 ROWS: list[Callable[[Bench], Awaitable[list[Row]]]] = [
     seed_row,
     rebuild_rows,
@@ -205,6 +284,7 @@ ROWS: list[Callable[[Bench], Awaitable[list[Row]]]] = [
     incremental_rows,
     idle_rows,
     late_change_rows,
+    overview_rows,
 ]
 
 
@@ -264,6 +344,9 @@ def main() -> None:
     parser.add_argument("--timezone", default="UTC", help="the store's timezone: the daily rollups' days")
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL") or DEFAULT_SERVER)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14", help="a Redis db for the cache; flushed")
+    parser.add_argument("--clients", type=int, default=100, help="concurrent salesOverview clients")
+    parser.add_argument("--requests-per-client", type=int, default=50)
     args = parser.parse_args()
     console = Console() if sys.stdout.isatty() else Console(width=160)  # a log file: keep each row on one line
     rows = asyncio.run(_bench(args, console))

@@ -30,14 +30,18 @@ async def create_token(conn: asyncpg.Connection | asyncpg.Pool, name: str, scope
     return int(token_id), token
 
 
+# `last_used_at` is written at most once a minute per token: a write on every request would make concurrent
+# requests with one token queue on its row lock, each behind the previous one's commit.
+_SCOPES_FOR = """
+WITH token AS (SELECT id, scopes, last_used_at FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL),
+used AS (UPDATE api_tokens a SET last_used_at = now() FROM token t
+          WHERE a.id = t.id AND (t.last_used_at IS NULL OR t.last_used_at < now() - interval '1 minute'))
+SELECT scopes FROM token"""
+
+
 async def scopes_for(conn: asyncpg.Connection | asyncpg.Pool, token: str) -> list[str] | None:
-    """The token's scopes, or None when it is unknown or revoked; records when it was last used."""
-    row = await conn.fetchrow(
-        """UPDATE api_tokens SET last_used_at = now()
-            WHERE token_hash = $1 AND revoked_at IS NULL
-        RETURNING scopes""",
-        hash_token(token),
-    )
+    """The token's scopes, or None when it is unknown or revoked; records when it was last used (to the minute)."""
+    row = await conn.fetchrow(_SCOPES_FOR, hash_token(token))
     return list(row["scopes"]) if row else None
 
 
