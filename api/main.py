@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, generate_latest
 
+from api.customers import router as customers_router
 from api.dashboard import router as dashboard_router
 from api.deps import DbDep, RedisDep
 from api.exports import router as exports_router
@@ -58,6 +59,7 @@ def create_app() -> FastAPI:
     app.include_router(reports_router)
     app.include_router(exports_router)
     app.include_router(dashboard_router)
+    app.include_router(customers_router)
     app.add_exception_handler(AuthError, _auth_error)  # type: ignore[arg-type]
     app.include_router(graphql_router(), prefix="/graphql")
 

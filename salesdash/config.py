@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     dashboard_cache_ttl_s: float = Field(default=600, ge=120, validation_alias="SALESDASH_DASHBOARD_CACHE_TTL")
     dashboard_cache_lock_s: float = Field(default=30, gt=0, validation_alias="SALESDASH_DASHBOARD_CACHE_LOCK_TIMEOUT")
 
+    # a lifetime-value fit that needs more optimiser iterations than this has not converged: yesterday's model stays
+    ltv_fit_max_iterations: int = Field(default=500, ge=1, validation_alias="SALESDASH_LTV_FIT_MAX_ITERATIONS")
+
     @field_validator("database_url")
     @classmethod
     def _plain_postgres_scheme(cls, value: str | None) -> str | None:

@@ -62,6 +62,7 @@ def _next_runs(cron_job: CronJob, start: datetime, count: int) -> list[datetime]
         ("check_low_stock_products", ["2026-01-06 09:00", "2026-01-07 09:00"]),
         ("generate_monthly_report", ["2026-02-01 06:00", "2026-03-01 06:00", "2026-04-01 06:00"]),
         ("prune_exports", ["2026-01-06 01:45", "2026-01-07 01:45"]),
+        ("update_customer_lifetime_values", ["2026-01-06 03:00", "2026-01-07 03:00"]),
     ],
 )
 def test_cron_schedule_matches_the_documented_one(name: str, expected: list[str]) -> None:

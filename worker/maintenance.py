@@ -1,9 +1,14 @@
 """The `maintenance` queue: `arq worker.maintenance.Settings` starts a worker for it alone."""
 
 from worker.engine import install_engine
-from worker.jobs import exports, history
+from worker.jobs import exports, history, lifetime_values
 from worker.registry import Queue
 from worker.settings import queue_settings
 
 install_engine()  # arq's CLI builds its workers with our engine from here on
-Settings = queue_settings(Queue.MAINTENANCE, history.prune_job_history, exports.prune_exports)
+Settings = queue_settings(
+    Queue.MAINTENANCE,
+    history.prune_job_history,
+    exports.prune_exports,
+    lifetime_values.update_customer_lifetime_values,
+)

@@ -288,6 +288,14 @@ _SPECS = [
         timeout_s=600,
         schedule=Schedule("daily @ 01:45", minute=45, hour=1),
     ),
+    TaskSpec(
+        "update_customer_lifetime_values",
+        Queue.MAINTENANCE,
+        "lifetime_values",
+        "Write every customer's revenue to date and predicted 12-month value (BG/NBD x Gamma-Gamma, refitted daily)",
+        timeout_s=1800,
+        schedule=Schedule("daily @ 03:00", minute=0, hour=3),
+    ),
 ]
 
 TASKS: Final[Mapping[str, TaskSpec]] = {spec.name: spec for spec in _SPECS}

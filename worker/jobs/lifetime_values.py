@@ -1,0 +1,180 @@
+"""`update_customer_lifetime_values`: every customer's historical value (revenue to date) and predicted 12-month value
+(BG/NBD expected purchases × Gamma-Gamma expected spend, worker/lifetime_model.py), in one transaction under an
+advisory lock: the summary in one scan of orders, the fit and the scoring in a thread (off the event loop), the
+write-back as one UPDATE of the rows that change. A fit that does not converge keeps the newest saved model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from db.queries import lifetime_values as queries
+from db.queries.lifetime_values import (
+    HORIZON_DAYS,
+    CustomerValues,
+    LifetimeValueModel,
+    ModelFit,
+    ModelParameters,
+    PurchaseSummary,
+)
+from worker import lifetime_model as lm
+from worker.progress import report_progress
+
+FIT_SAMPLE = 200_000  # customers the models are fitted on, at most (worker/lifetime_model.py `sample`)
+
+
+class FitReport(BaseModel):
+    converged: bool
+    message: str  # why not, when it did not
+    purchases_iterations: int
+    spend_iterations: int
+
+
+class LifetimeValuesResult(BaseModel):
+    """The job result."""
+
+    as_of: date  # the last local day of the orders summarised (today in SALESDASH_TIMEZONE)
+    skipped: bool = False  # another run held the lock
+    customers: int = 0
+    purchasers: int = 0  # customers with a purchase: they get a predicted value
+    repeat_purchasers: int = 0
+    fit: FitReport | None = None
+    model: LifetimeValueModel | None = None  # the parameters the predictions come from; None: no model yet
+    model_kept: bool = False  # today's fit failed and the newest saved model was used
+    updated: int = 0  # customers whose values changed
+    seconds: dict[str, float] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """What the thread hands back: today's fit (when it converged), the report, and the values to write."""
+
+    fit: ModelFit | None
+    report: FitReport
+    values: CustomerValues
+
+
+async def update_customer_lifetime_values(ctx: dict[str, Any]) -> dict[str, Any]:
+    settings = ctx["settings"]
+    as_of = datetime.now(settings.tzinfo).date()
+    async with ctx["db"].acquire() as conn, conn.transaction():
+        if not await queries.try_lock(conn):
+            return LifetimeValuesResult(as_of=as_of, skipped=True).model_dump(mode="json")
+        result = await _run(ctx, conn, as_of)
+    return result.model_dump(mode="json")
+
+
+async def _run(ctx: dict[str, Any], conn: Any, as_of: date) -> LifetimeValuesResult:
+    settings, seconds = ctx["settings"], {}
+    started = time.perf_counter()
+    await report_progress(ctx, 0.0, "summarising every customer's orders")
+    await queries.tune(conn)
+    summary = await queries.purchase_summary(conn, settings.timezone, as_of)
+    previous = await queries.latest_model(conn)
+    seconds["summary"] = _lap(started)
+    await report_progress(ctx, 0.5, f"fitting the models to {int(np.count_nonzero(summary.purchase_days))} buyers")
+    scored = await asyncio.to_thread(_fit_and_score, summary, previous, as_of, settings.ltv_fit_max_iterations)
+    seconds["fit_and_score"] = _lap(started) - seconds["summary"]
+    await report_progress(ctx, 0.7, "writing the values back")
+    model = await queries.save_model(conn, scored.fit, ctx.get("job_id")) if scored.fit else previous
+    updated = await queries.write_values(conn, scored.values)
+    seconds["write"] = _lap(started) - seconds["summary"] - seconds["fit_and_score"]
+    seconds["total"] = _lap(started)
+    return LifetimeValuesResult(
+        as_of=as_of,
+        customers=len(summary.customer_id),
+        purchasers=int(np.count_nonzero(summary.purchase_days)),
+        repeat_purchasers=int(np.count_nonzero(summary.purchase_days > 1)),
+        fit=scored.report,
+        model=model,
+        model_kept=scored.fit is None and model is not None,
+        updated=updated,
+        seconds=seconds,
+    )
+
+
+def _lap(started: float) -> float:
+    return round(time.perf_counter() - started, 3)
+
+
+def model_summary(summary: PurchaseSummary) -> lm.Summary:
+    """The models' inputs for the customers with a purchase: x = purchase days - 1, t_x, T, and m̄ = the mean
+    revenue of the repeat purchase days (0 without one)."""
+    buyers = summary.purchase_days > 0
+    x = (summary.purchase_days[buyers] - 1).astype(np.float64)
+    repeat_mean = np.divide(
+        summary.repeat_cents[buyers] / 100.0, x, out=np.zeros_like(x), where=x > 0
+    )  # fmt: skip
+    return lm.Summary(
+        x, summary.recency[buyers].astype(np.float64), summary.age[buyers].astype(np.float64), repeat_mean
+    )
+
+
+def fit_models(summary: lm.Summary, as_of: date, max_iterations: int) -> tuple[ModelFit | None, FitReport]:
+    """Both fits, on a sample of at most FIT_SAMPLE buyers; a ModelFit only when both converged."""
+    summary = lm.sample(summary, FIT_SAMPLE)
+    purchases = lm.fit_purchases(summary, max_iterations=max_iterations)
+    spend = lm.fit_spend(summary, max_iterations=max_iterations)
+    failures = [
+        f"{name}: {fit.message}" for name, fit in (("BG/NBD", purchases), ("Gamma-Gamma", spend)) if not fit.converged
+    ]
+    report = FitReport(
+        converged=not failures,
+        message="; ".join(failures),
+        purchases_iterations=purchases.iterations,
+        spend_iterations=spend.iterations,
+    )
+    if failures:
+        return None, report
+    r, alpha, a, b = purchases.params
+    p, q, v = spend.params
+    fit = ModelFit(
+        as_of=as_of,
+        customers=len(summary.frequency),
+        repeat_customers=int(np.count_nonzero((summary.frequency > 0) & (summary.repeat_mean > 0))),
+        r=r,
+        alpha=alpha,
+        a=a,
+        b=b,
+        p=p,
+        q=q,
+        v=v,
+        purchases_log_likelihood=purchases.log_likelihood,
+        spend_log_likelihood=spend.log_likelihood,
+    )
+    return fit, report
+
+
+def customer_values(summary: PurchaseSummary, inputs: lm.Summary, params: ModelParameters | None) -> CustomerValues:
+    """Every customer's row: revenue always; scores for the buyers when there is a model (NaN / -1 otherwise)."""
+    n = len(summary.customer_id)
+    alive, purchases = np.full(n, np.nan), np.full(n, np.nan)
+    predicted = np.full(n, -1, dtype=np.int64)
+    if params is not None:
+        buyers = summary.purchase_days > 0
+        scores = lm.score(
+            lm.PurchaseParams(params.r, params.alpha, params.a, params.b),
+            lm.SpendParams(params.p, params.q, params.v),
+            inputs,
+            HORIZON_DAYS,
+        )
+        alive[buyers] = scores.probability_alive
+        purchases[buyers] = scores.expected_purchases
+        value = scores.predicted_value
+        predicted[buyers] = np.where(np.isfinite(value), np.rint(np.nan_to_num(value) * 100), -1).astype(np.int64)
+    return CustomerValues(summary.customer_id, summary.revenue_cents, alive, purchases, predicted)
+
+
+def _fit_and_score(
+    summary: PurchaseSummary, previous: LifetimeValueModel | None, as_of: date, max_iterations: int
+) -> _Scored:
+    inputs = model_summary(summary)
+    fit, report = fit_models(inputs, as_of, max_iterations)
+    params = fit if fit is not None else previous
+    return _Scored(fit=fit, report=report, values=customer_values(summary, inputs, params))
