@@ -63,6 +63,7 @@ def _next_runs(cron_job: CronJob, start: datetime, count: int) -> list[datetime]
         ("generate_monthly_report", ["2026-02-01 06:00", "2026-03-01 06:00", "2026-04-01 06:00"]),
         ("prune_exports", ["2026-01-06 01:45", "2026-01-07 01:45"]),
         ("update_customer_lifetime_values", ["2026-01-06 03:00", "2026-01-07 03:00"]),
+        ("check_system_health", ["2026-01-05 10:10", "2026-01-05 10:20", "2026-01-05 10:30"]),
     ],
 )
 def test_cron_schedule_matches_the_documented_one(name: str, expected: list[str]) -> None:

@@ -1,7 +1,7 @@
 """The `maintenance` queue: `arq worker.maintenance.Settings` starts a worker for it alone."""
 
 from worker.engine import install_engine
-from worker.jobs import exports, history, lifetime_values
+from worker.jobs import exports, health, history, lifetime_values
 from worker.registry import Queue
 from worker.settings import queue_settings
 
@@ -11,4 +11,5 @@ Settings = queue_settings(
     history.prune_job_history,
     exports.prune_exports,
     lifetime_values.update_customer_lifetime_values,
+    health.check_system_health,
 )

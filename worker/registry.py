@@ -209,6 +209,7 @@ class TaskSpec:
 
 EVERY_2_MIN = set(range(0, 60, 2))
 EVERY_5_MIN = set(range(0, 60, 5))
+EVERY_10_MIN = set(range(0, 60, 10))
 
 _SPECS = [
     TaskSpec(
@@ -295,6 +296,15 @@ _SPECS = [
         "Write every customer's revenue to date and predicted 12-month value (BG/NBD x Gamma-Gamma, refitted daily)",
         timeout_s=1800,
         schedule=Schedule("daily @ 03:00", minute=0, hour=3),
+    ),
+    TaskSpec(
+        "check_system_health",
+        Queue.MAINTENANCE,
+        "health",
+        "Check PostgreSQL, Redis, partitions, rollups and queues; gauges at /metrics, a notification per failing check",
+        timeout_s=60,
+        retry=RetryPolicy(max_tries=2, backoff_cap_s=30),  # the next run is 10 min later anyway
+        schedule=Schedule("every 10 min (minute 0,10,…,50)", minute=EVERY_10_MIN),
     ),
 ]
 
