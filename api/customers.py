@@ -14,7 +14,7 @@ router = APIRouter(tags=["customers"])
 
 
 class LifetimeValueModelView(LifetimeValueModel):
-    """The newest saved fit: what every customer's predicted value comes from."""
+    """The fit saved last: what every customer's predicted value comes from."""
 
     time_unit: Literal["day"] = "day"  # α is per day; x, t_x and T were counted in local days
     horizon_days: int = HORIZON_DAYS  # predicted_ltv_12m and expected_purchases_12m cover this many days

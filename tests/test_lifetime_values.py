@@ -33,6 +33,7 @@ from tests.conftest import arq_burst
 from worker import client
 from worker import lifetime_model as lm
 from worker.jobs.lifetime_values import fit_models, model_summary, update_customer_lifetime_values
+from worker.registry import TaskArgumentError
 
 CDNOW_END = date(1997, 9, 30)  # the 39 weeks from 1997-01-01: T of a first purchase on 1997-01-01 is 38.86 weeks
 CDNOW_IDS = 9_000_000_000  # CDNOW customer k is customer CDNOW_IDS + k
@@ -122,7 +123,7 @@ async def test_cdnow_summary_and_fit_reproduce_the_published_estimates(db: async
         assert (x, round(t_x / 7, 2), round(big_t / 7, 2)) == (expected["x"], expected["t_x"], expected["T"]), k
         assert m == pytest.approx(expected["zbar"], abs=0.005 + 1e-9), k  # published to 2 decimals
 
-    fit, report = fit_models(inputs, CDNOW_END, max_iterations=500)
+    fit, report = fit_models(inputs, summary.customer_id[ours], CDNOW_END, max_iterations=500)
     assert report.converged and fit is not None, report
     estimates = {"r": fit.r, "alpha": fit.alpha / 7, "a": fit.a, "b": fit.b}  # α per day → per week
     for name, value in PUBLISHED_BGNBD.items():
@@ -220,6 +221,34 @@ async def test_historical_value_is_the_revenue_in_orders(db: asyncpg.Pool, seede
     assert again["updated"] == 0 and again["model"]["id"] == result["model"]["id"]  # same day: same fit, same values
 
 
+def test_the_fit_sample_is_the_same_customers_whatever_the_row_order() -> None:
+    rng = np.random.default_rng(5)
+    ids = np.arange(1, 1001, dtype=np.int64) * 7
+    x = rng.integers(0, 5, 1000).astype(float)
+    summary = lm.Summary(x, x * 3, x * 3 + 20, x * 10)
+    chosen = lm.sample(summary, 100, ids)
+    shuffled = rng.permutation(1000)
+    again = lm.sample(
+        lm.Summary(x[shuffled], x[shuffled] * 3, x[shuffled] * 3 + 20, x[shuffled] * 10), 100, ids[shuffled]
+    )
+    assert len(chosen.frequency) == 100
+    assert sorted(chosen.recency) == sorted(again.recency) and sorted(chosen.age) == sorted(again.age)
+    assert lm.sample(summary, 1000, ids) is summary
+
+
+async def test_a_second_run_on_the_same_data_writes_nothing_even_when_fitting_on_a_sample(
+    db: asyncpg.Pool, seeded: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.jobs.lifetime_values as job
+
+    monkeypatch.setattr(job, "FIT_SAMPLE", 200)
+    first = await update_customer_lifetime_values(job_ctx(db))
+    assert first["fit"]["converged"], first["fit"]
+    assert first["model"]["customers"] == 200 < first["purchasers"]
+    again = await update_customer_lifetime_values(job_ctx(db))
+    assert again["updated"] == 0 and again["model"] == {**first["model"], "fitted_at": again["model"]["fitted_at"]}
+
+
 async def test_a_more_recent_buyer_is_more_likely_alive(db: asyncpg.Pool, seeded: None) -> None:
     await update_customer_lifetime_values(job_ctx(db))
     rows = await crafted(db)
@@ -293,14 +322,34 @@ async def test_the_job_runs_in_a_maintenance_worker_and_the_model_shows_over_res
         k: status.result["model"][k] for k in ("r", "alpha", "a", "b", "p", "q", "v")
     }
     assert (await app_client.get("/customers/lifetime-value-model")).status_code == 401
-    refused = await client_enqueue_refused()
-    assert "update_customer_lifetime_values" in refused
 
 
-async def client_enqueue_refused() -> str:
-    """Arguments are refused before anything is enqueued: the task takes none."""
-    from worker.registry import TaskArgumentError, get_task
-
+@pytest.mark.parametrize(
+    ("kwargs", "problem"),
+    [
+        ({"as_of": (datetime.now(UTC) + timedelta(days=2)).date().isoformat()}, "is in the future"),
+        ({"as_of": "2026-02-30"}, "as_of"),
+        ({"day": "2026-01-01"}, "day: Extra inputs are not permitted"),
+    ],
+)
+async def test_bad_arguments_are_refused_before_anything_is_enqueued(
+    clean_redis: Redis, kwargs: dict[str, Any], problem: str
+) -> None:
     with pytest.raises(TaskArgumentError) as refused:
-        get_task("update_customer_lifetime_values").validate([], {"as_of": "2026-01-01"})
-    return str(refused.value)
+        await client.enqueue_task(clean_redis, OPERATOR, "update_customer_lifetime_values", kwargs=kwargs)
+    assert "bad arguments for update_customer_lifetime_values" in str(refused.value) and problem in str(refused.value)
+    assert (await client.queue_overview(clean_redis))["maintenance"]["queued"] == 0
+
+
+async def test_values_as_of_an_earlier_day_count_the_orders_up_to_its_end(db: asyncpg.Pool, seeded: None) -> None:
+    as_of = (NOW - timedelta(days=50)).date()
+    result = await update_customer_lifetime_values(job_ctx(db), as_of=as_of)
+    assert result["as_of"] == as_of.isoformat() and result["model"]["as_of"] == as_of.isoformat()
+    rows = await crafted(db)
+    assert rows[2]["lifetime_value"] == Decimal("80.50")  # bought 200 and 100 days ago; not yet 10 days ago
+    assert rows[3]["lifetime_value"] == Decimal("0.00") and rows[3]["predicted_ltv_12m"] is None  # bought later
+    assert (await queries.latest_model(db)).as_of == as_of  # type: ignore[union-attr]  # the model fitted last
+    today = await update_customer_lifetime_values(job_ctx(db))
+    assert today["as_of"] == datetime.now(UTC).date().isoformat() and (await crafted(db))[2][
+        "lifetime_value"
+    ] == Decimal("120.75")

@@ -60,6 +60,23 @@ class MonthlyReportArgs(BaseModel):
         return str(month)
 
 
+class LifetimeValuesArgs(BaseModel):
+    """`as_of`: the local day (SALESDASH_TIMEZONE) whose end the values are computed as of, not after today; absent
+    (as the schedule does): today."""
+
+    model_config = ConfigDict(extra="forbid")
+    as_of: date | None = None
+
+    @field_validator("as_of")
+    @classmethod
+    def _not_in_the_future(cls, value: date | None) -> date | None:
+        tz = get_settings().tzinfo
+        today = datetime.now(tz).date()
+        if value is not None and value > today:
+            raise ValueError(f"{value} is in the future (it is {today} in {tz.key})")
+        return value
+
+
 ExportFormat = Literal["json", "csv", "parquet"]
 PARQUET_INSTALL = "pip install 'salesdash[parquet]'"
 
@@ -294,6 +311,7 @@ _SPECS = [
         Queue.MAINTENANCE,
         "lifetime_values",
         "Write every customer's revenue to date and predicted 12-month value (BG/NBD x Gamma-Gamma, refitted daily)",
+        args_model=LifetimeValuesArgs,
         timeout_s=1800,
         schedule=Schedule("daily @ 03:00", minute=0, hour=3),
     ),

@@ -1,7 +1,7 @@
 """`update_customer_lifetime_values`: every customer's historical value (revenue to date) and predicted 12-month value
 (BG/NBD expected purchases × Gamma-Gamma expected spend, worker/lifetime_model.py), in one transaction under an
 advisory lock: the summary in one scan of orders, the fit and the scoring in a thread (off the event loop), the
-write-back as one UPDATE of the rows that change. A fit that does not converge keeps the newest saved model."""
+write-back as one UPDATE of the rows that change. A fit that does not converge keeps the model fitted last."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from db.queries import lifetime_values as queries
 from db.queries.lifetime_values import (
     HORIZON_DAYS,
     CustomerValues,
+    Int64Array,
     LifetimeValueModel,
     ModelFit,
     ModelParameters,
@@ -26,7 +27,7 @@ from db.queries.lifetime_values import (
 from worker import lifetime_model as lm
 from worker.progress import report_progress
 
-FIT_SAMPLE = 200_000  # customers the models are fitted on, at most (worker/lifetime_model.py `sample`)
+FIT_SAMPLE = 100_000  # customers the models are fitted on, at most (worker/lifetime_model.py `sample`)
 
 
 class FitReport(BaseModel):
@@ -39,14 +40,14 @@ class FitReport(BaseModel):
 class LifetimeValuesResult(BaseModel):
     """The job result."""
 
-    as_of: date  # the last local day of the orders summarised (today in SALESDASH_TIMEZONE)
+    as_of: date  # the last local day of the orders summarised (by default today in SALESDASH_TIMEZONE)
     skipped: bool = False  # another run held the lock
-    customers: int = 0
+    summarised: int = 0  # customers with revenue, and those whose values go back to zero revenue and no scores
     purchasers: int = 0  # customers with a purchase: they get a predicted value
     repeat_purchasers: int = 0
     fit: FitReport | None = None
     model: LifetimeValueModel | None = None  # the parameters the predictions come from; None: no model yet
-    model_kept: bool = False  # today's fit failed and the newest saved model was used
+    model_kept: bool = False  # this fit failed and the model fitted last was used
     updated: int = 0  # customers whose values changed
     seconds: dict[str, float] = Field(default_factory=dict)
 
@@ -60,9 +61,10 @@ class _Scored:
     values: CustomerValues
 
 
-async def update_customer_lifetime_values(ctx: dict[str, Any]) -> dict[str, Any]:
+async def update_customer_lifetime_values(ctx: dict[str, Any], *, as_of: date | None = None) -> dict[str, Any]:
+    """Values as of the end of the local day `as_of` (default: today in SALESDASH_TIMEZONE)."""
     settings = ctx["settings"]
-    as_of = datetime.now(settings.tzinfo).date()
+    as_of = as_of or datetime.now(settings.tzinfo).date()
     async with ctx["db"].acquire() as conn, conn.transaction():
         if not await queries.try_lock(conn):
             return LifetimeValuesResult(as_of=as_of, skipped=True).model_dump(mode="json")
@@ -88,7 +90,7 @@ async def _run(ctx: dict[str, Any], conn: Any, as_of: date) -> LifetimeValuesRes
     seconds["total"] = _lap(started)
     return LifetimeValuesResult(
         as_of=as_of,
-        customers=len(summary.customer_id),
+        summarised=len(summary.customer_id),
         purchasers=int(np.count_nonzero(summary.purchase_days)),
         repeat_purchasers=int(np.count_nonzero(summary.purchase_days > 1)),
         fit=scored.report,
@@ -116,9 +118,12 @@ def model_summary(summary: PurchaseSummary) -> lm.Summary:
     )
 
 
-def fit_models(summary: lm.Summary, as_of: date, max_iterations: int) -> tuple[ModelFit | None, FitReport]:
-    """Both fits, on a sample of at most FIT_SAMPLE buyers; a ModelFit only when both converged."""
-    summary = lm.sample(summary, FIT_SAMPLE)
+def fit_models(
+    summary: lm.Summary, customer_ids: Int64Array, as_of: date, max_iterations: int
+) -> tuple[ModelFit | None, FitReport]:
+    """Both fits, on at most FIT_SAMPLE of the buyers (`customer_ids`, in the summary's order); a ModelFit only when
+    both converged."""
+    summary = lm.sample(summary, FIT_SAMPLE, customer_ids)
     purchases = lm.fit_purchases(summary, max_iterations=max_iterations)
     spend = lm.fit_spend(summary, max_iterations=max_iterations)
     failures = [
@@ -175,6 +180,6 @@ def _fit_and_score(
     summary: PurchaseSummary, previous: LifetimeValueModel | None, as_of: date, max_iterations: int
 ) -> _Scored:
     inputs = model_summary(summary)
-    fit, report = fit_models(inputs, as_of, max_iterations)
+    fit, report = fit_models(inputs, summary.customer_id[summary.purchase_days > 0], as_of, max_iterations)
     params = fit if fit is not None else previous
     return _Scored(fit=fit, report=report, values=customer_values(summary, inputs, params))

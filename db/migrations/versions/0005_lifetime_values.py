@@ -5,7 +5,7 @@ one (`customers.lifetime_value`, from 0001), and the fitted model parameters by 
   Gamma-Gamma scores of `update_customer_lifetime_values`; NULL for customers without a purchase, or before any
   model was fitted.
 - `lifetime_value_models`: one row per local day a fit converged (`as_of`, the last day of the data), with its
-  parameters. α is per day. The scoring uses the newest row: a fit that fails keeps yesterday's.
+  parameters. α is per day. The scoring uses the row fitted last: a fit that fails keeps yesterday's.
 
 Revision ID: 0005
 """
