@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
+import asyncpg
 import numpy as np
 from pydantic import BaseModel, Field
 
@@ -72,22 +73,20 @@ async def update_customer_lifetime_values(ctx: dict[str, Any], *, as_of: date | 
     return result.model_dump(mode="json")
 
 
-async def _run(ctx: dict[str, Any], conn: Any, as_of: date) -> LifetimeValuesResult:
-    settings, seconds = ctx["settings"], {}
-    started = time.perf_counter()
+async def _run(ctx: dict[str, Any], conn: asyncpg.Connection, as_of: date) -> LifetimeValuesResult:
+    settings, clock = ctx["settings"], _Stopwatch()
     await report_progress(ctx, 0.0, "summarising every customer's orders")
     await queries.tune(conn)
     summary = await queries.purchase_summary(conn, settings.timezone, as_of)
     previous = await queries.latest_model(conn)
-    seconds["summary"] = _lap(started)
+    clock.lap("summary")
     await report_progress(ctx, 0.5, f"fitting the models to {int(np.count_nonzero(summary.purchase_days))} buyers")
     scored = await asyncio.to_thread(_fit_and_score, summary, previous, as_of, settings.ltv_fit_max_iterations)
-    seconds["fit_and_score"] = _lap(started) - seconds["summary"]
+    clock.lap("fit_and_score")
     await report_progress(ctx, 0.7, "writing the values back")
     model = await queries.save_model(conn, scored.fit, ctx.get("job_id")) if scored.fit else previous
     updated = await queries.write_values(conn, scored.values)
-    seconds["write"] = _lap(started) - seconds["summary"] - seconds["fit_and_score"]
-    seconds["total"] = _lap(started)
+    clock.lap("write")
     return LifetimeValuesResult(
         as_of=as_of,
         summarised=len(summary.customer_id),
@@ -97,12 +96,21 @@ async def _run(ctx: dict[str, Any], conn: Any, as_of: date) -> LifetimeValuesRes
         model=model,
         model_kept=scored.fit is None and model is not None,
         updated=updated,
-        seconds=seconds,
+        seconds=clock.seconds(),
     )
 
 
-def _lap(started: float) -> float:
-    return round(time.perf_counter() - started, 3)
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.started = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name], self.last = round(now - self.last, 3), now
+
+    def seconds(self) -> dict[str, float]:
+        return {**self.laps, "total": round(self.last - self.started, 3)}
 
 
 def model_summary(summary: PurchaseSummary) -> lm.Summary:
