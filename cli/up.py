@@ -35,9 +35,12 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-async def _prepare(database_url: str) -> tuple[bool, str]:
-    """Seed demo data when the database is empty, and mint an admin token for this run."""
+async def _prepare(database_url: str, timezone: str) -> tuple[bool, str]:
+    """Seed demo data when the database is empty (the loader rebuilds the analytics rollups), bring the rollups up to
+    date otherwise (a database migrated from the materialized views gets them rebuilt here, not at the first cron
+    tick), and mint an admin token for this run."""
     from db.queries.tokens import create_token
+    from db.queries.views import Family, refresh_family
     from db.seed import seed
     from salesdash.connections import open_db_pool
 
@@ -57,6 +60,8 @@ async def _prepare(database_url: str) -> tuple[bool, str]:
                     dsn=database_url,
                 )
                 seeded = True
+            for family in Family:
+                await refresh_family(conn, family, timezone=timezone)
         _, token = await create_token(db, f"salesdash up {time.strftime('%Y-%m-%d %H:%M:%S')}", "admin")
         return seeded, token
     finally:
@@ -90,7 +95,7 @@ def run_up(settings: Settings, host: str, port: int) -> int:
         from db.migrate import upgrade
 
         upgrade(database_url)
-        seeded, token = asyncio.run(_prepare(database_url))
+        seeded, token = asyncio.run(_prepare(database_url, settings.timezone))
         if seeded:
             console.print(f"seeded demo data: {DEMO}")
         children.append(

@@ -27,6 +27,18 @@ class Settings(BaseSettings):
     # pause after each chunk an export writes: 0 in production; tests use it to kill a worker mid-export
     export_pause_ms: int = Field(default=0, ge=0, validation_alias="SALESDASH_EXPORT_PAUSE_MS")
     alert_recipient: str = Field(default="ops@example.com", validation_alias="SALESDASH_ALERT_RECIPIENT")
+    # update_customer_segments scores the orders of the last this many days
+    rfm_window_days: int = Field(default=365, ge=1, le=36500, validation_alias="SALESDASH_RFM_WINDOW_DAYS")
+    # clean_old_order_partitions drops the monthly partitions wholly older than this many months (local months)
+    order_retention_months: int = Field(default=24, ge=3, le=1200, validation_alias="SALESDASH_ORDER_RETENTION_MONTHS")
+    # how long one DETACH/DROP of a partition waits for a lock before it gives up and tries again
+    partition_lock_timeout: float = Field(default=5.0, gt=0, validation_alias="SALESDASH_PARTITION_LOCK_TIMEOUT")
+    # prune_old_records: rows older than these go, in bounded batches
+    report_retention_days: int = Field(default=1095, ge=1, validation_alias="SALESDASH_REPORT_RETENTION_DAYS")
+    notification_retention_days: int = Field(default=90, ge=1, validation_alias="SALESDASH_NOTIFICATION_RETENTION_DAYS")
+    segment_history_retention_days: int = Field(
+        default=730, ge=1, validation_alias="SALESDASH_SEGMENT_HISTORY_RETENTION_DAYS"
+    )
     # how long a rollup refresh waits for a lock (a rebuild for running refreshes, any refresh for table locks)
     rollup_lock_timeout: float = Field(default=5.0, gt=0, validation_alias="SALESDASH_ROLLUP_LOCK_TIMEOUT")
     api_host: str = Field(default="127.0.0.1", validation_alias="SALESDASH_API_HOST")

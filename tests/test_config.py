@@ -36,3 +36,10 @@ def test_unknown_timezone_is_named() -> None:
     with pytest.raises(ValidationError, match="Mars/Olympus"):
         _settings(SALESDASH_TIMEZONE="Mars/Olympus")
     assert str(_settings(SALESDASH_TIMEZONE="Europe/Berlin").tzinfo) == "Europe/Berlin"
+
+
+def test_rollup_lock_timeout_must_be_positive() -> None:
+    assert _settings(SALESDASH_ROLLUP_LOCK_TIMEOUT="2.5").rollup_lock_timeout == 2.5
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(ValidationError, match="SALESDASH_ROLLUP_LOCK_TIMEOUT"):
+            _settings(SALESDASH_ROLLUP_LOCK_TIMEOUT=bad)

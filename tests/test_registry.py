@@ -62,6 +62,10 @@ def _next_runs(cron_job: CronJob, start: datetime, count: int) -> list[datetime]
         ("check_low_stock_products", ["2026-01-06 09:00", "2026-01-07 09:00"]),
         ("generate_monthly_report", ["2026-02-01 06:00", "2026-03-01 06:00", "2026-04-01 06:00"]),
         ("prune_exports", ["2026-01-06 01:45", "2026-01-07 01:45"]),
+        ("update_customer_segments", ["2026-01-06 02:00", "2026-01-07 02:00"]),
+        ("clean_old_order_partitions", ["2026-01-11 04:00", "2026-01-18 04:00"]),  # Sundays
+        ("create_order_partitions", ["2026-01-06 00:45", "2026-01-07 00:45"]),
+        ("prune_old_records", ["2026-01-06 01:15", "2026-01-07 01:15"]),
         ("update_customer_lifetime_values", ["2026-01-06 03:00", "2026-01-07 03:00"]),
         ("check_system_health", ["2026-01-05 10:10", "2026-01-05 10:20", "2026-01-05 10:30"]),
     ],

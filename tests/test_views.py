@@ -352,7 +352,8 @@ async def test_incremental_refreshes_equal_a_rebuild(
         if kind == "refresh":
             family = params[0]
             result = await JOBS[family](job_ctx(db, zone))
-            assert result["mode"] == "incremental" and result["family"] == family.value
+            assert result["family"] == family.value and not result["skipped"]
+            assert result["mode"] == "incremental" or "changed (over" in result["reason"], result
             await assert_equals_rebuild(db, family, zone)
         else:
             async with db.acquire() as conn:
@@ -369,8 +370,8 @@ async def test_incremental_refreshes_equal_a_rebuild(
 
 
 async def test_late_changes_count_and_cost_only_their_buckets(seeded: None, db: asyncpg.Pool) -> None:
-    """An order inserted weeks late, cancelled days later, then its product moved to another category: each
-    refresh recomputes the order's hour or day (and the product's days) and nothing else."""
+    """An order inserted weeks late, cancelled days later, then a product moved to another category: each refresh
+    recomputes the order's hour or day (and the product's days) and nothing else."""
     await refresh_both(db)
     old = (NOW - timedelta(days=40)).replace(minute=10)
     async with db.acquire() as conn:
@@ -387,15 +388,35 @@ async def test_late_changes_count_and_cost_only_their_buckets(seeded: None, db: 
     after = await db.fetchrow("SELECT revenue, cancelled_orders FROM mv_daily_sales_summary WHERE day = $1", old.date())
     assert revenue - after["revenue"] == Decimal("30.00") and after["cancelled_orders"] >= 1
 
-    sold_days = await db.fetchval(
-        """SELECT count(DISTINCT (created_at AT TIME ZONE 'UTC')::date) FROM order_items WHERE product_id = 3""",
-    )
-    await db.execute("UPDATE products SET category = 'Moved' WHERE id = 3")
+    product, sold_days = await db.fetchrow(
+        """SELECT product_id, count(DISTINCT (created_at AT TIME ZONE 'UTC')::date) FROM order_items
+            GROUP BY 1 HAVING count(DISTINCT (created_at AT TIME ZONE 'UTC')::date) BETWEEN 2 AND 20
+            ORDER BY 2 DESC LIMIT 1"""
+    )  # sold on a few days: recomputing them costs less than a rebuild
+    await db.execute("UPDATE products SET category = 'Moved' WHERE id = $1", product)
     assert not await pending_buckets(db, Family.REALTIME)  # categories are daily only
     realtime, daily = await refresh_both(db)
-    assert realtime["buckets"] == 0 and daily["days"] == sold_days
+    assert realtime["buckets"] == 0 and daily["mode"] == "incremental" and daily["days"] == sold_days
     assert await db.fetchval("SELECT count(*) FROM mv_daily_category_sales WHERE category = 'Moved'") > 0
     await assert_equals_rebuild(db, Family.DAILY, "UTC")
+
+
+async def test_changes_all_over_the_history_rebuild_the_family(seeded: None, db: asyncpg.Pool) -> None:
+    """Past a quarter of the hours or days, recomputing them one by one costs more than a rebuild: the refresh
+    rebuilds the family instead, and says why."""
+    await refresh_both(db)
+    await db.execute(
+        """UPDATE orders SET status = CASE status WHEN 'delivered' THEN 'shipped' WHEN 'shipped' THEN 'delivered'
+                                          ELSE status END
+            WHERE id % 2 = 0"""
+    )
+    realtime, daily = await refresh_both(db)
+    for result in (realtime, daily):
+        assert result["mode"] == "rebuild" and "changed (over 25%): rebuilt" in result["reason"], result
+        assert result["buckets"] > 100
+    for family in Family:
+        await assert_equals_rebuild(db, family, "UTC")
+        assert not await pending_buckets(db, family)
 
 
 async def test_change_capture_edges(seeded: None, db: asyncpg.Pool) -> None:

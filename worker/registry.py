@@ -18,7 +18,7 @@ from typing import Annotated, Any, Final, Literal
 from arq import cron, func
 from arq.cron import CronJob
 from arq.worker import Function
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from salesdash.auth import Scope
 from salesdash.config import get_settings
@@ -132,6 +132,15 @@ class ExportArgs(BaseModel):
         if export_format == "parquet" and not parquet_available():
             raise ValueError(f"parquet needs the optional pyarrow package: {PARQUET_INSTALL}")
         return export_format
+
+
+class CleanPartitionsArgs(BaseModel):
+    """`clean_old_order_partitions`: `dry_run` reports what would go and changes nothing; `retention_months`
+    overrides SALESDASH_ORDER_RETENTION_MONTHS for this run (at least 3: the current month is never at stake)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    dry_run: bool = False
+    retention_months: int | None = Field(default=None, ge=3, le=1200)
 
 
 @dataclass(frozen=True)
@@ -305,6 +314,44 @@ _SPECS = [
         scope=Scope.ADMIN,
         timeout_s=600,
         schedule=Schedule("daily @ 01:45", minute=45, hour=1),
+    ),
+    TaskSpec(
+        "update_customer_segments",
+        Queue.MAINTENANCE,
+        "segments",
+        "Score every customer's recency, frequency and monetary value (1-5) over SALESDASH_RFM_WINDOW_DAYS and map "
+        "them to a segment through segment_grid; writes and logs only the changes",
+        timeout_s=1800,
+        schedule=Schedule("daily @ 02:00", minute=0, hour=2),
+    ),
+    TaskSpec(
+        "clean_old_order_partitions",
+        Queue.MAINTENANCE,
+        "partitions",
+        "Drop the monthly order partitions wholly older than SALESDASH_ORDER_RETENTION_MONTHS (detach concurrently, "
+        "then drop) and create the next three months' partitions",
+        args_model=CleanPartitionsArgs,
+        scope=Scope.ADMIN,
+        timeout_s=3600,
+        keep_result_s=7 * 24 * 3600,
+        schedule=Schedule("weekly, Sunday @ 04:00", minute=0, hour=4, weekday="sun"),
+    ),
+    TaskSpec(
+        "create_order_partitions",
+        Queue.MAINTENANCE,
+        "partitions",
+        "Create the monthly order partitions of the current month and the next three where missing",
+        timeout_s=300,
+        schedule=Schedule("daily @ 00:45", minute=45, hour=0),
+    ),
+    TaskSpec(
+        "prune_old_records",
+        Queue.MAINTENANCE,
+        "retention",
+        "Delete old reports, sent notifications and segment history in bounded batches (SALESDASH_*_RETENTION_DAYS)",
+        scope=Scope.ADMIN,
+        timeout_s=1800,
+        schedule=Schedule("daily @ 01:15", minute=15, hour=1),
     ),
     TaskSpec(
         "update_customer_lifetime_values",

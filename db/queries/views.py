@@ -16,9 +16,10 @@ The daily family also keeps each customer's first order (`rollup_customer_first_
 customers). A change can move a customer's first order to another day, so the days of the old and the new first
 order are recomputed too.
 
-A full rebuild computes the same measures (the same SQL fragments) over all rows and merges them the same way, so a
-rebuild of consistent rollups writes nothing. A family is rebuilt instead of refreshed when it was never built (after
-the migration or a TRUNCATE of the sales tables) or was built in another timezone.
+A rebuild computes the same measures (the same SQL fragments) over all rows, deletes every row of the family's tables
+and inserts the result; readers see the old rows until it commits. A refresh rebuilds instead when the family was
+never built (after the migration or a TRUNCATE of the sales tables), was built in another timezone, or when more than
+`REBUILD_SHARE` of its hours or days changed (recomputing them one by one would cost more).
 """
 
 from __future__ import annotations
@@ -324,6 +325,13 @@ _BUILT_TIMEZONE = "SELECT timezone FROM rollup_state WHERE family = $1"
 _MARK_BUILT = "UPDATE rollup_state SET timezone = $2, rebuilt_at = now() WHERE family = $1"
 
 _WORK_MEM = "128MB"
+# An incremental refresh reaches each hour or day through an index, a rebuild scans everything once: past this share
+# of the table's hours or days (late changes spread over the history), rebuilding the family costs less.
+REBUILD_SHARE = 0.25
+_KEYS_IN = {
+    Family.REALTIME: "SELECT count(*) FROM mv_hourly_sales_metrics",
+    Family.DAILY: "SELECT count(*) FROM mv_daily_sales_summary",
+}
 
 _ROLLUPS: dict[Family, tuple[_Rollup, ...]] = {
     Family.REALTIME: (_HOURLY,),
@@ -403,9 +411,15 @@ async def _apply_limits(conn: asyncpg.Connection, limits: RefreshLimits) -> None
     for name, seconds in (("lock_timeout", limits.lock_timeout_s), ("statement_timeout", limits.statement_timeout_s)):
         if seconds is not None:
             await conn.execute("SELECT set_config($1, $2, true)", name, f"{max(int(seconds * 1000), 1)}ms")
-    # The planner overestimates the lateral statements (a fixed guess per unnested key) and JIT-compiles them for
-    # seconds; the rebuilds sort and hash millions of rows, in memory with this much.
-    await conn.execute("SELECT set_config('jit', 'off', true), set_config('work_mem', $1, true)", _WORK_MEM)
+    # JIT would compile the lateral statements for seconds (their estimates are fixed guesses per unnested key); the
+    # rebuilds sort and hash millions of rows, in memory with this much; planning the statements over every
+    # partition costs more than running them for a small change, so a connection plans each once and reuses it
+    # (their parameters are arrays of keys that the plan does not depend on).
+    await conn.execute(
+        "SELECT set_config('jit', 'off', true), set_config('work_mem', $1, true), "
+        "set_config('plan_cache_mode', 'force_generic_plan', true)",
+        _WORK_MEM,
+    )
 
 
 async def _consume(conn: asyncpg.Connection, family: Family, timezone: str) -> asyncpg.Record:
@@ -433,10 +447,22 @@ async def _step(progress: ProgressFn | None, fraction: float, message: str) -> N
         await progress(fraction, message)
 
 
+async def _too_many(conn: asyncpg.Connection, family: Family, keys: int) -> str:
+    """Why recomputing `keys` hours or days would cost more than a rebuild, or "" when it would not."""
+    total = await conn.fetchval(_KEYS_IN[family])
+    if keys <= max(REBUILD_SHARE * total, 1):
+        return ""
+    unit = "hours" if family is Family.REALTIME else "days"
+    return f"{keys} of {total} {unit} changed (over {REBUILD_SHARE:.0%}): rebuilt"
+
+
 async def _refresh_realtime(conn: asyncpg.Connection, started: float, progress: ProgressFn | None) -> RefreshOutcome:
     await _step(progress, 0.0, "reading the invalidation log")
     consumed = await _consume(conn, Family.REALTIME, "UTC")
     hours: list[datetime] = consumed["hours"]
+    reason = await _too_many(conn, Family.REALTIME, len(hours)) if hours else ""
+    if reason:
+        return await _rebuild(conn, [Family.REALTIME], "UTC", reason, started, progress, len(consumed["buckets"]))
     view = ViewRefresh(_HOURLY.table, 0, 0, 0)
     if hours:
         await _step(progress, 0.3, f"recomputing {len(hours)} hours")
@@ -453,6 +479,9 @@ async def _refresh_daily(
     await _step(progress, 0.0, "reading the invalidation log")
     consumed = await _consume(conn, Family.DAILY, timezone)
     buckets: list[datetime] = consumed["buckets"]
+    reason = await _too_many(conn, Family.DAILY, len(consumed["days"])) if buckets else ""
+    if reason:
+        return await _rebuild(conn, [Family.DAILY], timezone, reason, started, progress, len(buckets))
     views = [ViewRefresh(rollup.table, 0, 0, 0) for rollup in _ROLLUPS[Family.DAILY]]
     days: list[date] = []
     if buckets:
@@ -475,10 +504,12 @@ async def _rebuild(
     reason: str,
     started: float,
     progress: ProgressFn | None,
+    consumed: int = 0,
 ) -> RefreshOutcome:
-    """Rebuild the families' rollups from orders and clear their log. The log goes first: a change committed after
-    that keeps its row, and the rebuild's later statements see it anyway (recomputing it again is harmless)."""
-    buckets = 0
+    """Rebuild the families' rollups from orders and clear their log (`consumed`: buckets the caller already took
+    from it). The log goes first: a change committed after that keeps its row, and the rebuild's later statements
+    see it anyway (recomputing it again is harmless)."""
+    buckets = consumed
     views: list[ViewRefresh] = []
     rollups = [(family, rollup) for family in families for rollup in _ROLLUPS[family]]
     for family in families:

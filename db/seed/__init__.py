@@ -30,7 +30,9 @@ transaction, so later reads set no hint bits). PostgreSQL is the bottleneck: mai
 B-tree indexes of orders/order_items row by row costs about as much again as the COPY itself, so
 for large loads the indexes are dropped after the TRUNCATE and rebuilt (sorted builds) from their
 catalog definitions before commit. All of it happens in one transaction that starts with
-``TRUNCATE ... RESTART IDENTITY``, so a failure leaves the previous data, and indexes, intact.
+``TRUNCATE ... RESTART IDENTITY``, so a failure leaves the previous data, and indexes, intact. The
+analytics rollups are rebuilt from the new data before that transaction commits (``rollups=False``
+leaves that to their next refresh): the load writes partitions directly, past their change capture.
 """
 
 from db.seed.load import REBUILD_INDEXES_FROM, SeedSummary, seed
