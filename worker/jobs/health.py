@@ -20,10 +20,11 @@ from salesdash.config import Settings
 from worker import client, jobstore
 from worker import health as reports
 from worker.health import HealthCheck, HealthReport
+from worker.jobs.partitions import PREMAKE_MONTHS
 from worker.registry import Queue
 
 CHECK_TIMEOUT_S = 5.0  # a server that takes longer to answer fails its checks
-PARTITION_MONTHS_AHEAD = 3  # the months after the current one that must have their partitions already
+PARTITION_MONTHS_AHEAD = PREMAKE_MONTHS  # what create_order_partitions keeps ready after the current month
 POSTGRES_CHECKS = ("postgres_connections", "postgres_long_queries", "order_partitions_ahead")
 ROLLUP_FAMILIES = ("realtime", "daily")
 _POSTGRES_FAULTS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
