@@ -6,7 +6,8 @@ next to one plain scan of the orders measured just before it (the floor); one ta
                                           [--redis-url redis://127.0.0.1:6379/15]
 
 The floor is `SELECT customer_id, count(*), sum(total_amount), max(created_at) FROM orders GROUP BY 1`, its rows
-streamed to this process (COPY ... TO STDOUT, the way the lifetime-value job reads its summary) and dropped. A job's
+streamed to this process (COPY ... TO STDOUT, the way the lifetime-value job reads its summary) and dropped; each
+row's floor is the median of three runs, two just before the job and one just after (the machine is shared). A job's
 seconds are its run in the worker (started to finished, from its record); ratio = job / floor. Peak RSS is the
 worker process's high-water mark (VmHWM), start and imports included. The lifetime-value job runs three times (see
 ROWS): as of yesterday on freshly seeded customers, as of today, and as of today again.
@@ -31,6 +32,7 @@ sys.path.insert(0, _ROOT)
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
@@ -121,13 +123,15 @@ class Bench:
     async def row(self, spec: RowSpec) -> Row:
         from worker.registry import TASKS
 
-        floor = await _floor(self.db)
         wanted = f"≤ {spec.target:g}x floor" if spec.target else ""
         if spec.task not in TASKS:
-            return Row(spec.label, None, floor, wanted, spec.target, None, "not on this branch", 0.0)
+            return Row(spec.label, None, await _floor(self.db), wanted, spec.target, None, "not on this branch", 0.0)
+        floors = [await _floor(self.db), await _floor(self.db)]
         oldest = await _oldest_transaction_s(self.db)
         seconds, rss_kib, result = await self.job(spec.task, spec.kwargs())
         oldest = max(oldest, await _oldest_transaction_s(self.db))
+        floors.append(await _floor(self.db))
+        floor = statistics.median(floors)
         return Row(spec.label, seconds, floor, wanted, spec.target, rss_kib / 1024, spec.note(result), oldest)
 
 
