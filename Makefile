@@ -6,7 +6,7 @@ HASH   := $(shell cksum pyproject.toml | cut -d' ' -f1)
 STAMP  := $(VENV)/.installed-$(HASH)
 BENCH_STAMP := $(VENV)/.bench-$(HASH)
 
-.PHONY: run test lint bench bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics clean
+.PHONY: run test lint bench bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics bench-maintenance clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/mypy salesdash db worker api cli
 	$(BIN)/mypy tests
 
-bench: bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics
+bench: bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics bench-maintenance
 
 bench-queue: $(BENCH_STAMP)
 	$(BIN)/python bench/queue.py
@@ -52,6 +52,9 @@ bench-dashboard: $(BENCH_STAMP)
 
 bench-analytics: $(BENCH_STAMP)
 	$(BIN)/python bench/analytics.py
+
+bench-maintenance: $(BENCH_STAMP)
+	$(BIN)/python bench/maintenance.py
 
 clean:
 	rm -rf $(VENV) .salesdash .pytest_cache .mypy_cache .ruff_cache

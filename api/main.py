@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, generate_latest
 
+from api.customers import router as customers_router
 from api.dashboard import router as dashboard_router
 from api.deps import DbDep, RedisDep
 from api.exports import router as exports_router
@@ -21,6 +22,7 @@ from salesdash.config import get_settings
 from salesdash.connections import open_db_pool, open_redis
 from salesdash.logs import setup_logging
 from worker import client
+from worker import health as health_report
 from worker.metrics import METRICS_KEY, families
 
 
@@ -40,11 +42,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 class _Snapshot:
     """A prometheus_client collector over values read from Redis for this one scrape."""
 
-    def __init__(self, raw: dict[bytes, bytes], depths: dict[str, int], workers: dict[str, int]) -> None:
+    def __init__(
+        self,
+        raw: dict[bytes, bytes],
+        depths: dict[str, int],
+        workers: dict[str, int],
+        health: health_report.HealthReport | None,
+    ) -> None:
         self.args = (raw, depths, workers)
+        self.health = health
 
     def collect(self) -> Any:
-        return families(*self.args)
+        yield from families(*self.args)
+        yield from health_report.families(self.health)
 
 
 async def _auth_error(_: Request, exc: AuthError) -> JSONResponse:
@@ -58,6 +68,7 @@ def create_app() -> FastAPI:
     app.include_router(reports_router)
     app.include_router(exports_router)
     app.include_router(dashboard_router)
+    app.include_router(customers_router)
     app.add_exception_handler(AuthError, _auth_error)  # type: ignore[arg-type]
     app.include_router(graphql_router(), prefix="/graphql")
 
@@ -88,7 +99,7 @@ def create_app() -> FastAPI:
         depths = {name: counts["queued"] for name, counts in overview.items()}
         alive = {name: counts["workers"] for name, counts in overview.items()}
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Snapshot(raw, depths, alive))
+        registry.register(_Snapshot(raw, depths, alive, await health_report.last_report(redis)))
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
 
     return app

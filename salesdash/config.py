@@ -47,6 +47,24 @@ class Settings(BaseSettings):
     dashboard_cache_ttl_s: float = Field(default=600, ge=120, validation_alias="SALESDASH_DASHBOARD_CACHE_TTL")
     dashboard_cache_lock_s: float = Field(default=30, gt=0, validation_alias="SALESDASH_DASHBOARD_CACHE_LOCK_TIMEOUT")
 
+    # a lifetime-value fit that needs more optimiser iterations than this has not converged: yesterday's model stays
+    ltv_fit_max_iterations: int = Field(default=500, ge=1, validation_alias="SALESDASH_LTV_FIT_MAX_ITERATIONS")
+    # check_system_health's thresholds: a check fails past them
+    health_long_query_s: float = Field(default=300, gt=0, validation_alias="SALESDASH_HEALTH_LONG_QUERY_SECONDS")
+    health_connections_max_ratio: float = Field(
+        default=0.8, gt=0, le=1, validation_alias="SALESDASH_HEALTH_CONNECTIONS_MAX_RATIO"
+    )
+    health_realtime_rollup_max_age_s: float = Field(
+        default=900, gt=0, validation_alias="SALESDASH_HEALTH_REALTIME_ROLLUP_MAX_AGE_SECONDS"
+    )
+    health_daily_rollup_max_age_s: float = Field(
+        default=7200, gt=0, validation_alias="SALESDASH_HEALTH_DAILY_ROLLUP_MAX_AGE_SECONDS"
+    )
+    health_redis_memory_max_ratio: float = Field(
+        default=0.9, gt=0, le=1, validation_alias="SALESDASH_HEALTH_REDIS_MEMORY_MAX_RATIO"
+    )
+    health_queue_wait_max_s: float = Field(default=300, gt=0, validation_alias="SALESDASH_HEALTH_QUEUE_WAIT_SECONDS")
+
     @field_validator("database_url")
     @classmethod
     def _plain_postgres_scheme(cls, value: str | None) -> str | None:

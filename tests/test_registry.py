@@ -66,6 +66,8 @@ def _next_runs(cron_job: CronJob, start: datetime, count: int) -> list[datetime]
         ("clean_old_order_partitions", ["2026-01-11 04:00", "2026-01-18 04:00"]),  # Sundays
         ("create_order_partitions", ["2026-01-06 00:45", "2026-01-07 00:45"]),
         ("prune_old_records", ["2026-01-06 01:15", "2026-01-07 01:15"]),
+        ("update_customer_lifetime_values", ["2026-01-06 03:00", "2026-01-07 03:00"]),
+        ("check_system_health", ["2026-01-05 10:10", "2026-01-05 10:20", "2026-01-05 10:30"]),
     ],
 )
 def test_cron_schedule_matches_the_documented_one(name: str, expected: list[str]) -> None:

@@ -818,6 +818,25 @@ async def queue_counts(redis: Redis, queue: str) -> dict[str, int]:
     return {"queued": ready + due, "deferred": deferred, "in_progress": running}
 
 
+_PRIORITY_BAND = 10**13  # the ready score's priority step: (9 - priority) · 10¹³ + the ms the job became due
+
+
+async def oldest_waiting_ms(redis: Redis, queue: str) -> int | None:
+    """When the longest-waiting job of a queue became due (ms since the epoch): the oldest of each priority's first
+    ready job and of the due jobs no worker has taken in yet. None when nothing waits. Deferred jobs that are not
+    due yet and running jobs do not count."""
+    keys, now = QueueKeys(queue), now_ms()
+    async with redis.pipeline(transaction=False) as pipe:
+        for band in range(PRIORITY_MAX - PRIORITY_MIN + 1):
+            low = band * _PRIORITY_BAND
+            pipe.zrangebyscore(keys.ready, low, f"({low + _PRIORITY_BAND}", start=0, num=1, withscores=True)
+        pipe.zrangebyscore(keys.schedule, 0, now, start=0, num=1, withscores=True)
+        *bands, due = await pipe.execute()
+    since = [int(score) % _PRIORITY_BAND for first in bands for _, score in first]
+    since += [int(score) for _, score in due]
+    return min(since) if since else None
+
+
 async def live_ids(redis: Redis, queue: str, limit: int) -> list[str]:
     """Ids of running, then ready, then waiting jobs of a queue, at most `limit`."""
     keys = QueueKeys(queue)

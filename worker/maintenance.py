@@ -1,7 +1,7 @@
 """The `maintenance` queue: `arq worker.maintenance.Settings` starts a worker for it alone."""
 
 from worker.engine import install_engine
-from worker.jobs import exports, history, partitions, retention, segments
+from worker.jobs import exports, health, history, lifetime_values, partitions, retention, segments
 from worker.registry import Queue
 from worker.settings import queue_settings
 
@@ -14,4 +14,6 @@ Settings = queue_settings(
     partitions.clean_old_order_partitions,
     partitions.create_order_partitions,
     retention.prune_old_records,
+    lifetime_values.update_customer_lifetime_values,
+    health.check_system_health,
 )

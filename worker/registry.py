@@ -60,6 +60,23 @@ class MonthlyReportArgs(BaseModel):
         return str(month)
 
 
+class LifetimeValuesArgs(BaseModel):
+    """`as_of`: the local day (SALESDASH_TIMEZONE) whose end the values are computed as of, not after today; absent
+    (as the schedule does): today."""
+
+    model_config = ConfigDict(extra="forbid")
+    as_of: date | None = None
+
+    @field_validator("as_of")
+    @classmethod
+    def _not_in_the_future(cls, value: date | None) -> date | None:
+        tz = get_settings().tzinfo
+        today = datetime.now(tz).date()
+        if value is not None and value > today:
+            raise ValueError(f"{value} is in the future (it is {today} in {tz.key})")
+        return value
+
+
 ExportFormat = Literal["json", "csv", "parquet"]
 PARQUET_INSTALL = "pip install 'salesdash[parquet]'"
 
@@ -218,6 +235,7 @@ class TaskSpec:
 
 EVERY_2_MIN = set(range(0, 60, 2))
 EVERY_5_MIN = set(range(0, 60, 5))
+EVERY_10_MIN = set(range(0, 60, 10))
 
 _SPECS = [
     TaskSpec(
@@ -334,6 +352,24 @@ _SPECS = [
         scope=Scope.ADMIN,
         timeout_s=1800,
         schedule=Schedule("daily @ 01:15", minute=15, hour=1),
+    ),
+    TaskSpec(
+        "update_customer_lifetime_values",
+        Queue.MAINTENANCE,
+        "lifetime_values",
+        "Write every customer's revenue to date and predicted 12-month value (BG/NBD x Gamma-Gamma, refitted daily)",
+        args_model=LifetimeValuesArgs,
+        timeout_s=1800,
+        schedule=Schedule("daily @ 03:00", minute=0, hour=3),
+    ),
+    TaskSpec(
+        "check_system_health",
+        Queue.MAINTENANCE,
+        "health",
+        "Check PostgreSQL, Redis, partitions, rollups and queues; gauges at /metrics, a notification per failing check",
+        timeout_s=60,
+        retry=RetryPolicy(max_tries=2, backoff_cap_s=30),  # the next run is 10 min later anyway
+        schedule=Schedule("every 10 min (minute 0,10,…,50)", minute=EVERY_10_MIN),
     ),
 ]
 

@@ -9,15 +9,15 @@
   detached and marked dropped in the DROP's transaction, so a run killed between the two is finished by the next.
 - Indexes for the bounded-batch retention of `notifications` and `customer_segment_history` (prune_old_records).
 
-Revision ID: 0005
+Revision ID: 0006
 """
 
 from __future__ import annotations
 
 from alembic import op
 
-revision = "0005"
-down_revision = "0004"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
