@@ -261,7 +261,7 @@ class SalesdashWorker(arq.worker.Worker):
         except js.BadPayload as exc:
             self._refuse(claimed, data, str(exc))
             return
-        job = job.with_tries(job.tries + claimed.lost_tries) if claimed.lost_tries else job
+        job = replace(job, tries=job.tries + claimed.lost_tries) if claimed.lost_tries else job
         if claimed.abort_requested:
             self._abort_unstarted(job)
             return

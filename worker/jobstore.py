@@ -222,7 +222,6 @@ def decode_payload(job_id: str, data: Any, queue: str) -> JobPayload:
             enqueued_ms,
             enqueued_ms,
             tries or 0,
-            from_arq_client=True,
         )
     payload_queue = _field(data, "queue", str, "the queue")
     if payload_queue != queue:

@@ -3,7 +3,7 @@ and a worker's self-description. How they are written to Redis is `worker.jobsto
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -35,10 +35,6 @@ class JobPayload:
     retry_of: str | None = None
     notify: bool = False  # a client is waiting on the done list (`salesdash call --wait`)
     last_error: str | None = None
-    from_arq_client: bool = False  # enqueued with arq's `enqueue_job`: arguments not validated yet
-
-    def with_tries(self, tries: int) -> JobPayload:
-        return replace(self, tries=tries)
 
 
 @dataclass(frozen=True, slots=True)
