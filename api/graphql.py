@@ -19,8 +19,8 @@ from strawberry.fastapi import BaseContext, GraphQLRouter
 from strawberry.scalars import JSON
 
 from api import dashboard_types as dt
-from api.auth import authenticate
-from api.deps import get_db, get_redis
+from api.auth import TokenVerifier
+from api.deps import get_db, get_redis, get_tokens
 from salesdash.auth import AuthError, Principal, Scope, require
 from worker import client, dashboard
 from worker.cache import CacheBusyError, CacheEntry
@@ -38,10 +38,11 @@ def auth_errors() -> Iterator[None]:
 
 
 class Context(BaseContext):
-    def __init__(self, db: asyncpg.Pool, redis: Redis, authorization: str | None) -> None:
+    def __init__(self, db: asyncpg.Pool, redis: Redis, tokens: TokenVerifier, authorization: str | None) -> None:
         super().__init__()
         self.db = db
         self.redis = redis
+        self.tokens = tokens
         self.authorization = authorization
         self._principal: Principal | None = None
 
@@ -49,7 +50,7 @@ class Context(BaseContext):
         """The caller, authenticated once per request (a query may resolve several fields)."""
         with auth_errors():
             if self._principal is None:
-                self._principal = await authenticate(self.db, self.authorization)
+                self._principal = await self.tokens.authenticate(self.db, self.authorization)
         return self._principal
 
     async def require(self, needed: Scope) -> None:
@@ -60,9 +61,12 @@ class Context(BaseContext):
 
 
 async def get_context(
-    request: Request, db: asyncpg.Pool = Depends(get_db), redis: Redis = Depends(get_redis)
+    request: Request,
+    db: asyncpg.Pool = Depends(get_db),
+    redis: Redis = Depends(get_redis),
+    tokens: TokenVerifier = Depends(get_tokens),
 ) -> Context:
-    return Context(db, redis, request.headers.get("authorization"))
+    return Context(db, redis, tokens, request.headers.get("authorization"))
 
 
 @strawberry.type
