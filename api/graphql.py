@@ -37,6 +37,17 @@ def auth_errors() -> Iterator[None]:
         raise GraphQLError(str(exc), extensions={"code": exc.code}) from None
 
 
+@contextmanager
+def trigger_refusals() -> Iterator[None]:
+    """A trigger refused for its token: RATE_LIMITED (with retryAfter, seconds) or IDEMPOTENCY_CONFLICT."""
+    try:
+        yield
+    except client.RateLimitedError as exc:
+        raise GraphQLError(str(exc), extensions={"code": "RATE_LIMITED", "retryAfter": exc.retry_after_s}) from None
+    except client.IdempotencyConflictError as exc:
+        raise GraphQLError(str(exc), extensions={"code": "IDEMPOTENCY_CONFLICT"}) from None
+
+
 class Context(BaseContext):
     def __init__(self, db: asyncpg.Pool, redis: Redis, tokens: TokenVerifier, authorization: str | None) -> None:
         super().__init__()
@@ -227,15 +238,23 @@ class Mutation:
         kwargs: JSON | None = None,
         priority: int = 5,
         defer_seconds: float = 0,
+        idempotency_key: str | None = None,
     ) -> TriggerResult:
         principal = await info.context.principal()
         try:
-            with auth_errors():
+            with auth_errors(), trigger_refusals():
                 # JSON scalars arrive as any JSON value; the service refuses anything but an array / an object
                 positional: Any = args
                 named: Any = kwargs
                 job = await client.enqueue_task(
-                    info.context.redis, principal, task_name, positional, named, priority, defer_seconds
+                    info.context.redis,
+                    principal,
+                    task_name,
+                    positional,
+                    named,
+                    priority,
+                    defer_seconds,
+                    idempotency_key=idempotency_key,
                 )
         except (UnknownTaskError, ValueError) as exc:
             return TriggerResult(success=False, task_id=None, message=str(exc), queue=None)
@@ -260,7 +279,7 @@ class Mutation:
     async def retry_task(self, info: strawberry.Info[Context, None], task_id: str) -> TriggerResult:
         principal = await info.context.principal()
         try:
-            with auth_errors():
+            with auth_errors(), trigger_refusals():
                 job = await client.retry_job(info.context.redis, info.context.db, principal, task_id)
         except (client.JobNotFoundError, client.JobStateError, UnknownTaskError, ValueError) as exc:
             return TriggerResult(success=False, task_id=None, message=str(exc), queue=None)
