@@ -4,7 +4,8 @@ success false and a message."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import html
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
@@ -12,16 +13,20 @@ from typing import Annotated, Any, TypeVar
 import asyncpg
 import strawberry
 from fastapi import Depends, Request
-from graphql import GraphQLError
+from fastapi.responses import HTMLResponse
+from graphql import DocumentNode, FieldNode, GraphQLError, Visitor, visit
 from pydantic import BaseModel
 from redis.asyncio import Redis
+from strawberry.extensions import DisableIntrospection, SchemaExtension
 from strawberry.fastapi import BaseContext, GraphQLRouter
 from strawberry.scalars import JSON
 
 from api import dashboard_types as dt
+from api import sessions
 from api.auth import TokenVerifier
 from api.deps import get_db, get_redis, get_tokens
 from salesdash.auth import AuthError, Principal, Scope, require
+from salesdash.config import Settings, get_settings
 from worker import client, dashboard
 from worker.cache import CacheBusyError, CacheEntry
 from worker.records import JobStatus, Progress, TaskInfo
@@ -49,19 +54,31 @@ def trigger_refusals() -> Iterator[None]:
 
 
 class Context(BaseContext):
-    def __init__(self, db: asyncpg.Pool, redis: Redis, tokens: TokenVerifier, authorization: str | None) -> None:
+    def __init__(
+        self,
+        db: asyncpg.Pool,
+        redis: Redis,
+        tokens: TokenVerifier,
+        authorization: str | None,
+        session_id: str | None = None,
+    ) -> None:
         super().__init__()
         self.db = db
         self.redis = redis
         self.tokens = tokens
         self.authorization = authorization
+        self.session_id = session_id  # GraphiQL in a browser signed in to the dashboard
         self._principal: Principal | None = None
 
     async def principal(self) -> Principal:
-        """The caller, authenticated once per request (a query may resolve several fields)."""
+        """The caller, authenticated once per request (a query may resolve several fields): the bearer token, else
+        the dashboard session."""
         with auth_errors():
-            if self._principal is None:
+            if self._principal is None and (self.authorization or not self.session_id):
                 self._principal = await self.tokens.authenticate(self.db, self.authorization)
+            elif self._principal is None and self.session_id:
+                self._principal = await sessions.session_principal(self.redis, self.db, self.tokens, self.session_id)
+        assert self._principal is not None
         return self._principal
 
     async def require(self, needed: Scope) -> None:
@@ -77,7 +94,7 @@ async def get_context(
     redis: Redis = Depends(get_redis),
     tokens: TokenVerifier = Depends(get_tokens),
 ) -> Context:
-    return Context(db, redis, tokens, request.headers.get("authorization"))
+    return Context(db, redis, tokens, request.headers.get("authorization"), request.cookies.get(sessions.COOKIE))
 
 
 @strawberry.type
@@ -296,8 +313,59 @@ class Mutation:
         return PurgeResult(success=True, message=f"{removed} waiting jobs dropped from {queue}", removed=removed)
 
 
-schema = strawberry.Schema(query=Query, mutation=Mutation)
+def _asks_for_the_schema(document: DocumentNode) -> bool:
+    """Whether an operation reads `__schema` or `__type` (`__typename` is harmless)."""
+    asked = False
+
+    class Finder(Visitor):
+        def enter_field(self, node: FieldNode, *_: Any) -> None:
+            nonlocal asked
+            asked = asked or node.name.value in ("__schema", "__type")
+
+    visit(document, Finder())
+    return asked
 
 
-def graphql_router() -> GraphQLRouter[Context, None]:
-    return GraphQLRouter(schema, context_getter=get_context)
+class IntrospectionNeedsAToken(SchemaExtension):
+    """Introspection is for callers with a valid token (read scope), checked before anything is executed."""
+
+    async def on_execute(self) -> AsyncIterator[None]:
+        document = self.execution_context.graphql_document
+        if document is not None and _asks_for_the_schema(document):
+            await self.execution_context.context.require(Scope.READ)
+        yield
+
+
+def make_schema(introspection: bool = True) -> strawberry.Schema:
+    extensions: list[Any] = [IntrospectionNeedsAToken]
+    if not introspection:
+        extensions.append(DisableIntrospection)
+    return strawberry.Schema(query=Query, mutation=Mutation, extensions=extensions)
+
+
+schema = make_schema()
+
+
+class Router(GraphQLRouter[Context, None]):
+    """GraphiQL only for a caller with a token or a dashboard session; the page says where to sign in."""
+
+    async def render_graphql_ide(self, request: Request) -> HTMLResponse:
+        try:
+            require(await sessions.request_principal(request), Scope.READ)
+        except AuthError as exc:
+            return HTMLResponse(_GRAPHIQL_SIGN_IN.format(message=html.escape(str(exc))), status_code=exc.status_code)
+        return await super().render_graphql_ide(request)
+
+
+_GRAPHIQL_SIGN_IN = """<!doctype html><meta charset="utf-8"><title>salesdash · GraphiQL</title>
+<p style="font:14px system-ui;margin:3rem">{message}. GraphiQL needs a token:
+<a href="/dashboard">sign in on the dashboard</a>, then come back.</p>"""
+
+
+def graphql_router(settings: Settings | None = None) -> GraphQLRouter[Context, None]:
+    settings = settings or get_settings()
+    return Router(
+        make_schema(settings.graphql_introspection),
+        context_getter=get_context,
+        graphql_ide="graphiql" if settings.graphiql else None,
+    )

@@ -18,8 +18,9 @@ from api.exports import router as exports_router
 from api.graphql import graphql_router
 from api.reports import router as reports_router
 from api.rest import router
+from api.security import harden
 from salesdash.auth import AuthError
-from salesdash.config import get_settings
+from salesdash.config import Settings, get_settings
 from salesdash.connections import open_db_pool, open_redis
 from salesdash.logs import setup_logging
 from worker import client
@@ -64,16 +65,18 @@ async def _auth_error(_: Request, exc: AuthError) -> JSONResponse:
     return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=exc.status_code, headers=headers)
 
 
-def create_app() -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
     app = FastAPI(title="salesdash", lifespan=lifespan)
-    app.state.tokens = TokenVerifier.from_settings(get_settings())
+    app.state.tokens = TokenVerifier.from_settings(settings)
+    harden(app, settings)
     app.include_router(router)
     app.include_router(reports_router)
     app.include_router(exports_router)
     app.include_router(dashboard_router)
     app.include_router(customers_router)
     app.add_exception_handler(AuthError, _auth_error)  # type: ignore[arg-type]
-    app.include_router(graphql_router(), prefix="/graphql")
+    app.include_router(graphql_router(settings), prefix="/graphql")
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
