@@ -37,6 +37,7 @@ from dataclasses import dataclass  # noqa: E402
 
 import asyncpg  # noqa: E402
 import httpx  # noqa: E402
+import psutil  # noqa: E402
 from arq.connections import ArqRedis, RedisSettings, create_pool  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -59,6 +60,7 @@ class Row:
     p99_ms: float
     non_2xx: int
     socket_errors: int = 0  # wrk's connect, read, write errors and timeouts (2 s)
+    cpu_ms: float | None = None  # CPU the API processes spent per request: what the machine's noise does not change
 
 
 def _server(url: str) -> str:
@@ -98,20 +100,30 @@ def _errors(text: str) -> tuple[int, int]:
     return (int(non_2xx.group(1)) if non_2xx else 0), (sum(map(int, sockets.groups())) if sockets else 0)
 
 
-def run_wrk(name: str, url: str, script: str, seconds: int, connections: int, threads: int) -> Row:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (uvicorn's workers)."""
+    parent = psutil.Process(pid)
+    return sum(sum(p.cpu_times()[:2]) for p in [parent, *parent.children(recursive=True)])
+
+
+def run_wrk(name: str, url: str, script: str, seconds: int, connections: int, api_pid: int) -> Row:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(script)
     try:
-        base = ["wrk", f"-t{threads}", f"-c{connections}", "--latency", "-s", f.name, url]
+        base = ["wrk", "-t2", f"-c{connections}", "--latency", "-s", f.name, url]
         subprocess.run([*base[:3], "-d2s", *base[3:]], check=True, capture_output=True, text=True)  # warm-up
+        cpu_before = cpu_seconds(api_pid)
         out = subprocess.run([*base[:3], f"-d{seconds}s", *base[3:]], check=True, capture_output=True, text=True)
+        cpu = cpu_seconds(api_pid) - cpu_before
     finally:
         os.unlink(f.name)
     text = out.stdout
     rate = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    if not rate:
+    total = re.search(r"(\d+) requests in", text)
+    if not rate or not total:
         raise RuntimeError(f"wrk printed no rate:\n{text}\n{out.stderr}")
-    return Row(name, float(rate.group(1)), _latency_ms(text, "50"), _latency_ms(text, "99"), *_errors(text))
+    latencies = _latency_ms(text, "50"), _latency_ms(text, "99")
+    return Row(name, float(rate.group(1)), *latencies, *_errors(text), cpu_ms=cpu * 1000 / int(total.group(1)))
 
 
 # ---- in-process loops ----------------------------------------------------------------------------------------
@@ -185,11 +197,10 @@ def start_api(database_url: str, redis_url: str, workers: int, port: int) -> sub
     raise RuntimeError("the API did not come up within 60 s")
 
 
-def http_rows(base: str, token: str, seconds: int, connections: int) -> list[Row]:
+def http_rows(base: str, token: str, seconds: int, connections: int, api_pid: int) -> list[Row]:
     auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     job = httpx.post(f"{base}/jobs", json={"task_name": TASK}, headers=auth, timeout=10)
     job.raise_for_status()
-    threads = 2
     scenarios = [
         ("POST /jobs", f"{base}/jobs", _wrk_script("POST", auth, json.dumps({"task_name": TASK}))),
         (
@@ -199,7 +210,7 @@ def http_rows(base: str, token: str, seconds: int, connections: int) -> list[Row
         ),
         ("GET /jobs/{id}", f"{base}/jobs/{job.json()['task_id']}", _wrk_script("GET", auth, None)),
     ]
-    return [run_wrk(name, url, script, seconds, connections, threads) for name, url, script in scenarios]
+    return [run_wrk(name, url, script, seconds, connections, api_pid) for name, url, script in scenarios]
 
 
 async def create_database(server: str) -> str:
@@ -239,7 +250,8 @@ async def flush(redis_url: str) -> None:
 
 def print_table(rows: list[Row], workers: int, connections: int, seconds: int) -> None:
     table = Table(title=f"API hot paths: {connections} connections, {seconds} s each, {workers} API processes")
-    for column in ("path", "requests/s", "p50 ms", "p99 ms", "non-2xx", "socket errors", "target", "met"):
+    columns = ("path", "requests/s", "p50 ms", "p99 ms", "non-2xx", "socket errors", "API CPU ms/req", "target", "met")
+    for column in columns:
         table.add_column(column, justify="left" if column == "path" else "right")
     for row in rows:
         target = TARGETS.get(row.name)
@@ -251,8 +263,14 @@ def print_table(rows: list[Row], workers: int, connections: int, seconds: int) -
         else:
             wanted, met = "", ""
         numbers = [f"{row.per_s:,.0f}", f"{row.p50_ms:.1f}", f"{row.p99_ms:.1f}", str(row.non_2xx)]
-        table.add_row(row.name, *numbers, str(row.socket_errors), wanted, met)
-    Console(width=160).print(table)
+        cpu = f"{row.cpu_ms:.2f}" if row.cpu_ms is not None else ""
+        table.add_row(row.name, *numbers, str(row.socket_errors), cpu, wanted, met)
+    console = Console(width=180)
+    console.print(table)
+    console.print(
+        f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores. API CPU ms/req is what "
+        "a request costs whatever else runs: on otherwise idle cores, N API processes serve at most N × 1000 / it a second."
+    )
 
 
 def main() -> None:
@@ -274,7 +292,7 @@ def main() -> None:
         port = _free_port()
         api = start_api(url, args.redis_url, args.api_workers, port)
         try:
-            rows = http_rows(f"http://127.0.0.1:{port}", token, args.seconds, args.connections)
+            rows = http_rows(f"http://127.0.0.1:{port}", token, args.seconds, args.connections, api.pid)
         finally:
             api.terminate()
             api.wait(30)
