@@ -268,8 +268,9 @@ def print_table(rows: list[Row], workers: int, connections: int, seconds: int) -
     console = Console(width=180)
     console.print(table)
     console.print(
-        f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores. API CPU ms/req is what "
-        "a request costs whatever else runs: on otherwise idle cores, N API processes serve at most N × 1000 / it a second."
+        f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores. API CPU ms/req is "
+        "what a request costs whatever else runs: on otherwise idle cores, N API processes serve at most "
+        "N × 1000 / it a second."
     )
 
 
