@@ -479,8 +479,13 @@ class SalesdashWorker(arq.worker.Worker):
         dependency = dependency_down(exc)
         if dependency and (waiting := self._wait_for_dependency(running, dependency, exc, log)):
             return waiting
-        if not dependency:  # the job's own fault: a later outage gets a fresh wait budget
-            job = replace(job, waiting_for=None, waiting_since_ms=None, waits=0)
+        # the budget is spent: it stays spent (waiting_since_ms kept) but the job no longer shows as waiting; after
+        # a fault of the job's own, a later outage gets a fresh budget
+        job = (
+            replace(job, waiting_for=None)
+            if dependency
+            else replace(job, waiting_for=None, waiting_since_ms=None, waits=0)
+        )
         try_no = job.tries + 1
         if (isinstance(exc, Retry) or is_transient(exc)) and try_no < self._max_tries(function):
             delay_s = (

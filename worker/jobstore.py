@@ -198,7 +198,7 @@ def encode_payload(job: JobPayload) -> dict[str, Any]:
         "last_error": job.last_error,
         **(
             {"waiting_for": job.waiting_for, "waiting_since_ms": job.waiting_since_ms, "waits": job.waits}
-            if job.waiting_for
+            if job.waiting_since_ms is not None
             else {}
         ),
     }
