@@ -25,7 +25,10 @@ _LOGIN = """<!doctype html><meta charset="utf-8"><title>salesdash · sign in</ti
 <button>Open dashboard</button></form>"""
 
 
-@router.get("/dashboard", response_class=HTMLResponse)
+_SIGN_IN = {"content": {"text/html": {}}, "description": "the sign-in form (no token, or not a read token)"}
+
+
+@router.get("/dashboard", response_class=HTMLResponse, responses={401: _SIGN_IN, 403: _SIGN_IN})
 async def dashboard(
     request: Request,
     db: DbDep,
@@ -46,7 +49,12 @@ async def dashboard(
     return HTMLResponse(html)
 
 
-@router.post("/dashboard/login")
+@router.post(
+    "/dashboard/login",
+    status_code=303,
+    response_class=RedirectResponse,
+    responses={303: {"description": "to /dashboard, signed in or (a bad token) back to the form"}},
+)
 async def login(db: DbDep, token: Annotated[str, Form()]) -> RedirectResponse:
     try:
         require(await authenticate(db, f"Bearer {token}"), Scope.READ)

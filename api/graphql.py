@@ -12,15 +12,21 @@ from typing import Annotated, Any, TypeVar
 import asyncpg
 import strawberry
 from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
 from graphql import GraphQLError
 from pydantic import BaseModel
 from redis.asyncio import Redis
+from strawberry.extensions import SchemaExtension
 from strawberry.fastapi import BaseContext, GraphQLRouter
+from strawberry.http import GraphQLHTTPResponse
 from strawberry.scalars import JSON
+from strawberry.types import ExecutionContext, ExecutionResult
 
 from api import dashboard_types as dt
 from api.auth import authenticate
 from api.deps import get_db, get_redis
+from api.errors import DEPENDENCY_NAMES, DependencyDownError, log_unexpected, request_id, unreachable_dependency
+from api.limits import graphql_limits
 from salesdash.auth import AuthError, Principal, Scope, require
 from worker import client, dashboard
 from worker.cache import CacheBusyError, CacheEntry
@@ -37,32 +43,45 @@ def auth_errors() -> Iterator[None]:
         raise GraphQLError(str(exc), extensions={"code": exc.code}) from None
 
 
+class GraphQLRefusedError(Exception):
+    """A request refused at the door, before its query is parsed: answered as a GraphQL error (api.main)."""
+
+    def __init__(self, error: AuthError) -> None:
+        super().__init__(str(error))
+        self.code = error.code
+
+
 class Context(BaseContext):
-    def __init__(self, db: asyncpg.Pool, redis: Redis, authorization: str | None) -> None:
+    def __init__(self, db: asyncpg.Pool, redis: Redis, principal: Principal) -> None:
         super().__init__()
         self.db = db
         self.redis = redis
-        self.authorization = authorization
-        self._principal: Principal | None = None
+        self._principal = principal
 
     async def principal(self) -> Principal:
-        """The caller, authenticated once per request (a query may resolve several fields)."""
-        with auth_errors():
-            if self._principal is None:
-                self._principal = await authenticate(self.db, self.authorization)
+        """The caller, authenticated before the query was parsed (get_context)."""
         return self._principal
 
     async def require(self, needed: Scope) -> None:
         """For read-only fields, whose service functions take no principal."""
-        principal = await self.principal()
         with auth_errors():
-            require(principal, needed)
+            require(self._principal, needed)
 
 
 async def get_context(
     request: Request, db: asyncpg.Pool = Depends(get_db), redis: Redis = Depends(get_redis)
 ) -> Context:
-    return Context(db, redis, request.headers.get("authorization"))
+    """Authenticates first: a request without a valid token costs one lookup, whatever the size of its query,
+    which is never parsed."""
+    try:
+        principal = await authenticate(db, request.headers.get("authorization"))
+    except AuthError as exc:
+        raise GraphQLRefusedError(exc) from None
+    return Context(db, redis, principal)
+
+
+def refused_answer(_: Request, exc: GraphQLRefusedError) -> JSONResponse:
+    return JSONResponse({"data": None, "errors": [{"message": str(exc), "extensions": {"code": exc.code}}]})
 
 
 @strawberry.type
@@ -273,8 +292,56 @@ class Mutation:
         return PurgeResult(success=True, message=f"{removed} waiting jobs dropped from {queue}", removed=removed)
 
 
-schema = strawberry.Schema(query=Query, mutation=Mutation)
+def _unexpected(error: GraphQLError) -> bool:
+    """An exception a resolver did not mean to raise (a GraphQLError it raised, a syntax, validation or variable
+    error names the problem and is shown as it is)."""
+    return error.path is not None and not isinstance(error.original_error, GraphQLError | None)
+
+
+class MaskInternalErrors(SchemaExtension):
+    """Unexpected exceptions reach the client as a generic message with a code and the request id under which
+    the server logged the detail (docs/graphql.md#errors)."""
+
+    def on_operation(self) -> Iterator[None]:
+        yield
+        result = self.execution_context.result
+        if result is not None and result.errors:
+            result.errors = [_masked(e) if _unexpected(e) else e for e in result.errors]
+
+
+def _masked(error: GraphQLError) -> GraphQLError:
+    original = error.original_error
+    dependency = unreachable_dependency(original) if original else None
+    if dependency is not None:
+        message, extensions = f"{DEPENDENCY_NAMES[dependency]} is unreachable", {"code": "UNAVAILABLE"}
+    else:
+        rid = request_id.get()
+        message, extensions = f"internal error (request id {rid})", {"code": "INTERNAL_SERVER_ERROR", "requestId": rid}
+    return GraphQLError(message, error.nodes, path=error.path, original_error=original, extensions=extensions)
+
+
+class Schema(strawberry.Schema):
+    def process_errors(self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None) -> None:
+        """Logs only what the client is not told: unexpected exceptions, with their traceback and request id
+        (a refused token or a bad argument is the caller's business, not the log's)."""
+        for error in errors:
+            original = error.original_error
+            if _unexpected(error) and original is not None and unreachable_dependency(original) is None:
+                log_unexpected(original, f"GraphQL field {'.'.join(map(str, error.path or []))}")
+
+
+schema = Schema(query=Query, mutation=Mutation, extensions=[*graphql_limits(), MaskInternalErrors])
+
+
+class Router(GraphQLRouter[Context, None]):
+    async def process_result(self, request: Request, result: ExecutionResult) -> GraphQLHTTPResponse:
+        """A field that failed because PostgreSQL or Redis is unreachable makes the whole answer a 503."""
+        for error in result.errors or ():
+            dependency = unreachable_dependency(error.original_error) if error.original_error else None
+            if dependency is not None:
+                raise DependencyDownError(dependency)
+        return await super().process_result(request, result)
 
 
 def graphql_router() -> GraphQLRouter[Context, None]:
-    return GraphQLRouter(schema, context_getter=get_context)
+    return Router(schema, context_getter=get_context, include_in_schema=False)

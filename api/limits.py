@@ -1,0 +1,139 @@
+"""Cost limits, checked before a request is parsed or executed (docs/configuration.md#api-limits): the size of a
+request body (declared or streamed), and for GraphQL the size of the query, its tokens, aliases, depth and
+fields. Every limit is a setting; a request over one is refused with a message naming the limit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+from graphql import (
+    FieldNode,
+    FragmentDefinitionNode,
+    FragmentSpreadNode,
+    GraphQLError,
+    InlineFragmentNode,
+    OperationDefinitionNode,
+    SelectionSetNode,
+    ValidationContext,
+    ValidationRule,
+)
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from strawberry.extensions import (
+    AddValidationRules,
+    MaxAliasesLimiter,
+    MaxTokensLimiter,
+    QueryDepthLimiter,
+    SchemaExtension,
+)
+
+from api.errors import error_response
+from salesdash.config import get_settings
+
+
+class BodyTooLargeError(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"body: larger than {limit} bytes (SALESDASH_API_MAX_BODY_BYTES)")
+
+
+class BodyLimit:
+    """ASGI middleware: a body whose Content-Length is over the limit is refused before any of it is read; a body
+    sent without one (chunked) is refused as soon as the bytes read pass the limit."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = get_settings().api_max_body_bytes
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await error_response(400, "Content-Length: not a number of bytes")(scope, receive, send)
+                return
+            if int(declared) > limit:
+                await error_response(413, BodyTooLargeError(limit).detail)(scope, receive, send)
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLargeError(limit)  # an HTTPException: the route's handler answers 413
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+# ---- GraphQL ---------------------------------------------------------------------------------------------------
+class QuerySizeLimiter(SchemaExtension):
+    """Refuses a query text over the limit before it is parsed."""
+
+    def on_operation(self) -> Iterator[None]:
+        limit = get_settings().graphql_max_query_bytes
+        size = len((self.execution_context.query or "").encode())
+        if size > limit:
+            raise GraphQLError(
+                f"query: {size} bytes, over the limit of {limit} (SALESDASH_GRAPHQL_MAX_QUERY_BYTES)",
+                extensions={"code": "QUERY_TOO_LARGE"},
+            )
+        yield
+
+
+def count_fields(selections: SelectionSetNode | None, fragments: Mapping[str, FragmentDefinitionNode]) -> int:
+    """Fields an operation selects, with every fragment spread counted where it is spread (a fragment spread
+    twice costs twice). Fragment cycles are refused by GraphQL's own validation; `seen` keeps this finite."""
+
+    def walk(node: SelectionSetNode | None, seen: frozenset[str]) -> int:
+        total = 0
+        for selection in node.selections if node else ():
+            if isinstance(selection, FieldNode):
+                total += 1 + walk(selection.selection_set, seen)
+            elif isinstance(selection, InlineFragmentNode):
+                total += walk(selection.selection_set, seen)
+            elif isinstance(selection, FragmentSpreadNode) and selection.name.value not in seen:
+                fragment = fragments.get(selection.name.value)
+                if fragment is not None:
+                    total += walk(fragment.selection_set, seen | {selection.name.value})
+        return total
+
+    return walk(selections, frozenset())
+
+
+def max_fields_rule(limit: int) -> type[ValidationRule]:
+    class MaxFieldsRule(ValidationRule):
+        def __init__(self, context: ValidationContext) -> None:
+            super().__init__(context)
+            definitions = context.document.definitions
+            fragments = {d.name.value: d for d in definitions if isinstance(d, FragmentDefinitionNode)}
+            for operation in definitions:
+                if not isinstance(operation, OperationDefinitionNode):
+                    continue
+                fields = count_fields(operation.selection_set, fragments)
+                if fields > limit:
+                    context.report_error(
+                        GraphQLError(
+                            f"{fields} fields selected, over the limit of {limit} (SALESDASH_GRAPHQL_MAX_FIELDS)",
+                            extensions={"code": "QUERY_TOO_COMPLEX"},
+                        )
+                    )
+
+    return MaxFieldsRule
+
+
+def graphql_limits() -> list[Callable[[], SchemaExtension]]:
+    """Extension factories, one set per request, each reading its limit from the settings."""
+    settings = get_settings
+
+    return [
+        QuerySizeLimiter,
+        lambda: MaxTokensLimiter(max_token_count=settings().graphql_max_tokens),
+        lambda: MaxAliasesLimiter(max_alias_count=settings().graphql_max_aliases),
+        lambda: QueryDepthLimiter(max_depth=settings().graphql_max_depth),
+        lambda: AddValidationRules([max_fields_rule(settings().graphql_max_fields)]),
+    ]
