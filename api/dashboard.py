@@ -3,21 +3,21 @@ Kept apart from the worker core (as SAQ does): it only reads what worker.client 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Cookie, Form, Header, Request
+from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from api.auth import authenticate
+from api import sessions
 from api.deps import DbDep, RedisDep
 from salesdash.auth import AuthError, Scope, require
 from worker import client
 
 router = APIRouter()
 _templates = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")), autoescape=select_autoescape())
-COOKIE = "salesdash_token"
 
 _LOGIN = """<!doctype html><meta charset="utf-8"><title>salesdash · sign in</title>
 <form method="post" action="/dashboard/login" style="font:14px system-ui;margin:3rem">
@@ -29,17 +29,10 @@ _SIGN_IN = {"content": {"text/html": {}}, "description": "the sign-in form (no t
 
 
 @router.get("/dashboard", response_class=HTMLResponse, responses={401: _SIGN_IN, 403: _SIGN_IN})
-async def dashboard(
-    request: Request,
-    db: DbDep,
-    redis: RedisDep,
-    authorization: Annotated[str | None, Header()] = None,
-    salesdash_token: Annotated[str | None, Cookie()] = None,
-) -> HTMLResponse:
-    """Bearer header for scripts; a cookie set by the sign-in form for browsers."""
+async def dashboard(request: Request, db: DbDep, redis: RedisDep) -> HTMLResponse:
+    """Bearer header for scripts; a server-side session (api.sessions) for browsers."""
     try:
-        credentials = authorization or (f"Bearer {salesdash_token}" if salesdash_token else None)
-        require(await authenticate(db, credentials), Scope.READ)
+        require(await sessions.request_principal(request), Scope.READ)
     except AuthError as exc:
         return HTMLResponse(_LOGIN.format(message=exc), status_code=exc.status_code)
     queues = await client.queue_overview(redis)
@@ -49,17 +42,26 @@ async def dashboard(
     return HTMLResponse(html)
 
 
+_TO_DASHBOARD: dict[int | str, dict[str, Any]] = {
+    303: {"description": "to /dashboard, signed in or (a bad token) back to the form"}
+}
+
+
+@router.post("/dashboard/login", status_code=303, response_class=RedirectResponse, responses=_TO_DASHBOARD)
+async def login(request: Request, token: Annotated[str, Form()]) -> RedirectResponse:
+    response = RedirectResponse("/dashboard", status_code=303)
+    with contextlib.suppress(AuthError):  # refused: back to the form, which says why
+        await sessions.sign_in(request, response, token)
+    return response
+
+
 @router.post(
-    "/dashboard/login",
+    "/dashboard/logout",
     status_code=303,
     response_class=RedirectResponse,
-    responses={303: {"description": "to /dashboard, signed in or (a bad token) back to the form"}},
+    responses={303: {"description": "to /dashboard, the session ended"}},
 )
-async def login(db: DbDep, token: Annotated[str, Form()]) -> RedirectResponse:
-    try:
-        require(await authenticate(db, f"Bearer {token}"), Scope.READ)
-    except AuthError:
-        return RedirectResponse("/dashboard", status_code=303)
+async def logout(request: Request) -> RedirectResponse:
     response = RedirectResponse("/dashboard", status_code=303)
-    response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+    await sessions.sign_out(request, response)
     return response

@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis.asyncio import Redis
 
-from api.auth import authenticate
+from api.auth import TokenVerifier
 from salesdash.auth import Principal, Scope, require
 
 
@@ -22,8 +22,13 @@ def get_redis(request: Request) -> Redis:
     return request.app.state.redis  # type: ignore[no-any-return]
 
 
+def get_tokens(request: Request) -> TokenVerifier:
+    return request.app.state.tokens  # type: ignore[no-any-return]
+
+
 DbDep = Annotated[asyncpg.Pool, Depends(get_db)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
+TokensDep = Annotated[TokenVerifier, Depends(get_tokens)]
 
 
 # Declares the bearer scheme in the OpenAPI document; the header itself is read as it came (a malformed one is a 401
@@ -32,9 +37,9 @@ _bearer = HTTPBearer(auto_error=False, description="a token from `salesdash toke
 
 
 async def principal(
-    request: Request, db: DbDep, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    request: Request, db: DbDep, tokens: TokensDep, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal:
-    return await authenticate(db, request.headers.get("authorization"))
+    return await tokens.authenticate(db, request.headers.get("authorization"))
 
 
 def scoped(needed: Scope) -> Callable[..., Awaitable[Principal]]:

@@ -4,7 +4,8 @@ success false and a message."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import html
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
@@ -12,22 +13,24 @@ from typing import Annotated, Any, TypeVar
 import asyncpg
 import strawberry
 from fastapi import Depends, Request
-from fastapi.responses import JSONResponse
-from graphql import GraphQLError
+from fastapi.responses import HTMLResponse, JSONResponse
+from graphql import DocumentNode, FieldNode, GraphQLError, Visitor, visit
 from pydantic import BaseModel
 from redis.asyncio import Redis
-from strawberry.extensions import SchemaExtension
+from strawberry.extensions import DisableIntrospection, SchemaExtension
 from strawberry.fastapi import BaseContext, GraphQLRouter
 from strawberry.http import GraphQLHTTPResponse
 from strawberry.scalars import JSON
 from strawberry.types import ExecutionContext, ExecutionResult
 
 from api import dashboard_types as dt
-from api.auth import authenticate
-from api.deps import get_db, get_redis
+from api import sessions
+from api.auth import TokenVerifier
+from api.deps import get_db, get_redis, get_tokens
 from api.errors import DEPENDENCY_NAMES, DependencyDownError, log_unexpected, request_id, unreachable_dependency
 from api.limits import graphql_limits
 from salesdash.auth import AuthError, Principal, Scope, require
+from salesdash.config import Settings, get_settings
 from worker import client, dashboard
 from worker.cache import CacheBusyError, CacheEntry
 from worker.records import JobStatus, Progress, TaskInfo
@@ -51,33 +54,73 @@ class GraphQLRefusedError(Exception):
         self.code = error.code
 
 
+@contextmanager
+def trigger_refusals() -> Iterator[None]:
+    """A trigger refused for its token: RATE_LIMITED (with retryAfter, seconds) or IDEMPOTENCY_CONFLICT."""
+    try:
+        yield
+    except client.RateLimitedError as exc:
+        raise GraphQLError(str(exc), extensions={"code": "RATE_LIMITED", "retryAfter": exc.retry_after_s}) from None
+    except client.IdempotencyConflictError as exc:
+        raise GraphQLError(str(exc), extensions={"code": "IDEMPOTENCY_CONFLICT"}) from None
+
+
 class Context(BaseContext):
-    def __init__(self, db: asyncpg.Pool, redis: Redis, principal: Principal) -> None:
+    def __init__(
+        self,
+        db: asyncpg.Pool,
+        redis: Redis,
+        tokens: TokenVerifier,
+        authorization: str | None,
+        session_id: str | None = None,
+    ) -> None:
         super().__init__()
         self.db = db
         self.redis = redis
-        self._principal = principal
+        self.tokens = tokens
+        self.authorization = authorization
+        self.session_id = session_id  # GraphiQL in a browser signed in to the dashboard
+        self._principal: Principal | None = None
+
+    async def authenticate(self) -> Principal:
+        """The caller, authenticated once per request (a query may resolve several fields): the bearer token, else
+        the dashboard session; AuthError when neither is valid."""
+        if self._principal is None and (self.authorization or not self.session_id):
+            self._principal = await self.tokens.authenticate(self.db, self.authorization)
+        elif self._principal is None and self.session_id:
+            self._principal = await sessions.session_principal(self.redis, self.db, self.tokens, self.session_id)
+        assert self._principal is not None
+        return self._principal
 
     async def principal(self) -> Principal:
-        """The caller, authenticated before the query was parsed (get_context)."""
+        """The caller, as a GraphQL error with its code when refused (docs/graphql.md)."""
+        with auth_errors():
+            await self.authenticate()
+        assert self._principal is not None
         return self._principal
 
     async def require(self, needed: Scope) -> None:
         """For read-only fields, whose service functions take no principal."""
+        principal = await self.principal()
         with auth_errors():
-            require(self._principal, needed)
+            require(principal, needed)
 
 
 async def get_context(
-    request: Request, db: asyncpg.Pool = Depends(get_db), redis: Redis = Depends(get_redis)
+    request: Request,
+    db: asyncpg.Pool = Depends(get_db),
+    redis: Redis = Depends(get_redis),
+    tokens: TokenVerifier = Depends(get_tokens),
 ) -> Context:
-    """Authenticates first: a request without a valid token costs one lookup, whatever the size of its query,
-    which is never parsed."""
-    try:
-        principal = await authenticate(db, request.headers.get("authorization"))
-    except AuthError as exc:
-        raise GraphQLRefusedError(exc) from None
-    return Context(db, redis, principal)
+    """Authenticates first: a request without a valid token or session costs one lookup, whatever the size of its
+    query, which is never parsed. Only GraphiQL's page (a GET without a query) is let through, to its sign-in."""
+    context = Context(db, redis, tokens, request.headers.get("authorization"), request.cookies.get(sessions.COOKIE))
+    if request.method != "GET" or "query" in request.query_params:
+        try:
+            await context.authenticate()
+        except AuthError as exc:
+            raise GraphQLRefusedError(exc) from None
+    return context
 
 
 def refused_answer(_: Request, exc: GraphQLRefusedError) -> JSONResponse:
@@ -242,15 +285,23 @@ class Mutation:
         kwargs: JSON | None = None,
         priority: int = 5,
         defer_seconds: float = 0,
+        idempotency_key: str | None = None,
     ) -> TriggerResult:
         principal = await info.context.principal()
         try:
-            with auth_errors():
+            with auth_errors(), trigger_refusals():
                 # JSON scalars arrive as any JSON value; the service refuses anything but an array / an object
                 positional: Any = args
                 named: Any = kwargs
                 job = await client.enqueue_task(
-                    info.context.redis, principal, task_name, positional, named, priority, defer_seconds
+                    info.context.redis,
+                    principal,
+                    task_name,
+                    positional,
+                    named,
+                    priority,
+                    defer_seconds,
+                    idempotency_key=idempotency_key,
                 )
         except (UnknownTaskError, ValueError) as exc:
             return TriggerResult(success=False, task_id=None, message=str(exc), queue=None)
@@ -275,7 +326,7 @@ class Mutation:
     async def retry_task(self, info: strawberry.Info[Context, None], task_id: str) -> TriggerResult:
         principal = await info.context.principal()
         try:
-            with auth_errors():
+            with auth_errors(), trigger_refusals():
                 job = await client.retry_job(info.context.redis, info.context.db, principal, task_id)
         except (client.JobNotFoundError, client.JobStateError, UnknownTaskError, ValueError) as exc:
             return TriggerResult(success=False, task_id=None, message=str(exc), queue=None)
@@ -330,10 +381,49 @@ class Schema(strawberry.Schema):
                 log_unexpected(original, f"GraphQL field {'.'.join(map(str, error.path or []))}")
 
 
-schema = Schema(query=Query, mutation=Mutation, extensions=[*graphql_limits(), MaskInternalErrors])
+def _asks_for_the_schema(document: DocumentNode) -> bool:
+    """Whether an operation reads `__schema` or `__type` (`__typename` is harmless)."""
+    asked = False
+
+    class Finder(Visitor):
+        def enter_field(self, node: FieldNode, *_: Any) -> None:
+            nonlocal asked
+            asked = asked or node.name.value in ("__schema", "__type")
+
+    visit(document, Finder())
+    return asked
+
+
+class IntrospectionNeedsAToken(SchemaExtension):
+    """Introspection is for callers with a valid token (read scope), checked before anything is executed."""
+
+    async def on_execute(self) -> AsyncIterator[None]:
+        document = self.execution_context.graphql_document
+        if document is not None and _asks_for_the_schema(document):
+            await self.execution_context.context.require(Scope.READ)
+        yield
+
+
+def make_schema(introspection: bool = True) -> strawberry.Schema:
+    extensions: list[Any] = [*graphql_limits(), IntrospectionNeedsAToken, MaskInternalErrors]
+    if not introspection:
+        extensions.append(DisableIntrospection)
+    return Schema(query=Query, mutation=Mutation, extensions=extensions)
+
+
+schema = make_schema()
 
 
 class Router(GraphQLRouter[Context, None]):
+    """GraphiQL only for a caller with a token or a dashboard session; the page says where to sign in."""
+
+    async def render_graphql_ide(self, request: Request) -> HTMLResponse:
+        try:
+            require(await sessions.request_principal(request), Scope.READ)
+        except AuthError as exc:
+            return HTMLResponse(_GRAPHIQL_SIGN_IN.format(message=html.escape(str(exc))), status_code=exc.status_code)
+        return await super().render_graphql_ide(request)
+
     async def process_result(self, request: Request, result: ExecutionResult) -> GraphQLHTTPResponse:
         """A field that failed because PostgreSQL or Redis is unreachable makes the whole answer a 503."""
         for error in result.errors or ():
@@ -343,5 +433,16 @@ class Router(GraphQLRouter[Context, None]):
         return await super().process_result(request, result)
 
 
-def graphql_router() -> GraphQLRouter[Context, None]:
-    return Router(schema, context_getter=get_context, include_in_schema=False)
+_GRAPHIQL_SIGN_IN = """<!doctype html><meta charset="utf-8"><title>salesdash · GraphiQL</title>
+<p style="font:14px system-ui;margin:3rem">{message}. GraphiQL needs a token:
+<a href="/dashboard">sign in on the dashboard</a>, then come back.</p>"""
+
+
+def graphql_router(settings: Settings | None = None) -> GraphQLRouter[Context, None]:
+    settings = settings or get_settings()
+    return Router(
+        make_schema(settings.graphql_introspection),
+        context_getter=get_context,
+        graphql_ide="graphiql" if settings.graphiql else None,
+        include_in_schema=False,  # GraphQL has its own schema (docs/graphql.md); the OpenAPI document is REST's
+    )

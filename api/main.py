@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import BaseModel
 
+from api.auth import TokenVerifier
 from api.customers import router as customers_router
 from api.dashboard import router as dashboard_router
 from api.deps import DbDep, RedisDep
@@ -22,7 +23,8 @@ from api.graphql import GraphQLRefusedError, graphql_router, refused_answer
 from api.limits import BodyLimit
 from api.reports import router as reports_router
 from api.rest import router
-from salesdash.config import get_settings
+from api.security import harden
+from salesdash.config import Settings, get_settings
 from salesdash.connections import open_db_pool, open_redis
 from salesdash.logs import setup_logging
 from worker import client
@@ -39,7 +41,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.db = await open_db_pool(settings)
     app.state.redis = await open_redis(settings)
     try:
-        yield
+        async with app.state.tokens.flushing(app.state.db, settings.token_last_used_interval_s):
+            yield
     finally:
         await app.state.redis.aclose(close_connection_pool=True)
         await app.state.db.close()
@@ -82,14 +85,17 @@ async def _reachable(check: Awaitable[object]) -> Literal["ok", "unreachable"]:
     return "ok"
 
 
-def create_app() -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
     app = FastAPI(title="salesdash", lifespan=lifespan, responses=error_responses(503))
+    app.state.tokens = TokenVerifier.from_settings(settings)
+    harden(app, settings)
     app.include_router(router)
     app.include_router(reports_router)
     app.include_router(exports_router)
     app.include_router(dashboard_router)
     app.include_router(customers_router)
-    app.include_router(graphql_router(), prefix="/graphql")
+    app.include_router(graphql_router(settings), prefix="/graphql")
     install_error_handlers(app)
     app.add_exception_handler(GraphQLRefusedError, refused_answer)  # type: ignore[arg-type]
     app.add_middleware(BodyLimit)

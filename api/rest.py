@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query
+from fastapi import APIRouter, Header, HTTPException, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import DbDep, PrincipalDep, ReadDep, RedisDep
@@ -70,16 +70,40 @@ class QueueCounts(BaseModel):
     workers: int
 
 
-@router.post("/jobs", status_code=202, responses=error_responses(401, 403, 413, 422))
-async def create_job(body: JobRequest, redis: RedisDep, principal: PrincipalDep) -> JobAccepted:
+def trigger_refusal(exc: client.RateLimitedError | client.IdempotencyConflictError) -> HTTPException:
+    """429 with Retry-After, or 409: the answers of a trigger the job service refused for its token."""
+    if isinstance(exc, client.RateLimitedError):
+        return HTTPException(429, detail=str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+    return HTTPException(409, detail=str(exc))
+
+
+@router.post("/jobs", status_code=202, responses=error_responses(401, 403, 409, 413, 422, 429))
+async def create_job(
+    body: JobRequest,
+    redis: RedisDep,
+    principal: PrincipalDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(description="Repeat-safe trigger key, per token.")] = None,
+) -> JobAccepted:
     try:
         job = await client.enqueue_task(
-            redis, principal, body.task_name, body.args, body.kwargs, body.priority, body.defer_seconds
+            redis,
+            principal,
+            body.task_name,
+            body.args,
+            body.kwargs,
+            body.priority,
+            body.defer_seconds,
+            idempotency_key=idempotency_key,
         )
     except UnknownTaskError as exc:
         raise HTTPException(422, detail=f"task_name: {exc}") from None
     except ValueError as exc:
         raise HTTPException(422, detail=str(exc)) from None
+    except (client.RateLimitedError, client.IdempotencyConflictError) as exc:
+        raise trigger_refusal(exc) from None
+    if job.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
     return JobAccepted(
         task_id=job.task_id,
         task_name=job.task_name,
@@ -122,10 +146,12 @@ async def abort_job(task_id: TaskId, redis: RedisDep, db: DbDep, principal: Prin
     return JobAborted(task_id=task_id, aborted=True, previous_status=previous)
 
 
-@router.post("/jobs/{task_id}/retry", status_code=202, responses=error_responses(401, 403, 404, 409, 422))
+@router.post("/jobs/{task_id}/retry", status_code=202, responses=error_responses(401, 403, 404, 409, 422, 429))
 async def retry_job(task_id: TaskId, redis: RedisDep, db: DbDep, principal: PrincipalDep) -> JobRetried:
     try:
         job = await client.retry_job(redis, db, principal, task_id)
+    except (client.RateLimitedError, client.IdempotencyConflictError) as exc:
+        raise trigger_refusal(exc) from None
     except client.JobNotFoundError as exc:
         raise HTTPException(404, detail=str(exc)) from None
     except client.JobStateError as exc:

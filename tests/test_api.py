@@ -124,8 +124,9 @@ async def test_dashboard_page_shows_queues_and_jobs(
     assert page.status_code == 200
     assert "analytics" in page.text and job.json()["task_id"][:12] in page.text and "queued" in page.text
     login = await app_client.post("/dashboard/login", data={"token": tokens["read"]})
-    assert login.status_code == 303 and "salesdash_token" in login.headers["set-cookie"]
-    app_client.cookies.set("salesdash_token", tokens["read"])
+    assert login.status_code == 303 and "salesdash_session" in login.headers["set-cookie"]
+    assert tokens["read"] not in login.headers["set-cookie"]  # a server-side session, not the token (test_sessions)
+    app_client.cookies.set("salesdash_session", login.cookies["salesdash_session"])
     try:
         with_cookie = await app_client.get("/dashboard")
     finally:

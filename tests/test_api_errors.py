@@ -71,7 +71,7 @@ async def test_healthz_stays_fast_during_a_burst_of_such_requests() -> None:
             attack.terminate()
             out, _ = await attack.communicate()
     refused = int(out or b"0")
-    assert refused >= 50, refused  # the burst really ran alongside the probes, every request refused
+    assert refused >= 20, refused  # the burst really ran alongside the probes, every request refused
     assert statistics.median(samples) < 0.050, samples
 
 

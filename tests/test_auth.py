@@ -1,11 +1,13 @@
-"""Authorization in one place: the auth matrix over every job route and mutation, for an ordinary and an admin
-task, and the rules of salesdash.auth that the job service applies for REST, GraphQL and the CLI alike."""
+"""Authorization in one place: the auth matrix over every route and GraphQL operation × {no token, expired,
+revoked, read, trigger, admin} (job routes and mutations for an ordinary and an admin task), and the rules of
+salesdash.auth that the job service applies for REST, GraphQL and the CLI alike."""
 
 from __future__ import annotations
 
 import ast
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,8 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from db.queries.lifetime_values import latest_model
+from db.queries.tokens import create_token, revoke_token
 from salesdash import auth
 from salesdash.auth import OPERATOR, ForbiddenError, Principal, Scope, scope_to_operate
 from tests.conftest import ROOT
@@ -22,7 +26,8 @@ from worker import client, registry
 
 ORDINARY_TASK = "refresh_all_materialized_views"
 ADMIN_TASK = "prune_job_history"
-TOKENS = ("none", "read", "trigger", "admin")
+TOKENS = ("none", "expired", "revoked", "read", "trigger", "admin")
+_COLUMNS = ("none", "read", "trigger", "admin")  # the expected-outcome tuples: a dead token fares as no token
 KINDS = {"ordinary": ORDINARY_TASK, "admin": ADMIN_TASK}
 TRIGGER_ONLY = Principal(frozenset({Scope.TRIGGER}))
 
@@ -48,6 +53,25 @@ async def make_jobs(redis: Redis, db: asyncpg.Pool, task: str) -> Jobs:
 async def snapshot(redis: Redis) -> dict[bytes, bytes | None]:
     """Every key of the test db with its serialized value: equal snapshots mean nothing was written."""
     return {key: await redis.dump(key) for key in sorted(await redis.keys("*"))}
+
+
+def expected_for(row: tuple[Any, Any, Any, Any], token: str) -> Any:
+    return row[_COLUMNS.index("none" if token in ("expired", "revoked") else token)]
+
+
+@pytest.fixture(scope="session")
+async def dead_tokens(db: asyncpg.Pool) -> dict[str, dict[str, str]]:
+    """An admin token that expired and one that was revoked: both must fare exactly as no token."""
+    expired_id, expired = await create_token(db, "test-expired", "admin", timedelta(hours=1))
+    await db.execute("UPDATE api_tokens SET expires_at = now() - interval '1 second' WHERE id = $1", expired_id)
+    revoked_id, revoked = await create_token(db, "test-revoked", "admin")
+    assert await revoke_token(db, revoked_id)
+    return {"expired": {"Authorization": f"Bearer {expired}"}, "revoked": {"Authorization": f"Bearer {revoked}"}}
+
+
+@pytest.fixture
+def every_token(auth: dict[str, dict[str, str]], dead_tokens: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    return {**auth, **dead_tokens}
 
 
 def headers(auth_headers: dict[str, dict[str, str]], token: str) -> dict[str, str]:
@@ -135,14 +159,14 @@ async def test_rest_auth_matrix(
     app_client: httpx.AsyncClient,
     clean_redis: Redis,
     db: asyncpg.Pool,
-    auth: dict[str, dict[str, str]],
+    every_token: dict[str, dict[str, str]],
 ) -> None:
     jobs = await make_jobs(clean_redis, db, KINDS[kind])
     before = await snapshot(clean_redis)
     response = await app_client.request(
-        op.method, op.path(jobs), headers=headers(auth, token), json=op.body(jobs) if op.body else None
+        op.method, op.path(jobs), headers=headers(every_token, token), json=op.body(jobs) if op.body else None
     )
-    expected = op.codes[kind][TOKENS.index(token)]
+    expected = expected_for(op.codes[kind], token)
     assert response.status_code == expected, response.text
     if expected in (401, 403):
         assert response.json()["code"] == {401: "UNAUTHENTICATED", 403: "FORBIDDEN"}[expected]
@@ -230,12 +254,12 @@ async def test_graphql_auth_matrix(
     app_client: httpx.AsyncClient,
     clean_redis: Redis,
     db: asyncpg.Pool,
-    auth: dict[str, dict[str, str]],
+    every_token: dict[str, dict[str, str]],
 ) -> None:
     jobs = await make_jobs(clean_redis, db, KINDS[kind])
     before = await snapshot(clean_redis)
-    body = await gql(app_client, op.query, headers(auth, token), **op.variables(jobs))
-    expected = op.outcomes[kind][TOKENS.index(token)]
+    body = await gql(app_client, op.query, headers(every_token, token), **op.variables(jobs))
+    expected = expected_for(op.outcomes[kind], token)
     if expected != "ok":
         assert [e["extensions"]["code"] for e in body["errors"]] == [expected], body
         assert (body["data"] or {}).get(op.field) is None  # a nullable field is null, else data is
@@ -251,6 +275,57 @@ async def test_graphql_auth_matrix(
     await assert_effect(clean_redis, db, op.effect, jobs, before, data.get("taskId"))
     if op.effect == "purge":
         assert data["removed"] == 1
+
+
+# ---- every other route and GraphQL operation: read routes, open routes, pages -----------------------------------
+READ_ROUTES = [
+    ("GET", "/reports", 200),
+    ("GET", "/reports/999999999", 404),
+    ("GET", "/exports/0123456789abcdef", 404),
+    ("GET", "/customers/lifetime-value-model", None),  # 200 once a model was fitted, else 404: asked of the db
+    ("GET", "/dashboard", 200),
+]
+OPEN_ROUTES = [("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/openapi.json")]
+
+
+@pytest.mark.parametrize("token", TOKENS)
+async def test_rest_read_and_open_routes_matrix(
+    token: str, app_client: httpx.AsyncClient, clean_redis: Redis, db: asyncpg.Pool, every_token: dict[str, Any]
+) -> None:
+    model_code = 200 if await latest_model(db) is not None else 404
+    for method, path, allowed in READ_ROUTES:
+        response = await app_client.request(method, path, headers=headers(every_token, token))
+        expected = expected_for((401, allowed or model_code, allowed or model_code, allowed or model_code), token)
+        assert response.status_code == expected, (path, response.text[:300])
+    for method, path in OPEN_ROUTES:
+        assert (await app_client.request(method, path, headers=headers(every_token, token))).status_code == 200, path
+    graphiql = await app_client.get("/graphql", headers={"Accept": "text/html", **headers(every_token, token)})
+    assert graphiql.status_code == expected_for((401, 200, 200, 200), token)
+
+
+GQL_READS = [
+    ("salesOverview", 'query { salesOverview(range: "today") { generatedAt } }'),
+    ("hourlyMetrics", "query { hourlyMetrics(hours: 2) { generatedAt } }"),
+    ("topProducts", 'query { topProducts(range: "today", limit: 3) { generatedAt } }'),
+    ("topCategories", 'query { topCategories(range: "today", limit: 3) { generatedAt } }'),
+    ("categoryBreakdown", 'query { categoryBreakdown(range: "today") { generatedAt } }'),
+    ("customerSegments", "query { customerSegments { generatedAt } }"),
+    ("lowStockProducts", "query { lowStockProducts { generatedAt } }"),
+    ("__schema", "query { __schema { queryType { name } } }"),
+]
+
+
+@pytest.mark.parametrize("token", TOKENS)
+async def test_graphql_read_operations_matrix(
+    token: str, app_client: httpx.AsyncClient, clean_redis: Redis, every_token: dict[str, Any]
+) -> None:
+    for field, query in GQL_READS:
+        body = await gql(app_client, query, headers(every_token, token))
+        if expected_for(("UNAUTHENTICATED", "ok", "ok", "ok"), token) == "ok":
+            assert "errors" not in body and body["data"][field], (field, body)
+        else:
+            assert [e["extensions"]["code"] for e in body["errors"]] == ["UNAUTHENTICATED"], (field, body)
+            assert (body["data"] or {}).get(field) is None
 
 
 # ---- the order of checks: authenticate, scope, then existence and state --------------------------------------

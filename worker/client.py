@@ -5,7 +5,10 @@ Every operation that changes a job checks the caller's scope here, once, whichev
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import asyncpg
@@ -13,6 +16,7 @@ from redis.asyncio import Redis
 
 from db.queries.history import get_job_run, list_job_runs
 from salesdash.auth import Principal, Scope, require, scope_to_operate
+from salesdash.config import get_settings
 from worker import jobstore as js
 from worker.records import (
     JOB_STATES,
@@ -38,6 +42,25 @@ class Enqueued:
     queue: str
     priority: int
     deferred: bool
+    replayed: bool = False  # the job an earlier call with the same idempotency key created
+
+
+class RateLimitedError(Exception):
+    """The token triggered more than its rate allows; `retry_after_s` is when the next trigger will be let in."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"too many triggers with this token; try again in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class IdempotencyConflictError(Exception):
+    """The idempotency key was used, within its window, for a trigger with other arguments."""
+
+    def __str__(self) -> str:
+        return "this Idempotency-Key was already used with different arguments"
+
+
+IDEMPOTENCY_KEY_MAX = 255
 
 
 class JobNotFoundError(LookupError):
@@ -87,7 +110,11 @@ async def enqueue_task(
     *,
     retry_of: str | None = None,
     notify_done: bool = False,
+    idempotency_key: str | None = None,
 ) -> Enqueued:
+    """Validate, then enqueue in one Redis round trip. A token's triggers are rate limited (RateLimitedError);
+    with an idempotency key, a repeat within the window returns the first call's job (IdempotencyConflictError
+    when its arguments differ). The operator (CLI) has no rate limit."""
     # a read principal is refused before it learns which task names exist; a known task's own scope is checked
     # before its arguments are, so the caller learns nothing more about a task it may not run
     require(principal, Scope.TRIGGER)
@@ -106,9 +133,41 @@ async def enqueue_task(
         retry_of=retry_of,
         notify=notify_done,
     )
-    if not await js.enqueue(redis, job):
+    enqueued = Enqueued(job.id, spec.name, spec.queue.value, prio, deferred=defer_ms > 0)
+    done = await js.trigger(redis, job, _guard(principal, enqueued, bound, defer_ms, idempotency_key))
+    if done.outcome == "limited":
+        raise RateLimitedError(max(1, math.ceil(done.retry_after_ms / 1000)))
+    if done.outcome == "conflict":
+        raise IdempotencyConflictError()
+    if done.outcome == "replayed":
+        return Enqueued(**{**json.loads(done.replay), "replayed": True})
+    if done.outcome != "enqueued":
         raise RuntimeError(f"job id {job.id} is taken")  # fresh random ids never collide
-    return Enqueued(job.id, spec.name, spec.queue.value, prio, deferred=defer_ms > 0)
+    return enqueued
+
+
+def _guard(
+    principal: Principal, enqueued: Enqueued, bound: dict[str, Any], defer_ms: int, idempotency_key: str | None
+) -> js.TriggerGuard:
+    """The rate limit of the principal's token and its idempotency key, from the settings."""
+    settings = get_settings()
+    owner = principal.token_id
+    rate = settings.trigger_rate_per_minute if owner is not None else 0
+    if idempotency_key is not None and not (
+        0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX and idempotency_key.isprintable() and idempotency_key.isascii()
+    ):
+        raise ValueError(f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} printable ASCII characters")
+    request = [enqueued.task_name, bound, enqueued.priority, defer_ms]
+    owner_name = "operator" if owner is None else str(owner)
+    return js.TriggerGuard(
+        rate_key=js.trigger_rate_key(owner) if owner is not None and rate > 0 else None,
+        interval_ms=60_000 / rate if rate > 0 else 0,
+        burst=settings.trigger_burst,
+        idempotency_key=js.idempotency_key(owner_name, idempotency_key) if idempotency_key else None,
+        fingerprint=hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest(),
+        window_ms=settings.idempotency_window_s * 1000,
+        replay=json.dumps({k: v for k, v in asdict(enqueued).items() if k != "replayed"}),
+    )
 
 
 def _from_row(row: dict[str, Any]) -> JobStatus:

@@ -14,8 +14,9 @@ and, ours alone, per queue (`<q>` = `salesdash:queue:<name>`):
 - `<q>:owners`   HASH id → worker id;   `<q>:lost`  HASH id → tries lost with a dead worker;
 - `<q>:wake`     LIST an enqueue pushes to; idle workers BLPOP it instead of polling.
 Per job also `salesdash:progress:<id>`, `salesdash:abort:<id>`, `salesdash:done:<id>` (a waiting client),
-`salesdash:unique:<id>` (one enqueue per cron tick). Fleet-wide: the history list and its flush lock, the
-worker registry, the metrics hash.
+`salesdash:unique:<id>` (one enqueue per cron tick). Per API token: `salesdash:rate:trigger:<token id>` (its
+trigger rate limit) and `salesdash:idempotency:<token id>:<sha256 of the key>` (HASH fp, replay). Fleet-wide:
+the history list and its flush lock, the worker registry, the metrics hash.
 
 Claiming takes due jobs from `<q>` into `<q>:ready` and pops a batch into `<q>:running`, in one Lua call;
 finishing a batch of tries is one more. A claimed job leaves `ready`, so running jobs never hide waiting ones.
@@ -24,6 +25,7 @@ finishing a batch of tries is one more. A claimed job leaves `ready`, so running
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 import traceback
@@ -98,6 +100,16 @@ def done_key(job_id: str) -> str:
 
 def unique_key(job_id: str) -> str:
     return f"{PREFIX}:unique:{job_id}"
+
+
+def trigger_rate_key(token_id: int) -> str:
+    """The GCRA state (when the token's bucket is next empty, ms) of API triggers with one token."""
+    return f"{PREFIX}:rate:trigger:{token_id}"
+
+
+def idempotency_key(owner: str, key: str) -> str:
+    """A client's Idempotency-Key, per token (`owner`); hashed, so any key has a short, safe Redis name."""
+    return f"{PREFIX}:idempotency:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 def worker_key(worker_id: str) -> str:
@@ -411,22 +423,59 @@ end
 
 # KEYS: job, schedule, ready, wake, unique (or the job key again), result
 # ARGV: prelude(8), payload, priority, age ms, due ms ('' when due now), unique ttl ('' for none), id
-_ENQUEUE = (
-    _PRELUDE
-    + """
-if redis.call('EXISTS', KEYS[1], KEYS[6]) > 0 then return 0 end
-if ARGV[13] ~= '' and not redis.call('SET', KEYS[5], '1', 'NX', 'PX', ARGV[13]) then return 0 end
-local ttl = JOB_TTL
-if ARGV[12] ~= '' then
-  ttl = tonumber(JOB_TTL) + math.max(tonumber(ARGV[12]) - tonumber(ARGV[11]), 0)
-  redis.call('ZADD', KEYS[2], ARGV[12], ARGV[14])
-else
-  redis.call('ZADD', KEYS[2], -1, ARGV[14])
-  redis.call('ZADD', KEYS[3], ready_score(tonumber(ARGV[10]), tonumber(ARGV[11])), ARGV[14])
+_ENQUEUE_JOB = """
+local function enqueue_job()
+  if redis.call('EXISTS', KEYS[1], KEYS[6]) > 0 then return 0 end
+  if ARGV[13] ~= '' and not redis.call('SET', KEYS[5], '1', 'NX', 'PX', ARGV[13]) then return 0 end
+  local ttl = JOB_TTL
+  if ARGV[12] ~= '' then
+    ttl = tonumber(JOB_TTL) + math.max(tonumber(ARGV[12]) - tonumber(ARGV[11]), 0)
+    redis.call('ZADD', KEYS[2], ARGV[12], ARGV[14])
+  else
+    redis.call('ZADD', KEYS[2], -1, ARGV[14])
+    redis.call('ZADD', KEYS[3], ready_score(tonumber(ARGV[10]), tonumber(ARGV[11])), ARGV[14])
+  end
+  redis.call('SET', KEYS[1], ARGV[9], 'PX', string.format('%.0f', ttl))
+  wake(KEYS[4])
+  return 1
 end
-redis.call('SET', KEYS[1], ARGV[9], 'PX', string.format('%.0f', ttl))
-wake(KEYS[4])
-return 1
+"""
+_ENQUEUE = _PRELUDE + _ENQUEUE_JOB + "return enqueue_job()\n"
+
+# A trigger from the API, in one round trip: the idempotency key's earlier job, else the token's rate limit (GCRA:
+# `tat` is when the bucket is next empty; a call is allowed while tat - now stays within burst · interval), else
+# the enqueue, remembering the key. Refused calls change nothing.
+# KEYS: as _ENQUEUE, then the rate key, the idempotency key (each the job key again when unused)
+# ARGV: as _ENQUEUE, then interval ms ('' for no limit), burst, fingerprint, window ms ('' for no key), replay
+# returns {1, ''} enqueued, {0, ''} id taken, {2, replay} the key's earlier job, {3, ''} the key with other
+# arguments, {4, ms} rate limited for that long
+_TRIGGER = (
+    _PRELUDE
+    + _ENQUEUE_JOB
+    + """
+if ARGV[18] ~= '' then
+  local seen = redis.call('HMGET', KEYS[8], 'fp', 'replay')
+  if seen[1] then
+    if seen[1] == ARGV[17] then return {2, seen[2]} end
+    return {3, ''}
+  end
+end
+local tat
+if ARGV[15] ~= '' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+  local interval, burst = tonumber(ARGV[15]), tonumber(ARGV[16])
+  tat = math.max(tonumber(redis.call('GET', KEYS[7]) or 0), now) + interval
+  local wait = tat - burst * interval - now
+  if wait > 0 then return {4, string.format('%.0f', math.ceil(wait))} end
+  redis.call('SET', KEYS[7], string.format('%.3f', tat), 'PX', string.format('%.0f', math.ceil(tat - now)))
+end
+if enqueue_job() == 0 then return {0, ''} end
+if ARGV[18] ~= '' then
+  redis.call('HSET', KEYS[8], 'fp', ARGV[17], 'replay', ARGV[19])
+  redis.call('PEXPIRE', KEYS[8], ARGV[18])
+end
+return {1, ''}
 """
 )
 
@@ -608,6 +657,72 @@ async def enqueue(redis: Redis, job: JobPayload, *, unique_ms: int = 0) -> bool:
             ],
         )
     )
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerGuard:
+    """What a trigger from the API is checked against in the enqueue's round trip. `interval_ms` 0: no rate limit;
+    `idempotency_key` None: no key (the fingerprint and window are then unused)."""
+
+    rate_key: str | None = None
+    interval_ms: float = 0
+    burst: int = 1
+    idempotency_key: str | None = None
+    fingerprint: str = ""
+    window_ms: int = 0
+    replay: str = ""  # what a later call with the same key and arguments gets back (the caller's encoding)
+
+
+@dataclass(frozen=True, slots=True)
+class Triggered:
+    """The outcome: `enqueued`, `taken` (the id exists), `replayed` (`replay` is the key's earlier answer),
+    `conflict` (the key came with other arguments) or `limited` (try again in `retry_after_ms`)."""
+
+    outcome: str
+    replay: str = ""
+    retry_after_ms: int = 0
+
+
+_TRIGGER_OUTCOMES = {0: "taken", 1: "enqueued", 2: "replayed", 3: "conflict", 4: "limited"}
+
+
+async def trigger(redis: Redis, job: JobPayload, guard: TriggerGuard) -> Triggered:
+    """`enqueue` behind a rate limit and an idempotency key, atomically and in one round trip."""
+    keys = QueueKeys(job.queue)
+    deferred = job.due_ms > job.enqueued_ms
+    limited = guard.rate_key is not None and guard.interval_ms > 0
+    code, value = await _run(
+        redis,
+        _TRIGGER,
+        [
+            job_key(job.id),
+            keys.schedule,
+            keys.ready,
+            keys.wake,
+            job_key(job.id),
+            result_key(job.id),
+            guard.rate_key if limited and guard.rate_key else job_key(job.id),
+            guard.idempotency_key or job_key(job.id),
+        ],
+        [
+            serialize_json(encode_payload(job)),
+            job.priority,
+            job.enqueued_ms,
+            job.due_ms if deferred else "",
+            "",
+            job.id,
+            repr(guard.interval_ms) if limited else "",
+            guard.burst,
+            guard.fingerprint,
+            guard.window_ms if guard.idempotency_key else "",
+            guard.replay,
+        ],
+    )
+    outcome = _TRIGGER_OUTCOMES[int(code)]
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    if outcome == "limited":
+        return Triggered(outcome, retry_after_ms=int(text))
+    return Triggered(outcome, replay=text)
 
 
 @dataclass(frozen=True, slots=True)
