@@ -108,7 +108,13 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return error_response(422, detail, problems=problems)
 
 
+_UNPARSABLE_BODY = "There was an error parsing the body"  # FastAPI's 400 for a body that is not UTF-8 (or form)
+
+
 async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:  # the same refusal as any other bad body
+        problem = FieldProblem(field="body", problem="not valid JSON or form data (is it UTF-8?)")
+        return error_response(422, f"{problem.field}: {problem.problem}", problems=[problem])
     return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
 

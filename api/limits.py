@@ -85,6 +85,11 @@ class QuerySizeLimiter(SchemaExtension):
         yield
 
 
+# `ofType` (introspection's chain from a wrapper type to the type it wraps) is linear: one object per level, however
+# deep, so it counts toward neither the fields nor the depth of a query. GraphiQL's introspection query stays in.
+_LINEAR = "ofType"
+
+
 def count_fields(selections: SelectionSetNode | None, fragments: Mapping[str, FragmentDefinitionNode]) -> int:
     """Fields an operation selects, with every fragment spread counted where it is spread (a fragment spread
     twice costs twice). Fragment cycles are refused by GraphQL's own validation; `seen` keeps this finite."""
@@ -92,7 +97,7 @@ def count_fields(selections: SelectionSetNode | None, fragments: Mapping[str, Fr
     def walk(node: SelectionSetNode | None, seen: frozenset[str]) -> int:
         total = 0
         for selection in node.selections if node else ():
-            if isinstance(selection, FieldNode):
+            if isinstance(selection, FieldNode) and selection.name.value != _LINEAR:
                 total += 1 + walk(selection.selection_set, seen)
             elif isinstance(selection, InlineFragmentNode):
                 total += walk(selection.selection_set, seen)
@@ -105,25 +110,55 @@ def count_fields(selections: SelectionSetNode | None, fragments: Mapping[str, Fr
     return walk(selections, frozenset())
 
 
-def max_fields_rule(limit: int) -> type[ValidationRule]:
-    class MaxFieldsRule(ValidationRule):
+def introspection_depth(selections: SelectionSetNode | None, fragments: Mapping[str, FragmentDefinitionNode]) -> int:
+    """How deep the `__schema` and `__type` parts of an operation go (strawberry's QueryDepthLimiter skips them,
+    yet `types { fields { type { fields … } } }` fans out at every level)."""
+
+    def depth(node: SelectionSetNode | None, seen: frozenset[str], inside: bool) -> int:
+        deepest = 0
+        for selection in node.selections if node else ():
+            if isinstance(selection, FieldNode) and selection.name.value != _LINEAR:
+                entered = inside or selection.name.value in ("__schema", "__type")
+                below = depth(selection.selection_set, seen, entered)
+                deepest = max(deepest, below + 1 if entered else below)
+            elif isinstance(selection, InlineFragmentNode):
+                deepest = max(deepest, depth(selection.selection_set, seen, inside))
+            elif isinstance(selection, FragmentSpreadNode) and selection.name.value not in seen:
+                fragment = fragments.get(selection.name.value)
+                if fragment is not None:
+                    deepest = max(deepest, depth(fragment.selection_set, seen | {selection.name.value}, inside))
+        return deepest
+
+    return depth(selections, frozenset(), False)
+
+
+def cost_problems(
+    operation: OperationDefinitionNode, fragments: Mapping[str, FragmentDefinitionNode], max_fields: int, max_depth: int
+) -> list[str]:
+    problems = []
+    fields = count_fields(operation.selection_set, fragments)
+    if fields > max_fields:
+        problems.append(f"{fields} fields selected, over the limit of {max_fields} (SALESDASH_GRAPHQL_MAX_FIELDS)")
+    depth = introspection_depth(operation.selection_set, fragments)
+    if depth > max_depth:
+        problems.append(
+            f"introspection {depth} levels deep, over the limit of {max_depth} (SALESDASH_GRAPHQL_MAX_DEPTH)"
+        )
+    return problems
+
+
+def cost_rule(max_fields: int, max_depth: int) -> type[ValidationRule]:
+    class CostRule(ValidationRule):
         def __init__(self, context: ValidationContext) -> None:
             super().__init__(context)
             definitions = context.document.definitions
             fragments = {d.name.value: d for d in definitions if isinstance(d, FragmentDefinitionNode)}
             for operation in definitions:
-                if not isinstance(operation, OperationDefinitionNode):
-                    continue
-                fields = count_fields(operation.selection_set, fragments)
-                if fields > limit:
-                    context.report_error(
-                        GraphQLError(
-                            f"{fields} fields selected, over the limit of {limit} (SALESDASH_GRAPHQL_MAX_FIELDS)",
-                            extensions={"code": "QUERY_TOO_COMPLEX"},
-                        )
-                    )
+                if isinstance(operation, OperationDefinitionNode):
+                    for problem in cost_problems(operation, fragments, max_fields, max_depth):
+                        context.report_error(GraphQLError(problem, extensions={"code": "QUERY_TOO_COMPLEX"}))
 
-    return MaxFieldsRule
+    return CostRule
 
 
 def graphql_limits() -> list[Callable[[], SchemaExtension]]:
@@ -135,5 +170,5 @@ def graphql_limits() -> list[Callable[[], SchemaExtension]]:
         lambda: MaxTokensLimiter(max_token_count=settings().graphql_max_tokens),
         lambda: MaxAliasesLimiter(max_alias_count=settings().graphql_max_aliases),
         lambda: QueryDepthLimiter(max_depth=settings().graphql_max_depth),
-        lambda: AddValidationRules([max_fields_rule(settings().graphql_max_fields)]),
+        lambda: AddValidationRules([cost_rule(settings().graphql_max_fields, settings().graphql_max_depth)]),
     ]

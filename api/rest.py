@@ -28,7 +28,12 @@ class JobRequest(BaseModel):
     # strict: a boolean is not a priority and a string is not a number; unknown fields are refused, not ignored
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    task_name: str = Field(min_length=1, max_length=100, description="a task of docs/tasks.md")
+    task_name: str = Field(
+        min_length=1,
+        max_length=100,
+        description="a task of docs/tasks.md (GET /tasks lists them)",
+        examples=["refresh_all_materialized_views", "check_low_stock_products"],
+    )
     args: list[Any] = Field(default_factory=list, max_length=100, description="bound to the task's fields in order")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="checked against the task's argument model")
     priority: int = Field(default=PRIORITY_DEFAULT, ge=PRIORITY_MIN, le=PRIORITY_MAX, description="9 runs first")
@@ -83,7 +88,15 @@ async def create_job(
     redis: RedisDep,
     principal: PrincipalDep,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(description="Repeat-safe trigger key, per token.")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=client.IDEMPOTENCY_KEY_MAX,
+            pattern=r"^[ -~]+$",
+            description="Repeat-safe trigger key, per token (printable ASCII).",
+        ),
+    ] = None,
 ) -> JobAccepted:
     try:
         job = await client.enqueue_task(

@@ -107,12 +107,16 @@ asyncio.run(main())
         ('query { taskStatus(taskId: "' + "x" * 17_000 + '") { status } }', "SALESDASH_GRAPHQL_MAX_QUERY_BYTES"),
         ("query { a { b { c { d { e { f { g { h { i { j } } } } } } } } } }", "exceeds maximum operation depth"),
         (
+            "query { __schema { types { " + "fields { type { " * 3 + "fields { name }" + " }" * 8 + " }",
+            "introspection 10 levels deep",
+        ),
+        (
             "fragment F on BackgroundTask { name queue schedule description scope } "
             "query { " + " ".join(f"t{i}: backgroundTasks {{ ...F ...F ...F ...F }}" for i in range(15)) + " }",
             "fields selected",
         ),
     ],
-    ids=["aliases", "fields", "tokens", "query size", "depth", "fields through fragments"],
+    ids=["aliases", "fields", "tokens", "query size", "depth", "introspection depth", "fields through fragments"],
 )
 async def test_graphql_cost_limits_refuse_before_execution(
     app_client: httpx.AsyncClient, clean_redis: Redis, auth: dict[str, dict[str, str]], query: str, fragment: str
@@ -190,6 +194,10 @@ async def test_malformed_json_and_unknown_routes_answer_the_same_shape(
         "/jobs", content=b'{"task_name": ', headers={**auth["trigger"], "Content-Type": "application/json"}
     )
     assert bad_json.status_code == 422 and "not valid JSON" in bad_json.json()["detail"]
+    not_utf8 = await app_client.post(
+        "/jobs", content=b'{"task_name": "\xff"}', headers={**auth["trigger"], "Content-Type": "application/json"}
+    )
+    assert not_utf8.status_code == 422 and not_utf8.json()["problems"][0]["field"] == "body"
     missing = await app_client.get("/no/such/route")
     assert missing.status_code == 404 and missing.json() == {"detail": "Not Found", "code": "NOT_FOUND"}
     wrong_method = await app_client.put("/jobs", headers=auth["read"])
