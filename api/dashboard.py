@@ -13,6 +13,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from api import sessions
 from api.deps import DbDep, RedisDep
+from api.errors import error_responses
 from salesdash.auth import AuthError, Scope, require
 from worker import client
 
@@ -43,7 +44,8 @@ async def dashboard(request: Request, db: DbDep, redis: RedisDep) -> HTMLRespons
 
 
 _TO_DASHBOARD: dict[int | str, dict[str, Any]] = {
-    303: {"description": "to /dashboard, signed in or (a bad token) back to the form"}
+    303: {"description": "to /dashboard, signed in or (a bad token) back to the form"},
+    **error_responses(413, 422),
 }
 
 

@@ -123,7 +123,7 @@ async def get_context(
     return context
 
 
-def refused_answer(_: Request, exc: GraphQLRefusedError) -> JSONResponse:
+async def refused_answer(_: Request, exc: GraphQLRefusedError) -> JSONResponse:
     return JSONResponse({"data": None, "errors": [{"message": str(exc), "extensions": {"code": exc.code}}]})
 
 
