@@ -87,6 +87,8 @@ def error_response(status: int, detail: str, headers: Mapping[str, str] | None =
 # ---- validation: FastAPI's list of errors, as one sentence naming each field -------------------------------------
 def _field(loc: Iterable[Any]) -> str:
     parts = [str(p) for p in loc]
+    if parts[:1] == ["header"] and len(parts) == 2:  # as the client writes it: Idempotency-Key
+        return "-".join(word.capitalize() for word in parts[1].split("-"))
     if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
         parts = parts[1:] or parts  # "body" alone: the body as a whole (not JSON, not an object)
     return ".".join(parts)

@@ -4,9 +4,11 @@ fields. Every limit is a setting; a request over one is refused with a message n
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
 
 from graphql import (
+    ASTValidationRule,
     FieldNode,
     FragmentDefinitionNode,
     FragmentSpreadNode,
@@ -161,14 +163,30 @@ def cost_rule(max_fields: int, max_depth: int) -> type[ValidationRule]:
     return CostRule
 
 
+@functools.lru_cache
+def validation_rules(max_aliases: int, max_depth: int, max_fields: int) -> tuple[type[ASTValidationRule], ...]:
+    """The rule classes, made once per set of limits: the same classes every request, so strawberry's
+    ValidationCache recognises a repeated operation."""
+    return (
+        *MaxAliasesLimiter(max_alias_count=max_aliases).validation_rules,
+        *QueryDepthLimiter(max_depth=max_depth).validation_rules,
+        cost_rule(max_fields, max_depth),
+    )
+
+
+class ValidationLimits(AddValidationRules):
+    """Aliases, depth (strawberry's limiters) and fields and introspection depth (cost_rule), from the settings."""
+
+    def __init__(self) -> None:
+        settings = get_settings()
+        limits = (settings.graphql_max_aliases, settings.graphql_max_depth, settings.graphql_max_fields)
+        super().__init__(list(validation_rules(*limits)))
+
+
 def graphql_limits() -> list[Callable[[], SchemaExtension]]:
     """Extension factories, one set per request, each reading its limit from the settings."""
-    settings = get_settings
-
     return [
         QuerySizeLimiter,
-        lambda: MaxTokensLimiter(max_token_count=settings().graphql_max_tokens),
-        lambda: MaxAliasesLimiter(max_alias_count=settings().graphql_max_aliases),
-        lambda: QueryDepthLimiter(max_depth=settings().graphql_max_depth),
-        lambda: AddValidationRules([cost_rule(settings().graphql_max_fields, settings().graphql_max_depth)]),
+        lambda: MaxTokensLimiter(max_token_count=get_settings().graphql_max_tokens),
+        ValidationLimits,
     ]

@@ -204,3 +204,12 @@ async def test_a_trigger_is_one_redis_command_and_no_postgres(
         await api.post("/jobs", json={"task_name": TASK}, headers=headers | {"Idempotency-Key": "n"})
     ).status_code == 202
     assert sent == ["EVALSHA", "EVALSHA"]
+
+
+async def test_a_rate_too_fast_to_measure_in_ms_still_works(
+    api: httpx.AsyncClient, clean_redis: Redis, bearer: dict[str, str], limits: Any
+) -> None:
+    # an interval far below 1 ms: the key's expiry rounds up to 1 ms instead of an invalid 0 (which was a 500)
+    limits(trigger_rate_per_minute=1e12, trigger_burst=1)
+    codes = {(await api.post("/jobs", json={"task_name": TASK}, headers=bearer)).status_code for _ in range(5)}
+    assert codes == {202}

@@ -468,7 +468,7 @@ if ARGV[15] ~= '' then
   tat = math.max(tonumber(redis.call('GET', KEYS[7]) or 0), now) + interval
   local wait = tat - burst * interval - now
   if wait > 0 then return {4, string.format('%.0f', math.ceil(wait))} end
-  redis.call('SET', KEYS[7], string.format('%.3f', tat), 'PX', string.format('%.0f', math.ceil(tat - now)))
+  redis.call('SET', KEYS[7], string.format('%.3f', tat), 'PX', string.format('%.0f', math.max(1, math.ceil(tat - now))))
 end
 if enqueue_job() == 0 then return {0, ''} end
 if ARGV[18] ~= '' then
