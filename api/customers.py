@@ -8,6 +8,7 @@ from typing import Literal
 from fastapi import APIRouter, HTTPException
 
 from api.deps import DbDep, ReadDep
+from api.errors import error_responses
 from db.queries.lifetime_values import HORIZON_DAYS, LifetimeValueModel, latest_model
 
 router = APIRouter(tags=["customers"])
@@ -20,7 +21,11 @@ class LifetimeValueModelView(LifetimeValueModel):
     horizon_days: int = HORIZON_DAYS  # predicted_ltv_12m and expected_purchases_12m cover this many days
 
 
-@router.get("/customers/lifetime-value-model", response_model=LifetimeValueModelView)
+@router.get(
+    "/customers/lifetime-value-model",
+    response_model=LifetimeValueModelView,
+    responses=error_responses(401, 403, 404),
+)
 async def lifetime_value_model(db: DbDep, _: ReadDep) -> LifetimeValueModelView:
     model = await latest_model(db)
     if model is None:

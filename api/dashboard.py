@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -13,6 +13,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from api import sessions
 from api.deps import DbDep, RedisDep
+from api.errors import error_responses
 from salesdash.auth import AuthError, Scope, require
 from worker import client
 
@@ -25,7 +26,10 @@ _LOGIN = """<!doctype html><meta charset="utf-8"><title>salesdash · sign in</ti
 <button>Open dashboard</button></form>"""
 
 
-@router.get("/dashboard", response_class=HTMLResponse)
+_SIGN_IN = {"content": {"text/html": {}}, "description": "the sign-in form (no token, or not a read token)"}
+
+
+@router.get("/dashboard", response_class=HTMLResponse, responses={401: _SIGN_IN, 403: _SIGN_IN})
 async def dashboard(request: Request, db: DbDep, redis: RedisDep) -> HTMLResponse:
     """Bearer header for scripts; a server-side session (api.sessions) for browsers."""
     try:
@@ -39,7 +43,13 @@ async def dashboard(request: Request, db: DbDep, redis: RedisDep) -> HTMLRespons
     return HTMLResponse(html)
 
 
-@router.post("/dashboard/login")
+_TO_DASHBOARD: dict[int | str, dict[str, Any]] = {
+    303: {"description": "to /dashboard, signed in or (a bad token) back to the form"},
+    **error_responses(413, 422),
+}
+
+
+@router.post("/dashboard/login", status_code=303, response_class=RedirectResponse, responses=_TO_DASHBOARD)
 async def login(request: Request, token: Annotated[str, Form()]) -> RedirectResponse:
     response = RedirectResponse("/dashboard", status_code=303)
     with contextlib.suppress(AuthError):  # refused: back to the form, which says why
@@ -47,7 +57,12 @@ async def login(request: Request, token: Annotated[str, Form()]) -> RedirectResp
     return response
 
 
-@router.post("/dashboard/logout")
+@router.post(
+    "/dashboard/logout",
+    status_code=303,
+    response_class=RedirectResponse,
+    responses={303: {"description": "to /dashboard, the session ended"}},
+)
 async def logout(request: Request) -> RedirectResponse:
     response = RedirectResponse("/dashboard", status_code=303)
     await sessions.sign_out(request, response)

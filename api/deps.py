@@ -6,7 +6,8 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 import asyncpg
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis.asyncio import Redis
 
 from api.auth import TokenVerifier
@@ -32,8 +33,15 @@ RedisDep = Annotated[Redis, Depends(get_redis)]
 TokensDep = Annotated[TokenVerifier, Depends(get_tokens)]
 
 
-async def principal(db: DbDep, tokens: TokensDep, authorization: Annotated[str | None, Header()] = None) -> Principal:
-    return await tokens.authenticate(db, authorization)
+# Declares the bearer scheme in the OpenAPI document; the header itself is read as it came (a malformed one is a 401
+# with our message, not FastAPI's 403).
+_bearer = HTTPBearer(auto_error=False, description="a token from `salesdash token create` (docs/rest.md#auth)")
+
+
+async def principal(
+    request: Request, db: DbDep, tokens: TokensDep, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Principal:
+    return await tokens.authenticate(db, request.headers.get("authorization"))
 
 
 def scoped(needed: Scope) -> Callable[..., Awaitable[Principal]]:

@@ -6,6 +6,8 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse
 
 from api.deps import DbDep, ReadDep, RedisDep
+from api.errors import error_responses
+from api.rest import TaskId
 from salesdash.config import get_settings
 from worker import client
 from worker.exportfiles import ExportMissingError, ExportPendingError, find_export
@@ -20,11 +22,10 @@ _FILE_TYPES = ("application/x-ndjson", "text/csv", "application/vnd.apache.parqu
     response_class=FileResponse,
     responses={
         200: {"description": "the export file, as an attachment", "content": dict.fromkeys(_FILE_TYPES, {})},
-        404: {"description": "unknown job, not an export, not complete, or its file is gone"},
-        409: {"description": "the export is still queued or running"},
+        **error_responses(401, 403, 404, 409, 422),
     },
 )
-async def download_export(task_id: str, redis: RedisDep, db: DbDep, _: ReadDep) -> FileResponse:
+async def download_export(task_id: TaskId, redis: RedisDep, db: DbDep, _: ReadDep) -> FileResponse:
     try:
         export = await find_export(redis, db, task_id, get_settings().exports_dir)
     except (client.JobNotFoundError, ExportMissingError) as exc:

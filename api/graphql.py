@@ -14,18 +14,22 @@ from typing import Annotated, Any, TypeVar
 import asyncpg
 import strawberry
 from fastapi import Depends, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from graphql import DocumentNode, FieldNode, GraphQLError, Visitor, visit
 from pydantic import BaseModel
 from redis.asyncio import Redis
 from strawberry.extensions import DisableIntrospection, ParserCache, SchemaExtension, ValidationCache
 from strawberry.fastapi import BaseContext, GraphQLRouter
+from strawberry.http import GraphQLHTTPResponse
 from strawberry.scalars import JSON
+from strawberry.types import ExecutionContext, ExecutionResult
 
 from api import dashboard_types as dt
 from api import sessions
 from api.auth import TokenVerifier
 from api.deps import get_db, get_redis, get_tokens
+from api.errors import DEPENDENCY_NAMES, DependencyDownError, log_unexpected, request_id, unreachable_dependency
+from api.limits import graphql_limits
 from salesdash.auth import AuthError, Principal, Scope, require
 from salesdash.config import Settings, get_settings
 from worker import client, dashboard
@@ -41,6 +45,14 @@ def auth_errors() -> Iterator[None]:
         yield
     except AuthError as exc:
         raise GraphQLError(str(exc), extensions={"code": exc.code}) from None
+
+
+class GraphQLRefusedError(Exception):
+    """A request refused at the door, before its query is parsed: answered as a GraphQL error (api.main)."""
+
+    def __init__(self, error: AuthError) -> None:
+        super().__init__(str(error))
+        self.code = error.code
 
 
 @contextmanager
@@ -71,18 +83,23 @@ class Context(BaseContext):
         self.session_id = session_id  # GraphiQL in a browser signed in to the dashboard
         self._principal: Principal | None = None
 
-    async def principal(self) -> Principal:
+    async def authenticate(self) -> Principal:
         """The caller, authenticated once per request (a query may resolve several fields): the bearer token, else
-        the dashboard session."""
-        if self._principal is None:
-            with auth_errors():
-                self._principal = await self._authenticate()
+        the dashboard session; AuthError when neither is valid."""
+        if self._principal is None and (self.authorization or not self.session_id):
+            self._principal = await self.tokens.authenticate(self.db, self.authorization)
+        elif self._principal is None and self.session_id:
+            self._principal = await sessions.session_principal(self.redis, self.db, self.tokens, self.session_id)
+        assert self._principal is not None
         return self._principal
 
-    async def _authenticate(self) -> Principal:
-        if self.session_id and not self.authorization:
-            return await sessions.session_principal(self.redis, self.db, self.tokens, self.session_id)
-        return await self.tokens.authenticate(self.db, self.authorization)
+    async def principal(self) -> Principal:
+        """The caller, as a GraphQL error with its code when refused (docs/graphql.md)."""
+        with auth_errors():
+            await self.authenticate()
+        assert self._principal is not None
+        return self._principal
+
 
     async def require(self, needed: Scope) -> None:
         """For read-only fields, whose service functions take no principal."""
@@ -97,7 +114,19 @@ async def get_context(
     redis: Redis = Depends(get_redis),
     tokens: TokenVerifier = Depends(get_tokens),
 ) -> Context:
-    return Context(db, redis, tokens, request.headers.get("authorization"), request.cookies.get(sessions.COOKIE))
+    """Authenticates first: a request without a valid token or session costs one lookup, whatever the size of its
+    query, which is never parsed. Only GraphiQL's page (a GET without a query) is let through, to its sign-in."""
+    context = Context(db, redis, tokens, request.headers.get("authorization"), request.cookies.get(sessions.COOKIE))
+    if request.method != "GET" or "query" in request.query_params:
+        try:
+            await context.authenticate()
+        except AuthError as exc:
+            raise GraphQLRefusedError(exc) from None
+    return context
+
+
+async def refused_answer(_: Request, exc: GraphQLRefusedError) -> JSONResponse:
+    return JSONResponse({"data": None, "errors": [{"message": str(exc), "extensions": {"code": exc.code}}]})
 
 
 @strawberry.type
@@ -320,6 +349,44 @@ class Mutation:
         return PurgeResult(success=True, message=f"{removed} waiting jobs dropped from {queue}", removed=removed)
 
 
+def _unexpected(error: GraphQLError) -> bool:
+    """An exception a resolver did not mean to raise (a GraphQLError it raised, a syntax, validation or variable
+    error names the problem and is shown as it is)."""
+    return error.path is not None and not isinstance(error.original_error, GraphQLError | None)
+
+
+class MaskInternalErrors(SchemaExtension):
+    """Unexpected exceptions reach the client as a generic message with a code and the request id under which
+    the server logged the detail (docs/graphql.md#errors)."""
+
+    def on_operation(self) -> Iterator[None]:
+        yield
+        result = self.execution_context.result
+        if result is not None and result.errors:
+            result.errors = [_masked(e) if _unexpected(e) else e for e in result.errors]
+
+
+def _masked(error: GraphQLError) -> GraphQLError:
+    original = error.original_error
+    dependency = unreachable_dependency(original) if original else None
+    if dependency is not None:
+        message, extensions = f"{DEPENDENCY_NAMES[dependency]} is unreachable", {"code": "UNAVAILABLE"}
+    else:
+        rid = request_id.get()
+        message, extensions = f"internal error (request id {rid})", {"code": "INTERNAL_SERVER_ERROR", "requestId": rid}
+    return GraphQLError(message, error.nodes, path=error.path, original_error=original, extensions=extensions)
+
+
+class Schema(strawberry.Schema):
+    def process_errors(self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None) -> None:
+        """Logs only what the client is not told: unexpected exceptions, with their traceback and request id
+        (a refused token or a bad argument is the caller's business, not the log's)."""
+        for error in errors:
+            original = error.original_error
+            if _unexpected(error) and original is not None and unreachable_dependency(original) is None:
+                log_unexpected(original, f"GraphQL field {'.'.join(map(str, error.path or []))}")
+
+
 @functools.lru_cache(maxsize=256)
 def _asks_for_the_schema(document: DocumentNode) -> bool:
     """Whether an operation reads `__schema` or `__type` (`__typename` is harmless). Cached: ParserCache hands
@@ -346,15 +413,18 @@ class IntrospectionNeedsAToken(SchemaExtension):
 
 
 def make_schema(introspection: bool = True) -> strawberry.Schema:
-    # the parser and validation caches halve the cost of a repeated operation (bench/api.py)
+    # the limits first (a query over them is never parsed or validated); the parser and validation caches halve
+    # the cost of a repeated operation (bench/api.py)
     extensions: list[Any] = [
+        *graphql_limits(),
         lambda: ParserCache(maxsize=256),
         lambda: ValidationCache(maxsize=256),
         IntrospectionNeedsAToken,
+        MaskInternalErrors,
     ]
     if not introspection:
         extensions.append(DisableIntrospection)
-    return strawberry.Schema(query=Query, mutation=Mutation, extensions=extensions)
+    return Schema(query=Query, mutation=Mutation, extensions=extensions)
 
 
 schema = make_schema()
@@ -370,6 +440,14 @@ class Router(GraphQLRouter[Context, None]):
             return HTMLResponse(_GRAPHIQL_SIGN_IN.format(message=html.escape(str(exc))), status_code=exc.status_code)
         return await super().render_graphql_ide(request)
 
+    async def process_result(self, request: Request, result: ExecutionResult) -> GraphQLHTTPResponse:
+        """A field that failed because PostgreSQL or Redis is unreachable makes the whole answer a 503."""
+        for error in result.errors or ():
+            dependency = unreachable_dependency(error.original_error) if error.original_error else None
+            if dependency is not None:
+                raise DependencyDownError(dependency)
+        return await super().process_result(request, result)
+
 
 _GRAPHIQL_SIGN_IN = """<!doctype html><meta charset="utf-8"><title>salesdash · GraphiQL</title>
 <p style="font:14px system-ui;margin:3rem">{message}. GraphiQL needs a token:
@@ -382,4 +460,5 @@ def graphql_router(settings: Settings | None = None) -> GraphQLRouter[Context, N
         make_schema(settings.graphql_introspection),
         context_getter=get_context,
         graphql_ide="graphiql" if settings.graphiql else None,
+        include_in_schema=False,  # GraphQL has its own schema (docs/graphql.md); the OpenAPI document is REST's
     )

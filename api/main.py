@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
+from pydantic import BaseModel
 
 from api.auth import TokenVerifier
 from api.customers import router as customers_router
 from api.dashboard import router as dashboard_router
 from api.deps import DbDep, RedisDep
+from api.errors import error_responses, install_error_handlers
 from api.exports import router as exports_router
-from api.graphql import graphql_router
+from api.graphql import GraphQLRefusedError, graphql_router, refused_answer
+from api.limits import BodyLimit
 from api.reports import router as reports_router
 from api.rest import router
 from api.security import harden
-from salesdash.auth import AuthError
 from salesdash.config import Settings, get_settings
 from salesdash.connections import open_db_pool, open_redis
 from salesdash.logs import setup_logging
 from worker import client
 from worker import health as health_report
 from worker.metrics import METRICS_KEY, families
+
+log = logging.getLogger("salesdash.api")
 
 
 @asynccontextmanager
@@ -60,14 +66,28 @@ class _Snapshot:
         yield from health_report.families(self.health)
 
 
-async def _auth_error(_: Request, exc: AuthError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-    return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=exc.status_code, headers=headers)
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    postgres: Literal["ok", "unreachable"]
+    redis: Literal["ok", "unreachable"]
+
+
+async def _reachable(check: Awaitable[object]) -> Literal["ok", "unreachable"]:
+    try:
+        await asyncio.wait_for(check, timeout=2)
+    except Exception as exc:  # any failure means not ready; the reason goes to the log, not to the prober
+        log.warning("readiness check failed: %r", exc)
+        return "unreachable"
+    return "ok"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="salesdash", lifespan=lifespan)
+    app = FastAPI(title="salesdash", lifespan=lifespan, responses=error_responses(503))
     app.state.tokens = TokenVerifier.from_settings(settings)
     harden(app, settings)
     app.include_router(router)
@@ -75,30 +95,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(exports_router)
     app.include_router(dashboard_router)
     app.include_router(customers_router)
-    app.add_exception_handler(AuthError, _auth_error)  # type: ignore[arg-type]
     app.include_router(graphql_router(settings), prefix="/graphql")
+    install_error_handlers(app)
+    app.add_exception_handler(GraphQLRefusedError, refused_answer)  # type: ignore[arg-type]
+    app.add_middleware(BodyLimit)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz() -> Health:
+        return Health(status="ok")
 
-    @app.get("/readyz")
+    @app.get(
+        "/readyz",
+        responses={503: {"model": Readiness, "description": "PostgreSQL or Redis is unreachable (the one that is)"}},
+    )
     async def readyz(db: DbDep, redis: RedisDep) -> JSONResponse:
-        checks: dict[str, str] = {}
-        try:
-            await db.fetchval("SELECT 1")
-            checks["postgres"] = "ok"
-        except Exception as exc:
-            checks["postgres"] = f"error: {exc}"
-        try:
-            await redis.ping()
-            checks["redis"] = "ok"
-        except Exception as exc:
-            checks["redis"] = f"error: {exc}"
-        ready = all(v == "ok" for v in checks.values())
-        return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
+        postgres, redis_state = await asyncio.gather(_reachable(db.fetchval("SELECT 1")), _reachable(redis.ping()))
+        readiness = Readiness(ready=postgres == redis_state == "ok", postgres=postgres, redis=redis_state)
+        headers = None if readiness.ready else {"Retry-After": str(get_settings().api_retry_after_s)}
+        return JSONResponse(readiness.model_dump(), status_code=200 if readiness.ready else 503, headers=headers)
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"}},
+    )
     async def metrics(redis: RedisDep) -> Response:
         raw = await redis.hgetall(METRICS_KEY)  # type: ignore[misc]
         overview = await client.queue_overview(redis)

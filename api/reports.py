@@ -10,6 +10,7 @@ from fastapi import APIRouter, Header, HTTPException, Path, Query
 from fastapi.responses import HTMLResponse
 
 from api.deps import DbDep, ReadDep
+from api.errors import error_responses
 from db.queries import reports as queries
 from db.queries.reports import MonthlyReport, ReportSummary
 from salesdash.periods import parse_day_or_month
@@ -26,13 +27,13 @@ class Report(ReportSummary):
     payload: MonthlyReport
 
 
-@router.get("/reports")
+@router.get("/reports", responses=error_responses(401, 403, 422))
 async def list_reports(
     db: DbDep,
     _: ReadDep,
-    kind: str | None = None,
-    from_: Annotated[str | None, Query(alias="from", description="YYYY-MM or YYYY-MM-DD")] = None,
-    to: Annotated[str | None, Query(description="YYYY-MM (its last day) or YYYY-MM-DD")] = None,
+    kind: Annotated[str | None, Query(max_length=32, description="monthly")] = None,
+    from_: Annotated[str | None, Query(alias="from", max_length=10, description="YYYY-MM or YYYY-MM-DD")] = None,
+    to: Annotated[str | None, Query(max_length=10, description="YYYY-MM (its last day) or YYYY-MM-DD")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> list[ReportSummary]:
     """Reports whose period overlaps [from, to], newest period first."""
@@ -47,7 +48,10 @@ async def list_reports(
 @router.get(
     "/reports/{report_id}",
     response_model=Report,
-    responses={200: {"content": {"text/html": {}}, "description": "JSON, or the HTML page for Accept: text/html"}},
+    responses={
+        200: {"content": {"text/html": {}}, "description": "JSON, or the HTML page for Accept: text/html"},
+        **error_responses(401, 403, 404, 406, 422),
+    },
 )
 async def get_report(
     db: DbDep,

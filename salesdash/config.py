@@ -50,6 +50,15 @@ class Settings(BaseSettings):
     dependency_backoff_cap_s: float = Field(
         default=30, ge=1, validation_alias="SALESDASH_DEPENDENCY_BACKOFF_CAP_SECONDS"
     )
+    # API cost limits (docs/configuration.md#api-limits): checked before a request is parsed or executed
+    api_max_body_bytes: int = Field(default=1_048_576, ge=1024, validation_alias="SALESDASH_API_MAX_BODY_BYTES")
+    graphql_max_query_bytes: int = Field(default=16_384, ge=256, validation_alias="SALESDASH_GRAPHQL_MAX_QUERY_BYTES")
+    graphql_max_tokens: int = Field(default=2000, ge=50, validation_alias="SALESDASH_GRAPHQL_MAX_TOKENS")
+    graphql_max_aliases: int = Field(default=20, ge=1, validation_alias="SALESDASH_GRAPHQL_MAX_ALIASES")
+    graphql_max_depth: int = Field(default=8, ge=2, validation_alias="SALESDASH_GRAPHQL_MAX_DEPTH")
+    graphql_max_fields: int = Field(default=200, ge=10, validation_alias="SALESDASH_GRAPHQL_MAX_FIELDS")
+    # what a 503 tells the client to wait when PostgreSQL or Redis is unreachable
+    api_retry_after_s: int = Field(default=5, ge=1, validation_alias="SALESDASH_API_RETRY_AFTER_SECONDS")
     api_host: str = Field(default="127.0.0.1", validation_alias="SALESDASH_API_HOST")
     api_port: int = Field(default=8000, validation_alias="SALESDASH_API_PORT")
     # warm_dashboard_cache runs every 2 min: a TTL several times that rides out a failed or slow run

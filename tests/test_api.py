@@ -25,7 +25,7 @@ async def gql(
 
 async def queue_snapshot(redis: Redis) -> tuple[dict[str, dict[str, int]], int]:
     counts = {q.value: await jobstore.queue_counts(redis, q.value) for q in Queue}
-    return counts, len(await redis.keys("salesdash:job:*"))
+    return counts, len(await redis.keys(jobstore.job_key("*")))  # the payloads of live jobs
 
 
 async def test_unknown_task_is_refused_and_nothing_is_enqueued(

@@ -492,7 +492,7 @@ async def test_unknown_and_malformed_ids(
     response = await app_client.get(path, headers=auth["read"])
     assert response.status_code == status
     detail = response.json()["detail"]
-    assert "no report with id" in detail if status == 404 else detail[0]["loc"] == ["path", "report_id"]
+    assert "no report with id" in detail if status == 404 else response.json()["problems"][0]["field"] == "report_id"
 
 
 async def test_reports_need_a_read_token(app_client: httpx.AsyncClient) -> None:

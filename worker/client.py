@@ -31,6 +31,7 @@ from worker.records import (
 from worker.registry import TASKS, Queue, TaskArgumentError, TaskSpec, get_task
 
 MAX_DEFER_SECONDS = 30 * 24 * 3600
+MAX_JOB_ID_LENGTH = 128  # ours are 32 hex digits; an arq client's own ids stay well below this
 QUEUES = tuple(q.value for q in Queue)
 
 
@@ -187,8 +188,30 @@ def _from_row(row: dict[str, Any]) -> JobStatus:
     )
 
 
+def possible_job_id(job_id: str) -> bool:
+    """False for an id no job can have: empty, too long, or with characters PostgreSQL text cannot hold (NUL) or
+    UTF-8 cannot encode (lone surrogates); such an id is simply not found."""
+    if not 0 < len(job_id) <= MAX_JOB_ID_LENGTH or "\x00" in job_id:
+        return False
+    try:
+        job_id.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown_to(principal: Principal, job: JobStatus) -> JobStatus:
+    """A job as this caller may see it: a traceback names the server's files and lines, so only admin sees it;
+    every scope sees the error message."""
+    if job.traceback is None or principal.allows(Scope.ADMIN):
+        return job
+    return job.model_copy(update={"traceback": None})
+
+
 async def job_status(redis: Redis, db: asyncpg.Pool, job_id: str) -> JobStatus:
     """Redis while the job is live (or its result is kept), PostgreSQL job_runs after."""
+    if not possible_job_id(job_id):
+        raise JobNotFoundError(job_id)
     live = await js.live_status(redis, job_id, QUEUES)
     if live is not None:
         return live
