@@ -15,6 +15,7 @@ from api.dashboard import router as dashboard_router
 from api.deps import DbDep, RedisDep
 from api.exports import router as exports_router
 from api.graphql import graphql_router
+from api.notifications import router as notifications_router
 from api.reports import router as reports_router
 from api.rest import router
 from salesdash.auth import AuthError
@@ -69,6 +70,7 @@ def create_app() -> FastAPI:
     app.include_router(exports_router)
     app.include_router(dashboard_router)
     app.include_router(customers_router)
+    app.include_router(notifications_router)
     app.add_exception_handler(AuthError, _auth_error)  # type: ignore[arg-type]
     app.include_router(graphql_router(), prefix="/graphql")
 

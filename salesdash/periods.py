@@ -72,3 +72,17 @@ def parse_day_or_month(text: str, *, end: bool) -> date:
     except ValueError:
         pass
     raise ValueError(f"expected YYYY-MM or YYYY-MM-DD, got {text!r}")
+
+
+def parse_iso_week(text: str) -> date:
+    """The Monday of ISO week YYYY-Www."""
+    try:
+        year, week = text.split("-W")
+        return date.fromisocalendar(int(year), int(week), 1)
+    except ValueError:
+        raise ValueError(f"not an ISO week YYYY-Www (e.g. 2026-W05): {text!r}") from None
+
+
+def iso_week(day: date) -> str:
+    year, week, _ = day.isocalendar()
+    return f"{year}-W{week:02d}"
