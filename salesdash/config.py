@@ -74,7 +74,8 @@ class Settings(BaseSettings):
     smtp_starttls: bool = Field(default=False, validation_alias="SALESDASH_SMTP_STARTTLS")
     smtp_from: str = Field(default="salesdash@localhost", validation_alias="SALESDASH_SMTP_FROM")
     smtp_timeout_s: float = Field(default=10, gt=0, validation_alias="SALESDASH_SMTP_TIMEOUT_SECONDS")
-    webhook_urls: str = Field(default="", validation_alias="SALESDASH_WEBHOOK_URLS")  # comma-separated
+    # comma-separated; secret because a webhook URL often carries a token
+    webhook_urls: SecretStr = Field(default=SecretStr(""), validation_alias="SALESDASH_WEBHOOK_URLS")
     webhook_secret: SecretStr | None = Field(default=None, validation_alias="SALESDASH_WEBHOOK_SECRET")
     notify_max_attempts: int = Field(default=8, ge=1, validation_alias="SALESDASH_NOTIFY_MAX_ATTEMPTS")
     notify_retry_base_s: float = Field(default=30, gt=0, validation_alias="SALESDASH_NOTIFY_RETRY_BASE_SECONDS")

@@ -60,7 +60,7 @@ def _webhooks(raw: str) -> tuple[list[Webhook], list[str]]:
 
 
 def configured_channels(settings: Settings) -> Channels:
-    hooks, problems = _webhooks(settings.webhook_urls)
+    hooks, problems = _webhooks(settings.webhook_urls.get_secret_value())
     if hooks and settings.webhook_secret is None:
         problems.append("SALESDASH_WEBHOOK_SECRET is not set: webhooks are sent unsigned")
     email_to = settings.alert_recipients if settings.smtp_host else []

@@ -28,6 +28,8 @@ from salesdash.config import Settings
 from worker.channels import Channels, configured_channels, smtp_client
 
 log = logging.getLogger(__name__)
+# httpx logs every request's full URL at INFO, and a webhook URL often carries a token: keep its logger to warnings
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 BATCH = 10  # claimed at a time per channel: a batch finishes well within the lease
 DELIVERY_HEADER = "X-Salesdash-Delivery"  # the same on every attempt of a delivery

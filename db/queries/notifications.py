@@ -64,7 +64,7 @@ class ClaimedDelivery:
 
 _INSERT = """
 INSERT INTO notifications (kind, severity, subject, body, html_body, payload, dedupe_key, status)
-VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, CASE WHEN $8 THEN 'pending' ELSE 'skipped' END)
+VALUES ($1, $2, $3, $4, $5, $6, $7, CASE WHEN $8 THEN 'pending' ELSE 'skipped' END)
 ON CONFLICT (dedupe_key) DO NOTHING
 RETURNING id"""
 
@@ -88,7 +88,7 @@ async def record_notification(
             note.subject,
             note.text,
             note.html,
-            json.dumps(note.payload, default=str),
+            json.loads(json.dumps(note.payload, default=str)),  # dates and decimals as strings
             note.dedupe_key,
             bool(recipients),
         )
@@ -123,7 +123,7 @@ async def claim_deliveries(
     rows = await conn.fetch(
         _CLAIM, channel, limit, lease_s, None if notification_ids is None else list(notification_ids)
     )
-    claimed = [ClaimedDelivery(**{**dict(r), "payload": json.loads(r["payload"])}) for r in rows]
+    claimed = [ClaimedDelivery(**dict(r)) for r in rows]
     return sorted(claimed, key=lambda d: d.id)
 
 
@@ -232,4 +232,4 @@ async def list_notifications(
 ) -> list[NotificationView]:
     """Newest first. `state` matches a notification's status or any of its deliveries' states."""
     rows = await conn.fetch(_LIST, kind, state, limit)
-    return [NotificationView.model_validate({**dict(r), "deliveries": json.loads(r["deliveries"])}) for r in rows]
+    return [NotificationView.model_validate(dict(r)) for r in rows]
