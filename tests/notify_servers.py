@@ -33,6 +33,20 @@ class Received:
     def message_id(self) -> str:
         return str(self.message["Message-ID"])
 
+    def body(self, subtype: str) -> str:
+        """The text/plain or text/html part (a multipart mail has both)."""
+        part = self.message.get_body((subtype,))
+        assert part is not None, f"no text/{subtype} part"
+        return str(part.get_content())
+
+    @property
+    def text(self) -> str:
+        return self.body("plain")
+
+    @property
+    def html(self) -> str:
+        return self.body("html")
+
 
 class MailSink:
     """An SMTP server on loopback; `messages` grows as mails arrive (one entry per accepted mail)."""

@@ -122,8 +122,8 @@ async def test_smtp_down_then_back_delivers_once_and_the_history_shows_the_failu
         assert [state for state, _ in events] == ["pending", "sent"] and "SMTP" in (events[0][1] or "")
         (mail,) = sink.to(row["recipient"])
         assert mail.message_id == row["message_id"]  # made once, when the notification was recorded
-        assert mail.message.get_body(("plain",)).get_content().strip() == "plain text body"
-        assert mail.message.get_body(("html",)).get_content().strip() == "<p>html body</p>"
+        assert mail.text.strip() == "plain text body"
+        assert mail.html.strip() == "<p>html body</p>"
     status = await db.fetchval("SELECT status FROM notifications WHERE id = $1", notification_id)
     assert status == "sent"
 
