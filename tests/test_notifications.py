@@ -98,7 +98,13 @@ async def deliver_until_done(db: asyncpg.Pool, settings: Settings, notification_
 
 async def test_smtp_down_then_back_delivers_once_and_the_history_shows_the_failures(db: asyncpg.Pool) -> None:
     port = free_port()  # nothing listens here yet
-    settings = settings_for(smtp_host=HOST, smtp_port=port, alert_recipient="ann@example.com, bob@example.com")
+    settings = settings_for(
+        smtp_host=HOST,
+        smtp_port=port,
+        alert_recipient="ann@example.com, bob@example.com",
+        notify_retry_base_s=1.0,
+        notify_retry_cap_s=2.0,
+    )
     notification_id = await record(db, settings, "test:smtp-down")
     first = await deliver_due(db, settings, [notification_id])
     assert first["email"]["retrying"] == 2 and first["email"]["sent"] == 0
@@ -109,7 +115,7 @@ async def test_smtp_down_then_back_delivers_once_and_the_history_shows_the_failu
 
     sink = MailSink(port=port).start()
     try:
-        await asyncio.sleep(0.3)  # past the backoff
+        await asyncio.sleep(1.2)  # past the backoff (1 s and up to 10 % jitter)
         await deliver_until_done(db, settings, notification_id)
         await deliver_due(db, settings)  # a later run finds nothing to send
     finally:
