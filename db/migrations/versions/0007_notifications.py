@@ -61,8 +61,10 @@ _UPGRADE = [
     at              timestamptz NOT NULL DEFAULT clock_timestamp()
 )""",
     "CREATE INDEX notification_delivery_events_delivery_idx ON notification_delivery_events (delivery_id, id)",
+    # No foreign key to products: the demo-data loader TRUNCATEs products. A row whose product is gone (or inactive)
+    # is not low, so the next check removes it.
     """CREATE TABLE low_stock_state (
-    product_id      bigint PRIMARY KEY REFERENCES products (id) ON DELETE CASCADE,
+    product_id      bigint PRIMARY KEY,
     low_since       timestamptz NOT NULL DEFAULT now(),
     stock_quantity  integer NOT NULL,  -- when it was alerted
     reorder_point   numeric(14, 2) NOT NULL,
