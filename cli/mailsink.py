@@ -23,7 +23,7 @@ def _free_port() -> int:
 
 def start_mail_sink(mail_dir: Path) -> Controller:
     """Start the sink and point this process's environment (which the children inherit) at it."""
-    mail_dir.mkdir(parents=True, exist_ok=True)
+    mail_dir.parent.mkdir(parents=True, exist_ok=True)  # Maildir makes mail_dir itself, with its cur/ new/ tmp/
     controller = Controller(Mailbox(mail_dir), hostname=HOST, port=_free_port())
     controller.start()
     os.environ["SALESDASH_SMTP_HOST"] = HOST

@@ -1,5 +1,6 @@
 """The notifications outbox against real receivers on loopback: an SMTP server that goes down and comes back, a webhook
 receiver that verifies the signature and answers 500 before 200, a worker SIGKILLed in the middle of 50 deliveries,
+the same summary recorded and sent by racing runs,
 `GET /notifications`, and secrets that never reach a log or an API answer."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from datetime import date
 from typing import Any
 
 import asyncpg
@@ -29,6 +31,7 @@ from tests.conftest import wait_for
 from tests.notify_servers import HOST, MailSink, WebhookReceiver, free_port, running_sink
 from worker import client
 from worker.delivery import SIGNATURE_HEADER, TIMESTAMP_HEADER, deliver_due
+from worker.jobs.summaries import send_daily_summary
 from worker.outbox import notify
 
 SECRET = "whsec-Very-Secret-0123"
@@ -252,3 +255,23 @@ async def test_a_worker_killed_mid_batch_of_50_leaves_one_copy_each_but_the_one_
     assert sum(1 for r in recipients if per_recipient[r] == 2) <= 1 and max(per_recipient.values()) <= 2
     states = {r["state"] for r in await deliveries(db, notification_id)}
     assert states == {"sent"}
+
+
+async def test_the_same_summary_twice_at_once_with_racing_senders_sends_one_mail_each(
+    db: asyncpg.Pool, sink: MailSink
+) -> None:
+    recipients = [f"race{i:02d}@example.com" for i in range(20)]
+    settings = settings_for(smtp_host=HOST, smtp_port=sink.port, alert_recipient=",".join(recipients))
+    ctx = {"db": db, "settings": settings}
+    day = date(2025, 6, 15)
+    runs = await asyncio.gather(
+        send_daily_summary(ctx, day=day),
+        send_daily_summary(ctx, day=day),  # enqueued twice, two workers at once
+        deliver_due(db, settings),  # and the every-minute sender racing them
+        deliver_due(db, settings),
+    )
+    assert len({r["notification_id"] for r in runs[:2]} - {None}) == 1  # one of them recorded it
+    await deliver_due(db, settings)
+    subject = f"Daily summary for {day}"
+    got = Counter(r for m in sink.messages if m.message["Subject"] == subject for r in m.recipients)
+    assert got == Counter(recipients)

@@ -5,7 +5,7 @@ by the check's name, so the two never alert twice about the same thing."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 
@@ -29,9 +29,9 @@ def _note(check: HealthCheck, kind: str, subject: str, dedupe_key: str) -> NewNo
 
 
 async def _one(
-    conn: asyncpg.Connection, settings: Settings, check: HealthCheck, state: AlertState | None
+    conn: asyncpg.Connection, settings: Settings, check: HealthCheck, state: AlertState | None, now: datetime
 ) -> int | None:
-    now, key = await transaction_now(conn), check.check
+    key = check.check
     if check.ok:
         if state is None or not state.firing:
             return None
@@ -54,9 +54,9 @@ async def raise_alerts(conn: asyncpg.Connection, settings: Settings, checks: Seq
     recorded = []
     async with conn.transaction():
         await lock_alerts(conn)
-        states = await alert_states(conn, [c.check for c in checks])
+        states, now = await alert_states(conn, [c.check for c in checks]), await transaction_now(conn)
         for check in checks:
-            notification_id = await _one(conn, settings, check, states.get(check.check))
+            notification_id = await _one(conn, settings, check, states.get(check.check), now)
             if notification_id is not None:
                 recorded.append(notification_id)
     return recorded

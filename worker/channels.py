@@ -112,10 +112,8 @@ async def probe_webhook(hook: Webhook) -> str | None:
 async def channel_problems(settings: Settings) -> dict[str, str | None]:
     """Each configured channel and what is wrong with it (None: it answers), plus `config` for malformed values."""
     channels = configured_channels(settings)
-    found: dict[str, str | None] = {}
-    if settings.smtp_host:
-        found["email"] = await probe_smtp(settings)
-    for hook in channels.webhooks:
-        found[f"webhook_{hook.name}"] = await probe_webhook(hook)
+    names = (["email"] if settings.smtp_host else []) + [f"webhook_{hook.name}" for hook in channels.webhooks]
+    probes = ([probe_smtp(settings)] if settings.smtp_host else []) + [probe_webhook(h) for h in channels.webhooks]
+    found: dict[str, str | None] = dict(zip(names, await asyncio.gather(*probes), strict=True))  # at once: ≤ 5 s
     found["config"] = "; ".join(channels.problems) or None
     return found
