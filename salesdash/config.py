@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     smtp_username: str | None = Field(default=None, validation_alias="SALESDASH_SMTP_USERNAME")
     smtp_password: SecretStr | None = Field(default=None, validation_alias="SALESDASH_SMTP_PASSWORD")
     smtp_starttls: bool = Field(default=False, validation_alias="SALESDASH_SMTP_STARTTLS")
+    # a CA bundle to verify the server's certificate with (a private CA); unset: the system's
+    smtp_ca_file: Path | None = Field(default=None, validation_alias="SALESDASH_SMTP_CA_FILE")
     smtp_from: str = Field(default="salesdash@localhost", validation_alias="SALESDASH_SMTP_FROM")
     smtp_timeout_s: float = Field(default=10, gt=0, validation_alias="SALESDASH_SMTP_TIMEOUT_SECONDS")
     # comma-separated; secret because a webhook URL often carries a token

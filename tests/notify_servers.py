@@ -51,12 +51,12 @@ class Received:
 class MailSink:
     """An SMTP server on loopback; `messages` grows as mails arrive (one entry per accepted mail)."""
 
-    def __init__(self, port: int | None = None, authenticator: Any = None) -> None:
+    def __init__(self, port: int | None = None, authenticator: Any = None, **smtp_options: Any) -> None:
         self.port = port or free_port()
         self.messages: list[Received] = []
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(smtp_options)  # e.g. tls_context and require_starttls
         if authenticator is not None:
-            kwargs = {"authenticator": authenticator, "auth_require_tls": False}
+            kwargs |= {"authenticator": authenticator, "auth_require_tls": "tls_context" in smtp_options}
         self.controller = Controller(self, hostname=HOST, port=self.port, **kwargs)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd's name

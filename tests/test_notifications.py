@@ -12,9 +12,12 @@ import json
 import logging
 import os
 import signal
+import ssl
+import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -275,3 +278,42 @@ async def test_the_same_summary_twice_at_once_with_racing_senders_sends_one_mail
     subject = f"Daily summary for {day}"
     got = Counter(r for m in sink.messages if m.message["Subject"] == subject for r in m.recipients)
     assert got == Counter(recipients)
+
+
+def _certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, as a private CA's would be."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_starttls_and_login_when_configured(db: asyncpg.Pool, tmp_path: Path) -> None:
+    cert, key = _certificate(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    logins: list[tuple[bytes, bytes]] = []
+
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        logins.append((data.login, data.password))
+        return AuthResult(success=data.login == b"ops" and data.password == PASSWORD.encode())
+
+    sink = MailSink(authenticator=authenticator, tls_context=tls, require_starttls=True).start()
+    try:
+        base = {"smtp_host": HOST, "smtp_port": sink.port, "smtp_username": "ops", "smtp_password": PASSWORD}
+        plain = settings_for(**base)  # the server insists on STARTTLS: refused, and said so
+        refused_id = await record(db, plain, "test:starttls-refused")
+        refused = await deliver_due(db, plain, [refused_id])
+        logged_in_without_tls = list(logins)
+        secured = settings_for(**base, smtp_starttls=True, smtp_ca_file=cert)
+        notification_id = await record(db, secured, "test:starttls")
+        await deliver_until_done(db, secured, notification_id)
+    finally:
+        sink.stop()
+    assert refused["email"]["retrying"] == 1 and not logged_in_without_tls
+    assert "STARTTLS" in refused["email"]["errors"][0]
+    assert logins == [(b"ops", PASSWORD.encode())] and len(sink.messages) == 1
+    assert [r["state"] for r in await deliveries(db, notification_id)] == ["sent"]

@@ -110,6 +110,8 @@ async def test_the_daily_summary_arrives_once_with_the_figures_of_direct_sql(
     await order(db, regular, noon + timedelta(hours=1), [(widget, 2, "12.50")], "shipped")
     await order(db, regular, noon + timedelta(hours=2), [(widget, 1, "12.50")], "refunded")
 
+    # other tests (test_cli, test_platform) may have recorded yesterday's summary, unsent: start from none
+    await db.execute("DELETE FROM notifications WHERE dedupe_key = $1", f"daily_summary:{yesterday}")
     env = {
         "SALESDASH_SMTP_HOST": HOST,
         "SALESDASH_SMTP_PORT": str(sink.port),

@@ -76,6 +76,7 @@ def smtp_client(settings: Settings) -> aiosmtplib.SMTP:
         port=settings.smtp_port,
         timeout=settings.smtp_timeout_s,
         start_tls=settings.smtp_starttls,
+        cert_bundle=str(settings.smtp_ca_file) if settings.smtp_ca_file else None,
         username=settings.smtp_username,
         password=password,
     )
