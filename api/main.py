@@ -21,6 +21,7 @@ from api.errors import error_responses, install_error_handlers
 from api.exports import router as exports_router
 from api.graphql import GraphQLRefusedError, graphql_router, refused_answer
 from api.limits import BodyLimit
+from api.notifications import router as notifications_router
 from api.reports import router as reports_router
 from api.rest import router
 from api.security import harden
@@ -95,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(exports_router)
     app.include_router(dashboard_router)
     app.include_router(customers_router)
+    app.include_router(notifications_router)
     app.include_router(graphql_router(settings), prefix="/graphql")
     install_error_handlers(app)
     app.add_exception_handler(GraphQLRefusedError, refused_answer)  # type: ignore[arg-type]

@@ -8,23 +8,24 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Path, Query
 from fastapi.responses import HTMLResponse
+from pydantic import Field
 
 from api.deps import DbDep, ReadDep
 from api.errors import error_responses
 from db.queries import reports as queries
-from db.queries.reports import MonthlyReport, ReportSummary
+from db.queries.reports import MonthlyReport, ReportSummary, WeeklyReport
 from salesdash.periods import parse_day_or_month
 
 router = APIRouter(tags=["reports"])
 
-REPORT_KINDS = ("monthly",)
+REPORT_KINDS = ("monthly", "weekly")
 MAX_ID = 2**63 - 1  # reports.id is a bigint: a larger id could never exist
 # The page carries everything it shows; the policy makes the browser refuse anything it would fetch.
 PAGE_POLICY = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
 
 
 class Report(ReportSummary):
-    payload: MonthlyReport
+    payload: Annotated[MonthlyReport | WeeklyReport, Field(discriminator="kind")]
 
 
 @router.get("/reports", responses=error_responses(401, 403, 422))

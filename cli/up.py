@@ -12,8 +12,10 @@ import sys
 import time
 from types import FrameType
 
+from aiosmtpd.controller import Controller
 from rich.console import Console
 
+from cli.mailsink import start_mail_sink
 from salesdash.config import Settings
 from salesdash.embedded import resolve_urls, stop_started
 
@@ -112,6 +114,7 @@ def run_up(settings: Settings, host: str, port: int, api_workers: int = 1) -> in
         signal.signal(sig, request_stop)
     children: list[subprocess.Popen[bytes]] = []
     token_id: int | None = None
+    sink: Controller | None = None
     try:
         database_url, redis_url = resolve_urls(settings)
         console.print(f"PostgreSQL: {database_url}\nRedis:      {redis_url}")
@@ -121,6 +124,9 @@ def run_up(settings: Settings, host: str, port: int, api_workers: int = 1) -> in
         seeded, token_id, token = asyncio.run(_prepare(database_url, settings.timezone))
         if seeded:
             console.print(f"seeded demo data: {DEMO}")
+        if settings.smtp_host is None:
+            sink = start_mail_sink(settings.mail_dir)
+            console.print(f"mail:       no SMTP server configured; mails go to {settings.mail_dir} (Maildir)")
         children.append(_spawn(_api_command(host, port, api_workers)))
         children += [_spawn([sys.executable, "-m", "worker", q]) for q in QUEUES]
         base = f"http://{host}:{port}"
@@ -148,6 +154,8 @@ def run_up(settings: Settings, host: str, port: int, api_workers: int = 1) -> in
         if token_id is not None:
             with contextlib.suppress(Exception):  # the next run revokes it if this cannot
                 asyncio.run(_revoke(token_id))
+        if sink is not None:
+            sink.stop()
         stop_started()  # the embedded servers we started, or adopted from a run that died without stopping them
         with contextlib.suppress(OSError):  # after SIGHUP the terminal is gone
             console.print("stopped")

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -102,6 +102,34 @@ class Settings(BaseSettings):
     # comma-separated origins allowed by CORS; empty: no CORS headers at all
     cors_origins: str = Field(default="", validation_alias="SALESDASH_CORS_ORIGINS")
     api_workers: int = Field(default=1, ge=1, le=64, validation_alias="SALESDASH_API_WORKERS")
+    # notifications (docs/configuration.md#notifications). Channel values are parsed by worker/channels.py, which
+    # names a malformed one without stopping the others; secrets are SecretStr so no repr or log shows them.
+    smtp_host: str | None = Field(default=None, validation_alias="SALESDASH_SMTP_HOST")
+    smtp_port: int = Field(default=25, ge=1, le=65535, validation_alias="SALESDASH_SMTP_PORT")
+    smtp_username: str | None = Field(default=None, validation_alias="SALESDASH_SMTP_USERNAME")
+    smtp_password: SecretStr | None = Field(default=None, validation_alias="SALESDASH_SMTP_PASSWORD")
+    smtp_starttls: bool = Field(default=False, validation_alias="SALESDASH_SMTP_STARTTLS")
+    # a CA bundle to verify the server's certificate with (a private CA); unset: the system's
+    smtp_ca_file: Path | None = Field(default=None, validation_alias="SALESDASH_SMTP_CA_FILE")
+    smtp_from: str = Field(default="salesdash@localhost", validation_alias="SALESDASH_SMTP_FROM")
+    smtp_timeout_s: float = Field(default=10, gt=0, validation_alias="SALESDASH_SMTP_TIMEOUT_SECONDS")
+    # comma-separated; secret because a webhook URL often carries a token
+    webhook_urls: SecretStr = Field(default=SecretStr(""), validation_alias="SALESDASH_WEBHOOK_URLS")
+    webhook_secret: SecretStr | None = Field(default=None, validation_alias="SALESDASH_WEBHOOK_SECRET")
+    notify_max_attempts: int = Field(default=8, ge=1, validation_alias="SALESDASH_NOTIFY_MAX_ATTEMPTS")
+    notify_retry_base_s: float = Field(default=30, gt=0, validation_alias="SALESDASH_NOTIFY_RETRY_BASE_SECONDS")
+    notify_retry_cap_s: float = Field(default=3600, gt=0, validation_alias="SALESDASH_NOTIFY_RETRY_CAP_SECONDS")
+    # a delivery claimed by a worker that died is taken over after this long (longer than a batch can take)
+    notify_lease_s: float = Field(default=300, gt=0, validation_alias="SALESDASH_NOTIFY_LEASE_SECONDS")
+    # pause after each delivery: 0 in production; tests use it to kill a worker mid-batch
+    notify_pause_ms: int = Field(default=0, ge=0, validation_alias="SALESDASH_NOTIFY_PAUSE_MS")
+    low_stock_service_level: float = Field(
+        default=0.95, gt=0.5, lt=1, validation_alias="SALESDASH_LOW_STOCK_SERVICE_LEVEL"
+    )
+    alert_cooldown_s: float = Field(default=3600, gt=0, validation_alias="SALESDASH_ALERT_COOLDOWN_SECONDS")
+    alert_failed_job_rate: float = Field(default=0.2, gt=0, le=1, validation_alias="SALESDASH_ALERT_FAILED_JOB_RATE")
+    alert_failed_job_min_runs: int = Field(default=5, ge=1, validation_alias="SALESDASH_ALERT_FAILED_JOB_MIN_RUNS")
+    alert_window_s: float = Field(default=3600, gt=0, validation_alias="SALESDASH_ALERT_WINDOW_SECONDS")
 
     @field_validator("database_url")
     @classmethod
@@ -127,6 +155,16 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def alert_recipients(self) -> list[str]:
+        """SALESDASH_ALERT_RECIPIENT: one address or several, comma-separated."""
+        return [a.strip() for a in self.alert_recipient.split(",") if a.strip()]
+
+    @property
+    def mail_dir(self) -> Path:
+        """Where `salesdash up`'s local SMTP sink keeps the mails when no SMTP server is configured."""
+        return self.data_dir / "mail"
 
     @property
     def exports_dir(self) -> Path:

@@ -85,3 +85,16 @@ def parse_duration(text: str) -> timedelta:
     if not number.isdigit() or int(number) <= 0:
         raise ValueError(f"duration {text!r}: use a positive whole number with s, m, h, d or w (e.g. 30d)")
     return timedelta(seconds=int(number) * _DURATION_UNITS[unit])
+
+def parse_iso_week(text: str) -> date:
+    """The Monday of ISO week YYYY-Www."""
+    try:
+        year, week = text.split("-W")
+        return date.fromisocalendar(int(year), int(week), 1)
+    except ValueError:
+        raise ValueError(f"not an ISO week YYYY-Www (e.g. 2026-W05): {text!r}") from None
+
+
+def iso_week(day: date) -> str:
+    year, week, _ = day.isocalendar()
+    return f"{year}-W{week:02d}"

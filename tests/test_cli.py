@@ -81,7 +81,7 @@ async def test_call_wait_exits_non_zero_when_the_job_fails(
     spawn_worker("worker.notifications.Settings")
     await db.execute("ALTER TABLE notifications RENAME TO notifications_away")
     try:
-        called = salesdash("call", "check_low_stock_products", "--wait", "--json")
+        called = salesdash("call", "send_daily_summary", "--wait", "--json")
     finally:
         await db.execute("ALTER TABLE notifications_away RENAME TO notifications")
     assert called.returncode == 1

@@ -1,7 +1,7 @@
 """The health domain: `check_system_health` turns the matching check red within one run when a queue's worker stops,
 a rollup goes stale, a query runs too long, partitions are missing ahead, connections or Redis memory pass their
-bound, a job waits too long, or PostgreSQL does not answer; failing checks become pending notifications (one per
-check per hour); the report is the job result and the gauges at /metrics."""
+bound, a job waits too long, or PostgreSQL does not answer; failing checks become alerts in the notifications outbox
+(once, then once per cooldown); the report is the job result and the gauges at /metrics."""
 
 from __future__ import annotations
 
@@ -34,11 +34,12 @@ def checks_of(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 async def notified(db: asyncpg.Pool, check: str) -> int:
-    hour = datetime.now(UTC).strftime("%Y-%m-%dT%H")
+    """Alerts recorded in the notifications outbox for this check in the last hour (worker/alerting.py)."""
     return int(
         await db.fetchval(
-            "SELECT count(*) FROM notifications WHERE kind = 'health_check' AND status = 'pending' AND dedupe_key = $1",
-            f"health:{check}:{hour}",
+            "SELECT count(*) FROM notifications WHERE kind = 'alert' AND dedupe_key LIKE $1"
+            " AND created_at > now() - interval '1 hour'",
+            f"alert:{check}:%",
         )
     )
 
@@ -46,6 +47,9 @@ async def notified(db: asyncpg.Pool, check: str) -> int:
 async def test_a_stopped_worker_turns_its_queue_red_and_the_gauges_show_it(
     db: asyncpg.Pool, clean_redis: Redis, spawn_worker: Any, app_client: httpx.AsyncClient
 ) -> None:
+    # other tests may have alerted about this queue already: start from no alert about it
+    await db.execute("DELETE FROM notifications WHERE payload->>'check' = 'queue_workers_notifications'")
+    await db.execute("DELETE FROM alert_state WHERE alert_key = 'queue_workers_notifications'")
     worker = spawn_worker("worker.notifications.Settings")
 
     async def registered() -> bool:

@@ -282,7 +282,7 @@ async def test_failed_jobs_are_listed_and_can_run_again(
     app_client: httpx.AsyncClient,
     auth: dict[str, dict[str, str]],
 ) -> None:
-    failed_job = await client.enqueue_task(clean_redis, OPERATOR, "check_low_stock_products")
+    failed_job = await client.enqueue_task(clean_redis, OPERATOR, "send_daily_summary")
     await db.execute("ALTER TABLE notifications RENAME TO notifications_away")
     try:
         from tests.conftest import arq_burst

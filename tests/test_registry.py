@@ -68,6 +68,10 @@ def _next_runs(cron_job: CronJob, start: datetime, count: int) -> list[datetime]
         ("prune_old_records", ["2026-01-06 01:15", "2026-01-07 01:15"]),
         ("update_customer_lifetime_values", ["2026-01-06 03:00", "2026-01-07 03:00"]),
         ("check_system_health", ["2026-01-05 10:10", "2026-01-05 10:20", "2026-01-05 10:30"]),
+        ("send_daily_summary", ["2026-01-06 08:00", "2026-01-07 08:00"]),
+        ("weekly_performance_report", ["2026-01-12 08:00", "2026-01-19 08:00"]),  # Mondays
+        ("check_alerts", ["2026-01-05 10:05", "2026-01-05 10:10", "2026-01-05 10:15"]),
+        ("deliver_notifications", ["2026-01-05 10:01", "2026-01-05 10:02"]),
     ],
 )
 def test_cron_schedule_matches_the_documented_one(name: str, expected: list[str]) -> None:

@@ -444,7 +444,7 @@ async def test_list_filters_by_kind_and_period_newest_first(
 @pytest.mark.parametrize(
     ("query", "named"),
     [
-        ({"kind": "weekly"}, "kind"),
+        ({"kind": "daily"}, "kind"),
         ({"from": "2019-13"}, "from"),
         ({"to": "March"}, "to"),
         ({"from": "2019-02-30"}, "from"),

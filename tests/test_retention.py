@@ -37,12 +37,12 @@ _SEED = [
        SELECT 'monthly', d - 27, d, jsonb_build_object('keep', d >= current_date - 400)
          FROM unnest(ARRAY[current_date - 800, current_date - 401, current_date - 400, current_date - 10]) AS d""",
     # notifications: sent/failed ones older than 30 days go; pending ones stay whatever their age
-    """INSERT INTO notifications (kind, recipient, subject, body, dedupe_key, status, created_at, payload)
-       SELECT 'test', 'ops', 's', 'b', 'old-' || g, CASE WHEN g % 3 = 0 THEN 'failed' ELSE 'sent' END,
+    """INSERT INTO notifications (kind, subject, body, dedupe_key, status, created_at, payload)
+       SELECT 'test', 's', 'b', 'old-' || g, CASE WHEN g % 3 = 0 THEN 'failed' ELSE 'sent' END,
               now() - interval '31 days' - g * interval '1 minute', '{"keep": false}'
          FROM generate_series(1, 2500) AS g""",
-    """INSERT INTO notifications (kind, recipient, subject, body, dedupe_key, status, created_at, payload)
-       SELECT 'test', 'ops', 's', 'b', 'kept-' || g, CASE WHEN g <= 5 THEN 'pending' ELSE 'sent' END,
+    """INSERT INTO notifications (kind, subject, body, dedupe_key, status, created_at, payload)
+       SELECT 'test', 's', 'b', 'kept-' || g, CASE WHEN g <= 5 THEN 'pending' ELSE 'sent' END,
               CASE WHEN g <= 5 THEN now() - interval '90 days' ELSE now() - interval '29 days' END, '{"keep": true}'
          FROM generate_series(1, 20) AS g""",
     # segment history: 60 days

@@ -1,5 +1,6 @@
 """`salesdash up` (what `make run` runs) on a machine with no servers configured: embedded PostgreSQL and
-Redis, migrations, demo data, API and three workers; /healthz answers within 60 s; a job runs; SIGTERM stops
+Redis, migrations, demo data, API and three workers; /healthz answers within 60 s; a job runs; the daily summary
+lands in the local SMTP sink's Maildir; SIGTERM stops
 everything and leaves no process behind. SIGHUP (the terminal closed) does the same, and a run that finds the
 servers of a killed run takes them over and stops them too."""
 
@@ -55,6 +56,13 @@ def test_up_serves_runs_a_job_and_stops_cleanly(tmp_path: Path) -> None:
         status = _wait_complete(f"{base}/jobs/{job.json()['task_id']}", headers)
         assert status["status"] == "complete", status
         assert all(v["rows"] > 0 for v in status["result"]["views"])  # demo data was seeded
+        # no SMTP server configured: the daily summary lands in the local sink's Maildir under the data directory
+        summary = httpx.post(f"{base}/jobs", json={"task_name": "send_daily_summary"}, headers=headers)
+        assert summary.status_code == 202, summary.text
+        sent = _wait_complete(f"{base}/jobs/{summary.json()['task_id']}", headers)
+        assert sent["status"] == "complete" and sent["result"]["notification_id"], sent
+        (mail,) = _wait_mail(tmp_path / "data" / "mail" / "new")  # sent by the job, or by the minute's sender
+        assert b"Subject: Daily summary for" in mail.read_bytes()
         family = psutil.Process(up.pid).children(recursive=True)
         assert len(family) >= 6  # postgres (+ its backends), redis, api, three workers
     finally:
@@ -65,6 +73,14 @@ def test_up_serves_runs_a_job_and_stops_cleanly(tmp_path: Path) -> None:
     leftovers = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not leftovers, [p.cmdline() for p in leftovers]
     assert time.monotonic() - started < 150
+
+
+def _wait_mail(new_mail: Path, deadline_s: float = 90) -> list[Path]:
+    deadline = time.monotonic() + deadline_s
+    while not (new_mail.is_dir() and any(new_mail.iterdir())):
+        assert time.monotonic() < deadline, f"no mail in {new_mail}"
+        time.sleep(0.5)
+    return list(new_mail.iterdir())
 
 
 def _start_up(tmp_path: Path, data_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], Path]:

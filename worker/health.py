@@ -36,7 +36,7 @@ class HealthReport(BaseModel):
     ok: bool  # every check passed
     failing: list[str]  # names of the failing checks
     checks: list[HealthCheck]
-    notifications_recorded: int = 0  # new pending rows in `notifications` (one per failing check per hour)
+    notifications_recorded: int = 0  # new alerts in the notifications outbox (worker/alerting.py)
     notification_error: str | None = None  # why failing checks could not be recorded (PostgreSQL unreachable)
 
 

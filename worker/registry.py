@@ -22,7 +22,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from salesdash.auth import Scope
 from salesdash.config import get_settings
-from salesdash.periods import Month
+from salesdash.periods import Month, iso_week, parse_iso_week
 from worker.jobstore import queue_name
 
 JobFunction = Callable[..., Awaitable[Any]]
@@ -75,6 +75,45 @@ class LifetimeValuesArgs(BaseModel):
         if value is not None and value > today:
             raise ValueError(f"{value} is in the future (it is {today} in {tz.key})")
         return value
+
+
+class LowStockArgs(LifetimeValuesArgs):
+    """`as_of`: the local day whose morning the check runs as of (demand of the 28 days before it), not after today;
+    absent (as the schedule does): today."""
+
+
+class DailySummaryArgs(BaseModel):
+    """`day`: a finished local day (SALESDASH_TIMEZONE); absent (as the schedule does): yesterday."""
+
+    model_config = ConfigDict(extra="forbid")
+    day: date | None = None
+
+    @field_validator("day")
+    @classmethod
+    def _finished(cls, value: date | None) -> date | None:
+        tz = get_settings().tzinfo
+        today = datetime.now(tz).date()
+        if value is not None and value >= today:
+            raise ValueError(f"{value} has not ended yet (it is {today} in {tz.key})")
+        return value
+
+
+class WeeklyReportArgs(BaseModel):
+    """`week`: a finished ISO week as YYYY-Www (SALESDASH_TIMEZONE); absent (as the schedule does): the previous one."""
+
+    model_config = ConfigDict(extra="forbid")
+    week: str | None = None
+
+    @field_validator("week")
+    @classmethod
+    def _finished(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        monday, tz = parse_iso_week(value), get_settings().tzinfo
+        today = datetime.now(tz).date()
+        if monday + timedelta(days=7) > today:
+            raise ValueError(f"{iso_week(monday)} has not ended yet (it is {iso_week(today)} in {tz.key})")
+        return iso_week(monday)
 
 
 ExportFormat = Literal["json", "csv", "parquet"]
@@ -233,6 +272,7 @@ class TaskSpec:
         )
 
 
+EVERY_MINUTE = set(range(60))
 EVERY_2_MIN = set(range(0, 60, 2))
 EVERY_5_MIN = set(range(0, 60, 5))
 EVERY_10_MIN = set(range(0, 60, 10))
@@ -285,9 +325,50 @@ _SPECS = [
         "check_low_stock_products",
         Queue.NOTIFICATIONS,
         "stock",
-        "Record a low-stock alert for products at or under their reorder point",
+        "Alert once per crossing (one digest per run) on products at or under their demand-based reorder point "
+        "(28 days of demand, SALESDASH_LOW_STOCK_SERVICE_LEVEL) or under their fixed threshold",
+        args_model=LowStockArgs,
         timeout_s=300,
         schedule=Schedule("daily @ 09:00", minute=0, hour=9),
+    ),
+    TaskSpec(
+        "send_daily_summary",
+        Queue.NOTIFICATIONS,
+        "summaries",
+        "Send yesterday's figures (a local day) against the same weekday last week and the trailing 7-day average",
+        args_model=DailySummaryArgs,
+        timeout_s=300,
+        schedule=Schedule("daily @ 08:00", minute=0, hour=8),
+    ),
+    TaskSpec(
+        "weekly_performance_report",
+        Queue.NOTIFICATIONS,
+        "summaries",
+        "Store and send the previous ISO week's report: week over week, year over year, daily trend, movers, segments",
+        args_model=WeeklyReportArgs,
+        timeout_s=1800,
+        keep_result_s=7 * 24 * 3600,
+        schedule=Schedule("weekly, Monday @ 08:00", minute=0, hour=8, weekday="mon"),
+    ),
+    TaskSpec(
+        "check_alerts",
+        Queue.NOTIFICATIONS,
+        "alerts",
+        "Alert on failed-job rates, waiting jobs, stale rollups and queues without a worker; cooldown, then resolved",
+        timeout_s=60,
+        keep_result_s=3600,
+        retry=RetryPolicy(max_tries=2, backoff_cap_s=30),  # the next run is 5 min later anyway
+        schedule=Schedule("every 5 min (minute 0,5,…,55)", minute=EVERY_5_MIN),
+    ),
+    TaskSpec(
+        "deliver_notifications",
+        Queue.NOTIFICATIONS,
+        "notifications",
+        "Send the notifications outbox's due deliveries (e-mail and webhooks), retrying failed ones with backoff",
+        timeout_s=240,
+        keep_result_s=3600,
+        retry=RetryPolicy(max_tries=1),  # the next run is a minute later and retries what is due
+        schedule=Schedule("every minute", minute=EVERY_MINUTE),
     ),
     TaskSpec(
         "prune_job_history",

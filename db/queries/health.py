@@ -1,13 +1,10 @@
 """What `check_system_health` asks PostgreSQL: connections and long queries, the order partitions ahead, how fresh
-the analytics rollups are, and the notifications recorded for failing checks. Read-only but for the last."""
+the analytics rollups are. Read-only."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import asyncpg
 
@@ -55,14 +52,6 @@ SELECT f.family,
   LEFT JOIN rollup_state s ON s.family = f.family
  ORDER BY f.family DESC"""
 
-# One notification per failing check per UTC hour, however often the check runs (dedupe_key is unique).
-_NOTIFY = """
-INSERT INTO notifications (kind, channel, recipient, subject, body, payload, dedupe_key)
-SELECT 'health_check', 'email', $1, 'Health check failing: ' || f.check_name, f.detail, f.payload::jsonb,
-       format('health:%s:%s', f.check_name, to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24'))
-  FROM unnest($2::text[], $3::text[], $4::text[]) AS f (check_name, detail, payload)
-ON CONFLICT (dedupe_key) DO NOTHING"""
-
 
 @dataclass(frozen=True)
 class ServerStatus:
@@ -79,13 +68,6 @@ class RollupFreshness:
     refreshed_at: datetime | None  # None: never, as far as the job history and the family's state tell
 
 
-@dataclass(frozen=True)
-class FailingCheck:
-    check: str
-    detail: str
-    payload: dict[str, Any]
-
-
 async def server_status(conn: asyncpg.Connection, long_query_s: float) -> ServerStatus:
     row = await conn.fetchrow(_SERVER, long_query_s)
     return ServerStatus(row["connections"], row["max_connections"], row["long_queries"], row["longest_query_s"])
@@ -98,17 +80,3 @@ async def months_covered(conn: asyncpg.Connection, horizon: int) -> int:
 
 async def rollup_freshness(conn: asyncpg.Connection) -> list[RollupFreshness]:
     return [RollupFreshness(r["family"], r["pending"], r["refreshed_at"]) for r in await conn.fetch(_ROLLUPS)]
-
-
-async def record_failures(conn: asyncpg.Connection, recipient: str, failures: Sequence[FailingCheck]) -> int:
-    """Pending notifications for failing checks, one per check per hour; returns how many were new."""
-    if not failures:
-        return 0
-    status = await conn.execute(
-        _NOTIFY,
-        recipient,
-        [f.check for f in failures],
-        [f.detail for f in failures],
-        [json.dumps(f.payload, default=str) for f in failures],
-    )
-    return int(status.rsplit(" ", 1)[-1])

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import asyncpg
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 REVENUE_STATUSES = ["paid", "shipped", "delivered"]
 TOP_N = 10
@@ -132,6 +132,54 @@ class MonthlyReport(BaseModel):
     top_categories: list[CategorySales]
     segments: list[SegmentMix]
     daily: list[DayRevenue]
+
+
+class WeekComparison(BaseModel):
+    """The same figures for an earlier ISO week, and the change to this week in percent (null as in Comparison)."""
+
+    week: str  # YYYY-Www
+    figures: PeriodFigures
+    change_pct: dict[str, Decimal | None]
+
+    @classmethod
+    def between(cls, week: str, current: PeriodFigures, earlier: PeriodFigures) -> WeekComparison:
+        change = {name: percent_change(getattr(current, name), getattr(earlier, name)) for name in HEADLINE}
+        return cls(week=week, figures=earlier, change_pct=change)
+
+
+class ProductMover(BaseModel):
+    product_id: int
+    sku: str
+    name: str
+    revenue: Decimal
+    previous_revenue: Decimal
+    change: Decimal  # revenue - previous_revenue
+
+
+class SegmentMove(BaseModel):
+    from_segment: str | None  # null: the customer had no segment before
+    to_segment: str
+    customers: int
+
+
+class WeeklyReport(BaseModel):
+    """The payload of a `weekly` report (weekly_performance_report, worker/jobs/summaries.py)."""
+
+    kind: Literal["weekly"] = "weekly"
+    week: str  # YYYY-Www, an ISO week of local days in `timezone`
+    timezone: str
+    period_start: date  # Monday
+    period_end: date  # Sunday
+    starts_at: datetime
+    ends_at: datetime
+    generated_at: datetime
+    figures: PeriodFigures
+    previous_week: WeekComparison
+    previous_year: WeekComparison  # the same ISO week number a year earlier
+    daily: list[DayRevenue]
+    top_movers: list[ProductMover]  # the largest revenue gains over the previous week
+    bottom_movers: list[ProductMover]  # the largest losses
+    segment_migration: list[SegmentMove]  # changes update_customer_segments recorded during the week
 
 
 # Three independent aggregates in one statement (one snapshot, one round trip). A buyer is returning when an
@@ -266,7 +314,7 @@ class ReportSummary(BaseModel):
 
 
 class StoredReport(ReportSummary):
-    payload: MonthlyReport  # the only kind so far
+    payload: Annotated[MonthlyReport | WeeklyReport, Field(discriminator="kind")]
     html: str | None
 
 

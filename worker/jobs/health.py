@@ -1,12 +1,11 @@
 """`check_system_health`: PostgreSQL (reachable, connections in use, long queries, order partitions ahead, rollup
 freshness), Redis (reachable, memory) and the queues (oldest waiting job, live workers), each a passing or failing
 check with what it measured. The report is the job result and, kept in Redis (worker/health.py), the gauges of
-`/metrics`; each failing check is recorded as a pending notification, once per check per hour."""
+`/metrics`; each failing check becomes an alert in the notifications outbox (worker/alerting.py)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,10 +14,12 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from db.queries import health as queries
-from db.queries.health import FailingCheck, RollupFreshness, ServerStatus
+from db.queries.health import RollupFreshness, ServerStatus
 from salesdash.config import Settings
 from worker import client, jobstore
 from worker import health as reports
+from worker.alerting import raise_alerts
+from worker.channels import channel_problems
 from worker.health import HealthCheck, HealthReport
 from worker.jobs.partitions import PREMAKE_MONTHS
 from worker.registry import Queue
@@ -36,7 +37,8 @@ async def check_system_health(ctx: dict[str, Any]) -> dict[str, Any]:
     redis: Redis = ctx["redis"]
     checks = await _postgres_checks(ctx["db"], settings)
     checks += await _redis_checks(redis, settings)
-    checks += await _queue_checks(redis, settings)
+    checks += await queue_checks(redis, settings)
+    checks += await channel_checks(settings)
     failing = [c.check for c in checks if not c.ok]
     report = HealthReport(checked_at=datetime.now(UTC), ok=not failing, failing=failing, checks=checks)
     report = await _notify(ctx["db"], settings, report)
@@ -65,7 +67,7 @@ async def _postgres_checks(pool: asyncpg.Pool, settings: Settings) -> list[Healt
         connections_check(status, settings.health_connections_max_ratio),
         long_queries_check(status, settings.health_long_query_s),
         partitions_check(covered),
-        *(rollup_check(r, _max_age(settings, r.family), now) for r in rollups),
+        *(rollup_check(r, rollup_max_age(settings, r.family), now) for r in rollups),
     ]
 
 
@@ -127,7 +129,7 @@ def rollup_check(rollup: RollupFreshness, max_age_s: float, now: datetime) -> He
     )
 
 
-def _max_age(settings: Settings, family: str) -> float:
+def rollup_max_age(settings: Settings, family: str) -> float:
     if family == "realtime":
         return settings.health_realtime_rollup_max_age_s
     return settings.health_daily_rollup_max_age_s
@@ -163,7 +165,7 @@ def memory_check(memory: dict[str, Any], settings: Settings) -> HealthCheck:
     )
 
 
-async def _queue_checks(redis: Redis, settings: Settings) -> list[HealthCheck]:
+async def queue_checks(redis: Redis, settings: Settings) -> list[HealthCheck]:
     queues = [q.value for q in Queue]
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S):
@@ -207,22 +209,23 @@ def workers_check(queue: str, workers: int) -> HealthCheck:
 
 
 async def _notify(pool: asyncpg.Pool, settings: Settings, report: HealthReport) -> HealthReport:
-    """Record each failing check as a pending notification (deduplicated per check per hour). The notifications
-    issue's outbox will deliver them; until then they wait in `notifications`."""
-    failures = _failures(report.checks, report.checked_at)
-    if not failures:
-        return report
+    """Failing checks become alerts through the notifications outbox (worker/alerting.py: once, then once per
+    cooldown, and a resolved message when they pass again); the notifications queue delivers them."""
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S), pool.acquire() as conn:
-            recorded = await queries.record_failures(conn, settings.alert_recipient, failures)
+            recorded = await raise_alerts(conn, settings, report.checks)
     except _POSTGRES_FAULTS as exc:
         return report.model_copy(update={"notification_error": f"{type(exc).__name__}: {exc}"})
-    return report.model_copy(update={"notifications_recorded": recorded})
+    return report.model_copy(update={"notifications_recorded": len(recorded)})
 
 
-def _failures(checks: Sequence[HealthCheck], checked_at: datetime) -> list[FailingCheck]:
+async def channel_checks(settings: Settings) -> list[HealthCheck]:
+    """Each configured notification channel answers (SMTP: connects and logs in; webhook: its host accepts a
+    connection), and no channel setting is malformed. Nothing configured: no check."""
+    found = await channel_problems(settings)
+    if found["config"] is None:
+        del found["config"]
     return [
-        FailingCheck(c.check, c.detail, {"check": c.check, "values": c.values, "checked_at": checked_at.isoformat()})
-        for c in checks
-        if not c.ok
+        HealthCheck(check=f"notify_{name}", ok=problem is None, detail=problem or "answers")
+        for name, problem in found.items()
     ]
