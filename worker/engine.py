@@ -35,6 +35,7 @@ from signal import Signals
 from typing import Any
 
 import arq.worker
+import psutil
 import redis.exceptions
 from arq.connections import create_pool
 from arq.cron import CronJob
@@ -84,6 +85,7 @@ class _State:
     redis_failures: int = 0
     stop_timer: asyncio.TimerHandle | None = None
     background: list[asyncio.Task[Any]] = field(default_factory=list)
+    started_ms: int = field(default_factory=lambda: js.now_ms())
 
 
 class SalesdashWorker(arq.worker.Worker):
@@ -562,8 +564,11 @@ class SalesdashWorker(arq.worker.Worker):
                 jobs_retried=self.jobs_retried,
                 max_jobs=self.max_jobs,
                 seen_ms=js.now_ms(),
+                started_ms=st.started_ms,
+                rss_bytes=psutil.Process().memory_info().rss,
             ),
         )
+        await js.record_depth(self.pool, self.queue_label)
 
     async def run_cron(self, n: datetime, delay: float, num_windows: int = 2) -> None:
         """arq's schedule arithmetic, our enqueue: a unique key per tick makes each tick run once per fleet,

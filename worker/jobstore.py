@@ -15,7 +15,8 @@ and, ours alone, per queue (`<q>` = `salesdash:queue:<name>`):
 - `<q>:wake`     LIST an enqueue pushes to; idle workers BLPOP it instead of polling.
 Per job also `salesdash:progress:<id>`, `salesdash:abort:<id>`, `salesdash:done:<id>` (a waiting client),
 `salesdash:unique:<id>` (one enqueue per cron tick). Fleet-wide: the history list and its flush lock, the
-worker registry, the metrics hash.
+worker registry, the metrics hash, and `salesdash:depth:<queue>:<minute ms>` (the queue's waiting jobs as a worker
+saw them in that minute, kept an hour: the monitoring page's depth chart).
 
 Claiming takes due jobs from `<q>` into `<q>:ready` and pops a batch into `<q>:running`, in one Lua call;
 finishing a batch of tries is one more. A claimed job leaves `ready`, so running jobs never hide waiting ones.
@@ -58,6 +59,7 @@ HISTORY_KEY = f"{PREFIX}:history:pending"
 HISTORY_LOCK_KEY = f"{PREFIX}:history:lock"
 WORKERS_KEY = f"{PREFIX}:workers"
 METRICS_KEY = f"{PREFIX}:metrics"
+DEPTH_KEEP_MS = 65 * 60_000  # an hour of per-minute depth samples, and a little more
 
 Serializer = Callable[[dict[str, Any]], bytes]
 Deserializer = Callable[[bytes], Any]
@@ -878,3 +880,29 @@ async def live_workers(redis: Redis) -> list[WorkerInfo]:
             except ValueError:
                 continue  # a foreign or half-written entry: it expires on its own
     return found
+
+
+async def recent_workers(redis: Redis, since_ms: int) -> dict[str, int]:
+    """Every worker id seen since `since_ms` (alive or gone without unregistering) and when it was last seen."""
+    rows = await redis.zrangebyscore(WORKERS_KEY, since_ms, "+inf", withscores=True)
+    return {worker_id.decode(): int(seen) for worker_id, seen in rows}
+
+
+# ---- queue depth over time -----------------------------------------------------------------------------------
+def depth_key(queue: str, minute_ms: int) -> str:
+    return f"{PREFIX}:depth:{queue}:{minute_ms}"
+
+
+async def record_depth(redis: Redis, queue: str) -> None:
+    """Note the queue's waiting jobs for the current minute (any worker of the queue; the last write wins)."""
+    counts = await queue_counts(redis, queue)
+    minute = now_ms() // 60_000 * 60_000
+    await redis.set(depth_key(queue, minute), counts["queued"], px=DEPTH_KEEP_MS)
+
+
+async def depth_history(redis: Redis, queue: str, minutes: int) -> list[tuple[int, int | None]]:
+    """(minute ms, waiting jobs) for the last `minutes` minutes, oldest first; None where no worker looked."""
+    last = now_ms() // 60_000 * 60_000
+    starts = [last - 60_000 * i for i in range(minutes - 1, -1, -1)]
+    values = await redis.mget([depth_key(queue, m) for m in starts])
+    return [(m, None if v is None else int(v)) for m, v in zip(starts, values, strict=True)]
