@@ -97,20 +97,6 @@ function barChart(points, value, failed, label) {
   return chart;
 }
 
-function lineChart(points, value, label) {
-  const width = 180, height = 36, step = width / Math.max(points.length - 1, 1);
-  const top = Math.max(1, ...points.map((p) => value(p) || 0));
-  const chart = svg("svg", { class: "chart", width, height, role: "img", "aria-label": label });
-  const coords = points
-    .map((p, i) => (value(p) === null ? null : `${i * step},${height - (value(p) / top) * (height - 2) - 1}`))
-    .filter(Boolean);
-  chart.append(svg("polyline", { points: coords.join(" ") }));
-  const title = svg("title", {});
-  title.textContent = `${label}; max ${Math.round(top)} ms`;
-  chart.append(title);
-  return chart;
-}
-
 // ---- operations panel -----------------------------------------------------------------------------------------
 function queueRow(q) {
   const purge = isAdmin
@@ -123,7 +109,7 @@ function queueRow(q) {
     el("td", { class: "num" }, seconds(q.oldest_wait_s)),
     el("td", {}, barChart(q.minutes, (p) => p.depth, null, `${q.name} waiting jobs`)),
     el("td", {}, barChart(q.minutes, (p) => p.finished, (p) => p.failed, `${q.name} jobs finished`)),
-    el("td", {}, lineChart(q.minutes, (p) => p.p95_ms, `${q.name} p95 run time`)),
+    el("td", {}, barChart(q.minutes, (p) => p.p95_ms, null, `${q.name} p95 run time (ms)`)),
     el("td", {}, purge),
   );
 }
