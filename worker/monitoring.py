@@ -183,7 +183,8 @@ def next_run(spec: TaskSpec, after: datetime) -> datetime | None:
         return None
     cron_job = spec.arq_cron(_never_called)
     cron_job.calculate_next(after.astimezone(get_settings().tzinfo))
-    return cron_job.next_run
+    # arq fires at microsecond 123456 of the second (its own convention); the schedule's time is the second
+    return cron_job.next_run.replace(microsecond=0) if cron_job.next_run else None
 
 
 async def _never_called(ctx: dict[str, Any]) -> None:  # arq's CronJob wants a coroutine; only its times are used
