@@ -21,6 +21,7 @@ from api.auth import authenticate
 from api.deps import DbDep, RedisDep
 from salesdash.auth import AuthError, Principal, Scope, require
 from worker import client, dashboard, monitoring
+from worker.cache import CacheBusyError
 from worker.records import PRIORITY_DEFAULT
 from worker.registry import UnknownTaskError
 
@@ -134,10 +135,13 @@ async def sales(redis: RedisDep, db: DbDep, _: PagePrincipal) -> dict[str, Any]:
         "top_products": (dashboard.TOP_PRODUCTS, {"range": "last_7_days", "limit": 10}),
         "low_stock": (dashboard.LOW_STOCK_PRODUCTS, {}),
     }
-    return {
-        name: (await dashboard.read(redis, db, query, args)).model_dump(mode="json")
-        for name, (query, args) in reads.items()
-    }
+    try:
+        return {
+            name: (await dashboard.read(redis, db, query, args)).model_dump(mode="json")
+            for name, (query, args) in reads.items()
+        }
+    except CacheBusyError as exc:
+        raise HTTPException(503, detail=str(exc)) from None
 
 
 # ---- actions: the job service checks each one's scope ----------------------------------------------------------

@@ -114,6 +114,9 @@ async def test_search_pages_through_history_newest_first(db: asyncpg.Pool, clean
     assert [r.status.task_id for r in by_prefix.jobs] == [ids[4]]
     window = monitoring.JobFilter(text=tag, since=now - timedelta(seconds=5.5), until=now - timedelta(seconds=1.5))
     assert [r.status.task_id for r in (await monitoring.search_jobs(clean_redis, db, window)).jobs] == ids[2:6]
+    # without an offset a time is the store's (the suite runs in UTC)
+    naive = monitoring.JobFilter(text=tag, since=window.since.replace(tzinfo=None), until=window.until)  # type: ignore[union-attr]
+    assert [r.status.task_id for r in (await monitoring.search_jobs(clean_redis, db, naive)).jobs] == ids[2:6]
 
 
 async def test_search_leads_with_live_jobs_that_match(db: asyncpg.Pool, clean_redis: Redis) -> None:
@@ -163,6 +166,8 @@ async def test_routes_refuse_bad_filters_unknown_jobs_and_strangers(
     since, until = "2026-01-02T00:00:00Z", "2026-01-01T00:00:00Z"
     backwards = await app_client.get(f"/dashboard/api/jobs?since={since}&until={until}", headers=auth["read"])
     assert backwards.status_code == 422 and "until must be after since" in backwards.json()["detail"]
+    naive = await app_client.get("/dashboard/api/jobs?since=2026-01-01T10:00&status=queued", headers=auth["read"])
+    assert naive.status_code == 200
     missing = await app_client.get("/dashboard/api/jobs/no-such-job", headers=auth["read"])
     assert missing.status_code == 404 and "no-such-job" in missing.json()["detail"]
     refused = await app_client.post(

@@ -8,8 +8,8 @@ nothing. Who may see a traceback or a form is decided by salesdash.auth, here, o
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 import asyncpg
@@ -215,6 +215,8 @@ async def schedule_rows(db: asyncpg.Pool, now: datetime) -> list[ScheduleRow]:
 async def search_jobs(redis: Redis, db: asyncpg.Pool, wanted: JobFilter) -> JobPage:
     """Newest first. Page 1 leads with the matching jobs Redis holds as waiting or running; the pages page
     through the history (job_runs)."""
+    tz = get_settings().tzinfo  # a time without an offset is the store's local time, as elsewhere in the API
+    wanted = replace(wanted, since=_aware(wanted.since, tz), until=_aware(wanted.until, tz))
     wanted.check()
     live = await _matching_live(redis, wanted) if wanted.page == 1 else []
     rows = await search_job_runs(
@@ -232,6 +234,10 @@ async def search_jobs(redis: Redis, db: asyncpg.Pool, wanted: JobFilter) -> JobP
     shown = {row.status.task_id for row in live}
     jobs = live + [row for row in history[:PAGE_SIZE] if row.status.task_id not in shown]
     return JobPage(jobs=jobs, page=wanted.page, has_more=len(history) > PAGE_SIZE)
+
+
+def _aware(moment: datetime | None, tz: tzinfo) -> datetime | None:
+    return moment.replace(tzinfo=tz) if moment is not None and moment.tzinfo is None else moment
 
 
 async def _matching_live(redis: Redis, wanted: JobFilter) -> list[JobRow]:
