@@ -86,12 +86,31 @@ def test_next_run_follows_the_schedule_in_the_store_timezone() -> None:
     assert monitoring.next_run(get_task("refresh_all_materialized_views"), at) is None
 
 
-async def test_schedule_rows_carry_the_last_runs_outcome(db: asyncpg.Pool) -> None:
+async def test_schedule_rows_carry_the_outcome_of_the_last_recorded_tick(db: asyncpg.Pool) -> None:
     now = datetime.now(UTC)
-    await _finished(db, "prune_exports", "complete", now - timedelta(hours=2), 5)
-    last = await _finished(db, "prune_exports", "failed", now - timedelta(minutes=1), 5)
+    health, exports = get_task("check_system_health"), get_task("prune_exports")
+    last, before = monitoring.recent_ticks(health, now)
+    assert last <= now < last + timedelta(minutes=10) and last - before == timedelta(minutes=10)
+    assert last.minute % 10 == 0 and last.second == 0
+    [daily, daily_before] = monitoring.recent_ticks(exports, now)
+    assert (daily.hour, daily.minute) == (1, 45) and daily - daily_before == timedelta(days=1)
+
+    async def record(spec: Any, tick: datetime, status: Any, **fields: Any) -> str:
+        job_id = monitoring.cron_job_id(spec, tick)
+        end = int(tick.timestamp() * 1000) + 50
+        row = JobRecord(job_id, spec.name, spec.queue.value, status, [], {}, end - 50, end, 1, 5, end - 40, **fields)
+        await upsert_job_runs(db, [record_to_row(row)])
+        return job_id
+
+    await record(health, before, "complete")
+    older = await record(exports, daily_before, "complete")
+    newer = await record(exports, daily, "failed", error="disk full")
     rows = {r.task_name: r for r in await monitoring.schedule_rows(db, now)}
-    assert rows["prune_exports"].last_job_id == last and rows["prune_exports"].last_status == "failed"
+    # the last tick's job is not recorded yet (still running, or missed): the tick before it answers
+    assert rows["check_system_health"].last_job_id == monitoring.cron_job_id(health, before)
+    assert rows["check_system_health"].last_status == "complete"
+    assert (rows["prune_exports"].last_job_id, rows["prune_exports"].last_status) == (newer, "failed")
+    assert older != newer and rows["clean_old_order_partitions"].last_status is None  # never ran here
     assert "refresh_all_materialized_views" not in rows  # on demand only
     assert all(r.next_run and r.next_run > now for r in rows.values())
 
@@ -112,6 +131,16 @@ async def test_search_pages_through_history_newest_first(db: asyncpg.Pool, clean
     assert (await monitoring.search_jobs(clean_redis, db, monitoring.JobFilter(text=f"x{tag}"))).jobs == []
     by_prefix = await monitoring.search_jobs(clean_redis, db, monitoring.JobFilter(text=ids[4][:10]))
     assert [r.status.task_id for r in by_prefix.jobs] == [ids[4]]
+    # text looks back SEARCH_WINDOW unless `since` is given; a whole id is found however old
+    old = await _finished(db, "prune_old_records", "complete", now - timedelta(days=40), 5)
+    await db.execute("UPDATE job_runs SET kwargs = $2 WHERE job_id = $1", old, {"batch": f"old-{tag}"})
+    assert (await monitoring.search_jobs(clean_redis, db, monitoring.JobFilter(text=f"old-{tag}"))).jobs == []
+    longer = monitoring.JobFilter(text=f"old-{tag}", since=now - timedelta(days=41))
+    assert [r.status.task_id for r in (await monitoring.search_jobs(clean_redis, db, longer)).jobs] == [old]
+    whole_id = await monitoring.search_jobs(clean_redis, db, monitoring.JobFilter(text=old))
+    assert [r.status.task_id for r in whole_id.jobs] == [old]
+    other_status = await monitoring.search_jobs(clean_redis, db, monitoring.JobFilter(text=old, status="failed"))
+    assert other_status.jobs == []  # the other filters still apply to it
     window = monitoring.JobFilter(text=tag, since=now - timedelta(seconds=5.5), until=now - timedelta(seconds=1.5))
     assert [r.status.task_id for r in (await monitoring.search_jobs(clean_redis, db, window)).jobs] == ids[2:6]
     # without an offset a time is the store's (the suite runs in UTC)

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, tzinfo
+from functools import lru_cache
 from typing import Any
 
 import asyncpg
+from arq.utils import to_unix_ms
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from db.queries.history import last_runs, minute_stats, search_job_runs
+from db.queries.history import get_job_run, minute_stats, runs_by_id, search_job_runs
 from salesdash.auth import Principal, Scope, scope_to_operate
 from salesdash.config import get_settings
 from worker import client
@@ -26,6 +28,7 @@ from worker.registry import TASKS, TaskSpec
 
 WINDOW_MINUTES = 60
 PAGE_SIZE = 25
+SEARCH_WINDOW = timedelta(days=7)  # how far back a text search looks when no `since` is given
 GONE_AFTER_S = js.WORKER_TTL_MS / 1000
 
 
@@ -191,12 +194,46 @@ async def _never_called(ctx: dict[str, Any]) -> None:  # arq's CronJob wants a c
     raise NotImplementedError
 
 
+_LOOKBACK = (timedelta(minutes=5), timedelta(hours=1), timedelta(hours=26), timedelta(days=8), timedelta(days=63))
+
+
+def recent_ticks(spec: TaskSpec, now: datetime, count: int = 2) -> list[datetime]:
+    """The schedule's last `count` ticks at or before `now`, newest first (arq's times, microsecond 123456 included,
+    as the workers' cron job ids carry them). arq only counts forward, and slowly: the answer is kept until the
+    schedule's next tick passes, which is when it changes."""
+    upcoming = next_run(spec, now)
+    return [] if upcoming is None else list(_ticks_before(spec.name, upcoming, get_settings().tzinfo, count))
+
+
+@lru_cache(maxsize=256)
+def _ticks_before(name: str, upcoming: datetime, tz: tzinfo, count: int) -> tuple[datetime, ...]:
+    spec, ticks = TASKS[name], list[datetime]()
+    for lookback in _LOOKBACK:  # an hour back first, then further, up to two months
+        cron_job = spec.arq_cron(_never_called)
+        cron_job.calculate_next((upcoming - lookback).astimezone(tz))
+        ticks = list[datetime]()
+        while cron_job.next_run is not None and cron_job.next_run < upcoming:
+            ticks.append(cron_job.next_run)
+            cron_job.calculate_next(cron_job.next_run)
+        if len(ticks) >= count:
+            break
+    return tuple(ticks[::-1][:count])
+
+
+def cron_job_id(spec: TaskSpec, tick: datetime) -> str:
+    """The id a worker gives the job of a tick (worker/engine.py run_cron): one job per tick fleet-wide."""
+    return f"cron:{spec.name}:{to_unix_ms(tick)}"
+
+
 async def schedule_rows(db: asyncpg.Pool, now: datetime) -> list[ScheduleRow]:
+    """Each scheduled task's next run, and the outcome of its latest recorded tick among the last two (found by the
+    ticks' job ids, so the lookup costs two primary-key probes a task however long the history is)."""
     scheduled = [s for s in TASKS.values() if s.schedule is not None]
-    last = await last_runs(db, [s.name for s in scheduled])
+    ids = {spec.name: [cron_job_id(spec, t) for t in recent_ticks(spec, now)] for spec in scheduled}
+    runs = await runs_by_id(db, [i for task_ids in ids.values() for i in task_ids])
     rows = []
     for spec in scheduled:
-        run = last.get(spec.name, {})
+        run = next((runs[i] for i in ids[spec.name] if i in runs), {})
         rows.append(
             ScheduleRow(
                 task_name=spec.name,
@@ -214,10 +251,13 @@ async def schedule_rows(db: asyncpg.Pool, now: datetime) -> list[ScheduleRow]:
 # ---- jobs --------------------------------------------------------------------------------------------------------
 async def search_jobs(redis: Redis, db: asyncpg.Pool, wanted: JobFilter) -> JobPage:
     """Newest first. Page 1 leads with the matching jobs Redis holds as waiting or running; the pages page
-    through the history (job_runs)."""
+    through the history (job_runs). A text search looks SEARCH_WINDOW back unless `since` says otherwise; a whole
+    job id is found however old."""
     tz = get_settings().tzinfo  # a time without an offset is the store's local time, as elsewhere in the API
     wanted = replace(wanted, since=_aware(wanted.since, tz), until=_aware(wanted.until, tz))
     wanted.check()
+    if wanted.text and wanted.since is None:  # text reads every row it looks at: bound it (a whole id is found anyway)
+        wanted = replace(wanted, since=datetime.now(UTC) - SEARCH_WINDOW)
     live = await _matching_live(redis, wanted) if wanted.page == 1 else []
     rows = await search_job_runs(
         db,
@@ -230,10 +270,14 @@ async def search_jobs(redis: Redis, db: asyncpg.Pool, wanted: JobFilter) -> JobP
         offset=(wanted.page - 1) * PAGE_SIZE,
         limit=PAGE_SIZE + 1,
     )
+    has_more, rows = len(rows) > PAGE_SIZE, rows[:PAGE_SIZE]
+    if wanted.text and wanted.page == 1 and (whole := await get_job_run(db, wanted.text)):
+        rows = [whole, *(r for r in rows if r["job_id"] != whole["job_id"])]  # a whole id is found however old
     history = [JobRow(status=client.status_of_row(r), args=r["args"] or [], kwargs=r["kwargs"] or {}) for r in rows]
+    unbounded = replace(wanted, text=None, since=None, until=None)
     shown = {row.status.task_id for row in live}
-    jobs = live + [row for row in history[:PAGE_SIZE] if row.status.task_id not in shown]
-    return JobPage(jobs=jobs, page=wanted.page, has_more=len(history) > PAGE_SIZE)
+    jobs = live + [row for row in history if row.status.task_id not in shown and _matches(row, unbounded)]
+    return JobPage(jobs=jobs, page=wanted.page, has_more=has_more)
 
 
 def _aware(moment: datetime | None, tz: tzinfo) -> datetime | None:
@@ -253,7 +297,9 @@ async def _matching_live(redis: Redis, wanted: JobFilter) -> list[JobRow]:
 
 def _matches(row: JobRow, wanted: JobFilter) -> bool:
     job = row.status
-    if wanted.task is not None and job.task_name != wanted.task:
+    if (wanted.task or job.task_name) != job.task_name or (wanted.queue or job.queue) != job.queue:
+        return False
+    if (wanted.status or job.status) != job.status:
         return False
     enqueued = job.enqueued_at
     if (wanted.since and (enqueued is None or enqueued < wanted.since)) or (

@@ -104,7 +104,7 @@ async def search_job_runs(
               AND ($3::text IS NULL OR status = $3)
               AND ($4::timestamptz IS NULL OR enqueued_at >= $4) AND ($5::timestamptz IS NULL OR enqueued_at < $5)
               AND ($6::text IS NULL OR job_id ILIKE $7 || '%' OR args::text ILIKE $6 OR kwargs::text ILIKE $6)
-            ORDER BY enqueued_at DESC NULLS LAST, job_id LIMIT $8 OFFSET $9""",
+            ORDER BY enqueued_at DESC, job_id LIMIT $8 OFFSET $9""",
         task,
         queue,
         status,
@@ -131,11 +131,10 @@ async def minute_stats(conn: asyncpg.Connection | asyncpg.Pool, since: datetime)
     return [dict(r) for r in rows]
 
 
-async def last_runs(conn: asyncpg.Connection | asyncpg.Pool, task_names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The newest recorded run of each task, by task name."""
+async def runs_by_id(conn: asyncpg.Connection | asyncpg.Pool, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The recorded runs among `job_ids` (primary-key lookups), by id."""
     rows = await conn.fetch(
-        """SELECT DISTINCT ON (task_name) task_name, job_id, status, finished_at, error FROM job_runs
-            WHERE task_name = ANY($1::text[]) ORDER BY task_name, enqueued_at DESC NULLS LAST""",
-        list(task_names),
+        "SELECT job_id, task_name, status, finished_at, error FROM job_runs WHERE job_id = ANY($1::text[])",
+        list(job_ids),
     )
-    return {r["task_name"]: dict(r) for r in rows}
+    return {r["job_id"]: dict(r) for r in rows}
