@@ -6,7 +6,7 @@ const POLL_MS = 2000;
 const body = document.body;
 const canTrigger = body.dataset.canTrigger === "yes";
 const isAdmin = body.dataset.admin === "yes";
-const state = { page: 1, filters: new URLSearchParams(), detail: null, tab: "operations" };
+const state = { page: 1, filters: new URLSearchParams(), detail: null, detailStatus: null, tab: "operations" };
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -196,6 +196,8 @@ function detailFields(d) {
 async function refreshDetail() {
   if (!state.detail) return;
   const d = await api(`/dashboard/api/jobs/${encodeURIComponent(state.detail)}`);
+  if (state.detailStatus && state.detailStatus !== d.job.status) jobsDrawnAt = 0;  // the list shows it next poll
+  state.detailStatus = d.job.status;
   document.getElementById("detail-id").textContent = d.job.task_id;
   document.getElementById("detail-fields").replaceChildren(...detailFields(d));
   const id = d.job.task_id;
@@ -208,6 +210,7 @@ async function refreshDetail() {
 
 function openJob(id) {
   state.detail = id;
+  state.detailStatus = null;
   refreshDetail().catch((error) => flash(error.message, true));
 }
 
@@ -309,8 +312,18 @@ async function refreshSales() {
 }
 
 // ---- polling ----------------------------------------------------------------------------------------------------
-async function refresh() {
-  const parts = state.tab === "sales" ? [refreshSales()] : [refreshOverview(), refreshJobs(), refreshDetail()];
+// A text search reads the arguments of every job in its window (bench/monitoring.py): while one is active, the
+// poll redraws the job list every SEARCH_POLL_MS only; a click (filter, page, action) redraws it at once.
+const SEARCH_POLL_MS = 10000;
+let jobsDrawnAt = 0;
+
+function jobsDue(polled) {
+  return !polled || !state.filters.get("q") || Date.now() - jobsDrawnAt >= SEARCH_POLL_MS;
+}
+
+async function refresh(polled) {
+  const jobs = () => (jobsDue(polled) ? refreshJobs().then(() => { jobsDrawnAt = Date.now(); }) : null);
+  const parts = state.tab === "sales" ? [refreshSales()] : [refreshOverview(), jobs(), refreshDetail()];
   const results = await Promise.allSettled(parts);
   const failed = results.find((r) => r.status === "rejected");
   if (failed) flash(failed.reason.message, true);
@@ -319,7 +332,7 @@ async function refresh() {
 
 async function poll() {
   try {
-    await refresh();
+    await refresh(true);
   } finally {
     window.setTimeout(poll, POLL_MS);
   }
