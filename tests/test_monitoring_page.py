@@ -176,6 +176,29 @@ async def test_trigger_from_the_form_goes_queued_to_complete_without_reload(
     await shot(page, "trigger-complete")
 
 
+async def test_the_trigger_form_is_generated_from_the_argument_model(
+    browser: Browser, server: str, tokens: dict[str, str]
+) -> None:
+    page = await sign_in(browser, server, tokens["trigger"])
+    options = await page.locator("#trigger-task option").all_inner_texts()
+    assert "export_analytics_data" in options and "prune_job_history" not in options  # an admin task
+    await page.select_option("#trigger-task", "export_analytics_data")
+    fields = page.locator("#trigger-fields")
+    await expect(fields.locator("input[name=start_date]")).to_have_attribute("type", "datetime-local")
+    assert await fields.locator("input[name=end_date]").get_attribute("required") is not None
+    formats = await fields.locator("select[name=export_format] option").all_inner_texts()
+    assert formats == ["(default)", "json", "csv", "parquet"]
+    await page.select_option("#trigger-task", "update_customer_lifetime_values")
+    await expect(fields.locator("input[name=as_of]")).to_have_attribute("type", "date")
+    await page.select_option("#trigger-task", "export_analytics_data")
+    await fields.locator("input[name=start_date]").fill("2026-02-01T00:00")
+    await fields.locator("input[name=end_date]").fill("2026-01-01T00:00")
+    await page.click("#trigger-submit")
+    await expect(page.locator("#flash.error")).to_contain_text("422: bad arguments for export_analytics_data: end_date")
+    await expect(page.locator("#flash")).to_contain_text("must be after start_date")
+    await shot(page, "trigger-form-refused")
+
+
 async def test_abort_a_long_job(
     browser: Browser, server: str, tokens: dict[str, str], spawn_worker: Any, db: asyncpg.Pool, redis: Redis
 ) -> None:
