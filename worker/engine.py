@@ -582,7 +582,7 @@ class SalesdashWorker(arq.worker.Worker):
                 run_at = to_unix_ms(cron_job.next_run)
                 now = js.now_ms()
                 job = JobPayload(
-                    f"cron:{cron_job.name}:{run_at}",
+                    js.cron_job_id(cron_job.name, run_at),
                     cron_job.name,
                     [],
                     {},

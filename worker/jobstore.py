@@ -102,6 +102,12 @@ def unique_key(job_id: str) -> str:
     return f"{PREFIX}:unique:{job_id}"
 
 
+def cron_job_id(task: str, tick_ms: int) -> str:
+    """The id of a cron tick's job: the same on every worker, so each tick runs once fleet-wide; it also lets the
+    monitoring page find a tick's run by primary key."""
+    return f"cron:{task}:{tick_ms}"
+
+
 def worker_key(worker_id: str) -> str:
     return f"{WORKERS_KEY}:{worker_id}"
 

@@ -29,7 +29,6 @@ from worker.registry import TASKS, TaskSpec
 WINDOW_MINUTES = 60
 PAGE_SIZE = 25
 SEARCH_WINDOW = timedelta(days=7)  # how far back a text search looks when no `since` is given
-GONE_AFTER_S = js.WORKER_TTL_MS / 1000
 
 
 class MinutePoint(BaseModel):
@@ -221,8 +220,8 @@ def _ticks_before(name: str, upcoming: datetime, tz: tzinfo, count: int) -> tupl
 
 
 def cron_job_id(spec: TaskSpec, tick: datetime) -> str:
-    """The id a worker gives the job of a tick (worker/engine.py run_cron): one job per tick fleet-wide."""
-    return f"cron:{spec.name}:{to_unix_ms(tick)}"
+    """The id a worker gives the job of a tick (worker/engine.py run_cron)."""
+    return js.cron_job_id(spec.name, to_unix_ms(tick))
 
 
 async def schedule_rows(db: asyncpg.Pool, now: datetime) -> list[ScheduleRow]:
