@@ -134,7 +134,15 @@ async def _pages_answer_200_meanwhile(app_client: httpx.AsyncClient, auth: dict[
     """Polls the status routes for about two seconds; returns how many answers were not 200."""
     bad = 0
     for _ in range(20):
-        for path in ("/jobs", "/jobs?status=failed", "/dashboard", "/queues", "/jobs/poison-array"):
+        paths = (
+            "/jobs",
+            "/jobs?status=failed",
+            "/dashboard",
+            "/dashboard/api/jobs",
+            "/dashboard/api/overview",
+            "/queues",
+        )
+        for path in (*paths, "/jobs/poison-array", "/dashboard/api/jobs/poison-array"):
             if (await app_client.get(path, headers=auth["read"])).status_code != 200:
                 bad += 1
         await asyncio.sleep(0.1)

@@ -170,7 +170,7 @@ def _guard(
     )
 
 
-def _from_row(row: dict[str, Any]) -> JobStatus:
+def status_of_row(row: dict[str, Any]) -> JobStatus:
     return JobStatus(
         task_id=row["job_id"],
         task_name=row["task_name"],
@@ -218,7 +218,7 @@ async def job_status(redis: Redis, db: asyncpg.Pool, job_id: str) -> JobStatus:
     row = await get_job_run(db, job_id)
     if row is None:
         raise JobNotFoundError(job_id)
-    return _from_row(row)
+    return status_of_row(row)
 
 
 async def list_jobs(
@@ -230,17 +230,23 @@ async def list_jobs(
         raise ValueError(f"unknown status {status!r}; statuses: {', '.join(JOB_STATES)}")
     if not 1 <= limit <= 1000:
         raise ValueError(f"limit must be between 1 and 1000, got {limit}")
-    jobs: dict[str, JobStatus] = {}
+    jobs = {job.task_id: job for job in await live_jobs(redis, queue=queue, status=status, limit=limit)}
+    for row in await list_job_runs(db, queue=queue, status=status, limit=limit):
+        jobs.setdefault(row["job_id"], status_of_row(row))
+    newest = sorted(jobs.values(), key=lambda j: j.enqueued_at.timestamp() if j.enqueued_at else 0, reverse=True)
+    return newest[:limit]
+
+
+async def live_jobs(redis: Redis, *, queue: str | None, status: str | None, limit: int) -> list[JobStatus]:
+    """Jobs Redis holds as waiting or running (none when `status` is a finished state), at most `limit` a queue."""
+    jobs: list[JobStatus] = []
     if status in (None, "queued", "deferred", "in_progress"):
         for q in [queue] if queue else QUEUES:
             for job_id in await js.live_ids(redis, q, limit):
                 job = await js.live_status(redis, job_id, QUEUES)
                 if job is not None and (status is None or job.status == status):
-                    jobs[job.task_id] = job
-    for row in await list_job_runs(db, queue=queue, status=status, limit=limit):
-        jobs.setdefault(row["job_id"], _from_row(row))
-    newest = sorted(jobs.values(), key=lambda j: j.enqueued_at.timestamp() if j.enqueued_at else 0, reverse=True)
-    return newest[:limit]
+                    jobs.append(job)
+    return jobs
 
 
 async def _authorize_for_job(redis: Redis, db: asyncpg.Pool, principal: Principal, job_id: str) -> JobStatus:
@@ -276,17 +282,21 @@ async def retry_job(redis: Redis, db: asyncpg.Pool, principal: Principal, job_id
     status = await _authorize_for_job(redis, db, principal, job_id)
     if status.status not in ("failed", "aborted"):
         raise JobStateError(f"job {job_id} is {status.status}; only failed or aborted jobs can be retried")
-    args, kwargs = await _job_arguments(redis, db, job_id)
+    args, kwargs = await job_arguments(redis, db, job_id)
     return await enqueue_task(redis, principal, status.task_name, args, kwargs, status.priority, retry_of=job_id)
 
 
-async def _job_arguments(redis: Redis, db: asyncpg.Pool, job_id: str) -> tuple[list[Any], dict[str, Any]]:
+async def job_arguments(redis: Redis, db: asyncpg.Pool, job_id: str) -> tuple[list[Any], dict[str, Any]]:
+    """A job's arguments: from its kept record, its live payload, or job_runs; empty when none is readable."""
     try:
         record = await js.read_record(redis, job_id)
     except js.BadPayload:
         record = None
     if record is not None:
         return record.args, record.kwargs
+    live = await js.read_live_job(redis, job_id, QUEUES)
+    if live is not None and live.payload is not None:
+        return live.payload.args, live.payload.kwargs
     row = await get_job_run(db, job_id)
     return (list(row["args"] or []), dict(row["kwargs"] or {})) if row else ([], {})
 

@@ -40,6 +40,7 @@ from signal import Signals
 from typing import Any
 
 import arq.worker
+import psutil
 import redis.exceptions
 from arq.connections import create_pool
 from arq.cron import CronJob
@@ -128,6 +129,7 @@ class _State:
     next_lease: int = 0
     stop_timer: asyncio.TimerHandle | None = None
     background: list[asyncio.Task[Any]] = field(default_factory=list)
+    started_ms: int = field(default_factory=lambda: js.now_ms())
 
 
 class SalesdashWorker(arq.worker.Worker):
@@ -718,8 +720,11 @@ class SalesdashWorker(arq.worker.Worker):
                 jobs_retried=self.jobs_retried,
                 max_jobs=self.max_jobs,
                 seen_ms=js.now_ms(),
+                started_ms=st.started_ms,
+                rss_bytes=psutil.Process().memory_info().rss,
             ),
         )
+        await js.record_depth(self.pool, self.queue_label)
 
     async def run_cron(self, n: datetime, delay: float, num_windows: int = 2) -> None:
         """arq's schedule arithmetic, our enqueue: a unique key per tick makes each tick run once per fleet,
@@ -733,7 +738,7 @@ class SalesdashWorker(arq.worker.Worker):
                 run_at = to_unix_ms(cron_job.next_run)
                 now = js.now_ms()
                 job = JobPayload(
-                    f"cron:{cron_job.name}:{run_at}",
+                    js.cron_job_id(cron_job.name, run_at),
                     cron_job.name,
                     [],
                     {},

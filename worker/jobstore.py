@@ -18,7 +18,9 @@ and, ours alone, per queue (`<q>` = `salesdash:queue:<name>`):
 Per job also `salesdash:progress:<id>`, `salesdash:abort:<id>`, `salesdash:done:<id>` (a waiting client),
 `salesdash:unique:<id>` (one enqueue per cron tick). Per API token: `salesdash:rate:trigger:<token id>` (its
 trigger rate limit) and `salesdash:idempotency:<token id>:<sha256 of the key>` (HASH fp, replay). Fleet-wide:
-the history list and its flush lock, the worker registry, the metrics hash.
+the history list and its flush lock, the worker registry, the metrics hash, and
+`salesdash:depth:<queue>:<minute ms>` (the queue's waiting jobs as a worker saw them in that minute, kept an hour:
+the monitoring page's depth chart).
 
 Claiming takes due jobs from `<q>` into `<q>:ready` and pops a batch into `<q>:running`, in one Lua call;
 finishing a batch of tries is one more. A claimed job leaves `ready`, so running jobs never hide waiting ones.
@@ -62,6 +64,7 @@ HISTORY_KEY = f"{PREFIX}:history:pending"
 HISTORY_LOCK_KEY = f"{PREFIX}:history:lock"
 WORKERS_KEY = f"{PREFIX}:workers"
 METRICS_KEY = f"{PREFIX}:metrics"
+DEPTH_KEEP_MS = 65 * 60_000  # an hour of per-minute depth samples, and a little more
 
 Serializer = Callable[[dict[str, Any]], bytes]
 Deserializer = Callable[[bytes], Any]
@@ -112,6 +115,12 @@ def trigger_rate_key(token_id: int) -> str:
 def idempotency_key(owner: str, key: str) -> str:
     """A client's Idempotency-Key, per token (`owner`); hashed, so any key has a short, safe Redis name."""
     return f"{PREFIX}:idempotency:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def cron_job_id(task: str, tick_ms: int) -> str:
+    """The id of a cron tick's job: the same on every worker, so each tick runs once fleet-wide; it also lets the
+    monitoring page find a tick's run by primary key."""
+    return f"cron:{task}:{tick_ms}"
 
 
 def worker_key(worker_id: str) -> str:
@@ -1069,3 +1078,29 @@ async def live_workers(redis: Redis) -> list[WorkerInfo]:
             except ValueError:
                 continue  # a foreign or half-written entry: it expires on its own
     return found
+
+
+async def recent_workers(redis: Redis, since_ms: int) -> dict[str, int]:
+    """Every worker id seen since `since_ms` (alive or gone without unregistering) and when it was last seen."""
+    rows = await redis.zrangebyscore(WORKERS_KEY, since_ms, "+inf", withscores=True)
+    return {worker_id.decode(): int(seen) for worker_id, seen in rows}
+
+
+# ---- queue depth over time -----------------------------------------------------------------------------------
+def depth_key(queue: str, minute_ms: int) -> str:
+    return f"{PREFIX}:depth:{queue}:{minute_ms}"
+
+
+async def record_depth(redis: Redis, queue: str) -> None:
+    """Note the queue's waiting jobs for the current minute (any worker of the queue; the last write wins)."""
+    counts = await queue_counts(redis, queue)
+    minute = now_ms() // 60_000 * 60_000
+    await redis.set(depth_key(queue, minute), counts["queued"], px=DEPTH_KEEP_MS)
+
+
+async def depth_history(redis: Redis, queue: str, minutes: int) -> list[tuple[int, int | None]]:
+    """(minute ms, waiting jobs) for the last `minutes` minutes, oldest first; None where no worker looked."""
+    last = now_ms() // 60_000 * 60_000
+    starts = [last - 60_000 * i for i in range(minutes - 1, -1, -1)]
+    values = await redis.mget([depth_key(queue, m) for m in starts])
+    return [(m, None if v is None else int(v)) for m, v in zip(starts, values, strict=True)]

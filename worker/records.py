@@ -134,3 +134,5 @@ class WorkerInfo(BaseModel):
     jobs_retried: int
     max_jobs: int
     seen_ms: int
+    started_ms: int = 0  # 0: a worker of a version that did not say
+    rss_bytes: int = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -83,3 +84,60 @@ async def prune_job_runs(conn: asyncpg.Connection | asyncpg.Pool, older_than_day
         older_than_days,
     )
     return int(status.split()[-1])
+
+
+async def search_job_runs(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    *,
+    task: str | None,
+    queue: str | None,
+    status: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    text: str | None,
+    offset: int,
+    limit: int,
+) -> list[dict[str, Any]]:
+    """The monitoring page's job list: newest first, every filter optional; `text` matches a job id prefix or
+    any part of the arguments' JSON (case-insensitive)."""
+    pattern = None if not text else "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    rows = await conn.fetch(
+        """SELECT * FROM job_runs
+            WHERE ($1::text IS NULL OR task_name = $1) AND ($2::text IS NULL OR queue = $2)
+              AND ($3::text IS NULL OR status = $3)
+              AND ($4::timestamptz IS NULL OR enqueued_at >= $4) AND ($5::timestamptz IS NULL OR enqueued_at < $5)
+              AND ($6::text IS NULL OR job_id ILIKE $7 || '%' OR args::text ILIKE $6 OR kwargs::text ILIKE $6)
+            ORDER BY enqueued_at DESC, job_id LIMIT $8 OFFSET $9""",
+        task,
+        queue,
+        status,
+        since,
+        until,
+        pattern,
+        None if pattern is None else pattern[1:-1],
+        limit,
+        offset,
+    )
+    return [dict(r) for r in rows]
+
+
+async def minute_stats(conn: asyncpg.Connection | asyncpg.Pool, since: datetime) -> list[dict[str, Any]]:
+    """Per queue and minute since `since` (by finish time): jobs finished, failed, and the p95 run time in ms."""
+    rows = await conn.fetch(
+        """SELECT queue, date_trunc('minute', finished_at) AS minute, count(*) AS finished,
+                  count(*) FILTER (WHERE status = 'failed') AS failed,
+                  percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95_ms
+             FROM job_runs WHERE finished_at >= $1
+            GROUP BY 1, 2 ORDER BY 1, 2""",
+        since,
+    )
+    return [dict(r) for r in rows]
+
+
+async def runs_by_id(conn: asyncpg.Connection | asyncpg.Pool, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The recorded runs among `job_ids` (primary-key lookups), by id."""
+    rows = await conn.fetch(
+        "SELECT job_id, task_name, status, finished_at, error FROM job_runs WHERE job_id = ANY($1::text[])",
+        list(job_ids),
+    )
+    return {r["job_id"]: dict(r) for r in rows}
