@@ -17,6 +17,7 @@ from api.exports import router as exports_router
 from api.graphql import graphql_router
 from api.reports import router as reports_router
 from api.rest import router
+from salesdash import tracing
 from salesdash.auth import AuthError
 from salesdash.config import get_settings
 from salesdash.connections import open_db_pool, open_redis
@@ -37,6 +38,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await app.state.redis.aclose(close_connection_pool=True)
         await app.state.db.close()
+        tracing.flush()
 
 
 class _Snapshot:
@@ -71,6 +73,8 @@ def create_app() -> FastAPI:
     app.include_router(customers_router)
     app.add_exception_handler(AuthError, _auth_error)  # type: ignore[arg-type]
     app.include_router(graphql_router(), prefix="/graphql")
+    tracing.configure("salesdash-api")  # off without OTEL_EXPORTER_OTLP_ENDPOINT
+    tracing.instrument_app(app)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -12,6 +12,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from db.queries.history import get_job_run, list_job_runs
+from salesdash import tracing
 from salesdash.auth import Principal, Scope, require, scope_to_operate
 from worker import jobstore as js
 from worker.records import (
@@ -93,20 +94,22 @@ async def enqueue_task(
     require(principal, scope_to_operate(get_task(task_name).scope))
     spec, bound, prio, defer_ms = prepare(task_name, args, kwargs, priority, defer_seconds)
     now = js.now_ms()
-    job = JobPayload(
-        js.new_job_id(),
-        spec.name,
-        [],
-        bound,
-        spec.queue.value,
-        prio,
-        now,
-        now + defer_ms,
-        retry_of=retry_of,
-        notify=notify_done,
-    )
-    if not await js.enqueue(redis, job):
-        raise RuntimeError(f"job id {job.id} is taken")  # fresh random ids never collide
+    with tracing.enqueue_span(spec.name, spec.queue.value):
+        job = JobPayload(
+            js.new_job_id(),
+            spec.name,
+            [],
+            bound,
+            spec.queue.value,
+            prio,
+            now,
+            now + defer_ms,
+            retry_of=retry_of,
+            notify=notify_done,
+            trace=tracing.carrier(),  # the job's run continues this trace
+        )
+        if not await js.enqueue(redis, job):
+            raise RuntimeError(f"job id {job.id} is taken")  # fresh random ids never collide
     return Enqueued(job.id, spec.name, spec.queue.value, prio, deferred=defer_ms > 0)
 
 

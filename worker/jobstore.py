@@ -182,7 +182,7 @@ def deserialize_json(raw: bytes) -> Any:
 
 
 def encode_payload(job: JobPayload) -> dict[str, Any]:
-    return {
+    encoded = {
         "f": job.task,
         "a": job.args,
         "k": job.kwargs,
@@ -195,6 +195,9 @@ def encode_payload(job: JobPayload) -> dict[str, Any]:
         "notify": job.notify,
         "last_error": job.last_error,
     }
+    if job.trace:  # only while tracing: payloads stay as they were otherwise (arq ignores fields it lacks)
+        encoded["trace"] = job.trace
+    return encoded
 
 
 _OURS = ("queue", "priority", "due_ms")
@@ -242,7 +245,15 @@ def decode_payload(job_id: str, data: Any, queue: str) -> JobPayload:
         retry_of=_optional(data, "retry_of", str),
         notify=bool(_optional(data, "notify", bool)),
         last_error=_optional(data, "last_error", str),
+        trace=_trace_context(data),
     )
+
+
+def _trace_context(data: dict[str, Any]) -> dict[str, str] | None:
+    value = _optional(data, "trace", dict)
+    if value is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise BadPayload("payload field 'trace' must be a JSON object of strings or null")
+    return value or None
 
 
 def _json_kind(value: Any) -> str:

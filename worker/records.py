@@ -35,6 +35,7 @@ class JobPayload:
     retry_of: str | None = None
     notify: bool = False  # a client is waiting on the done list (`salesdash call --wait`)
     last_error: str | None = None
+    trace: dict[str, str] | None = None  # the enqueuer's W3C trace context (salesdash/tracing.py), when tracing
 
 
 @dataclass(frozen=True, slots=True)
