@@ -6,7 +6,7 @@ HASH   := $(shell cksum pyproject.toml | cut -d' ' -f1)
 STAMP  := $(VENV)/.installed-$(HASH)
 BENCH_STAMP := $(VENV)/.bench-$(HASH)
 
-.PHONY: run test lint bench bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics bench-maintenance clean
+.PHONY: run test lint bench bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics bench-maintenance bench-tracing clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/mypy salesdash db worker api cli
 	$(BIN)/mypy tests
 
-bench: bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics bench-maintenance
+bench: bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics bench-maintenance bench-tracing
 
 bench-queue: $(BENCH_STAMP)
 	$(BIN)/python bench/queue.py
@@ -55,6 +55,9 @@ bench-analytics: $(BENCH_STAMP)
 
 bench-maintenance: $(BENCH_STAMP)
 	$(BIN)/python bench/maintenance.py
+
+bench-tracing: $(STAMP)
+	$(BIN)/python bench/tracing.py
 
 clean:
 	rm -rf $(VENV) .salesdash .pytest_cache .mypy_cache .ruff_cache

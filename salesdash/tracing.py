@@ -25,6 +25,7 @@ ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
 TRACES_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
 NOT_TRACED = ("healthz", "readyz", "metrics")  # probes and scrapes: many, and nothing to see in them
 
+_OFF: AbstractContextManager[None] = nullcontext()  # reusable: what the span helpers return when tracing is off
 _provider: TracerProvider | None = None
 _tracer: trace.Tracer | None = None
 
@@ -92,7 +93,7 @@ def instrument_app(app: Any) -> None:
 def enqueue_span(task: str, queue: str) -> AbstractContextManager[Span | None]:
     """The span of enqueueing a job: a producer span, child of the current one (the API request's)."""
     if _tracer is None:
-        return nullcontext()
+        return _OFF
     attributes = {"messaging.system": "salesdash", "messaging.destination.name": queue, "salesdash.task": task}
     return _tracer.start_as_current_span(f"enqueue {task}", kind=SpanKind.PRODUCER, attributes=attributes)
 
@@ -112,7 +113,7 @@ def job_span(
     """The span of one try of a job: a consumer span continuing the trace in `parent` (the payload's carrier),
     or a new trace (a cron tick, a job from arq's client). Its SQL runs inside it and so becomes its children."""
     if _tracer is None:
-        return nullcontext()
+        return _OFF
     return _job_span(_tracer, task, job_id, queue, attempt, parent)
 
 
