@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 HASH   := $(shell cksum pyproject.toml | cut -d' ' -f1)
 STAMP  := $(VENV)/.installed-$(HASH)
 BENCH_STAMP := $(VENV)/.bench-$(HASH)
+PROMTOOL := $(VENV)/tools/promtool
 
 .PHONY: run test lint bench bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics bench-maintenance bench-tracing clean
 
@@ -23,8 +24,22 @@ $(BENCH_STAMP): $(STAMP)
 run: $(STAMP)
 	$(BIN)/salesdash up
 
-test: $(STAMP)
+test: $(STAMP) $(PROMTOOL)
 	$(BIN)/python -m pytest -q
+
+# promtool for the deploy/ checks (tests/test_deploy.py): the system's, else taken out of Debian's prometheus
+# package, downloaded and unpacked, not installed (no Prometheus service is started). Quiet; once it is there
+# nothing is fetched again; without it those checks skip.
+$(PROMTOOL): | $(STAMP)
+	@mkdir -p $(VENV)/tools
+	@if command -v promtool >/dev/null 2>&1; then ln -sf "$$(command -v promtool)" $@; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1; then \
+	  tmp=$$(mktemp -d) && chmod 755 $$tmp && cd $$tmp && \
+	  { apt-get download -qq prometheus >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && apt-get download -qq prometheus >/dev/null 2>&1; }; } && \
+	  dpkg-deb -x prometheus_*.deb unpacked && cp unpacked/usr/bin/promtool $(CURDIR)/$@; \
+	  cd $(CURDIR) && rm -rf $$tmp; \
+	fi; test -x $@ || echo "promtool unavailable: tests/test_deploy.py skips its promtool checks"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -50,8 +50,9 @@ class _Snapshot:
         depths: dict[str, int],
         workers: dict[str, int],
         health: health_report.HealthReport | None,
+        oldest_waits: dict[str, float] | None = None,
     ) -> None:
-        self.args = (raw, depths, workers)
+        self.args = (raw, depths, workers, oldest_waits)
         self.health = health
 
     def collect(self) -> Any:
@@ -103,7 +104,8 @@ def create_app() -> FastAPI:
         depths = {name: counts["queued"] for name, counts in overview.items()}
         alive = {name: counts["workers"] for name, counts in overview.items()}
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Snapshot(raw, depths, alive, await health_report.last_report(redis)))
+        health = await health_report.last_report(redis)
+        registry.register(_Snapshot(raw, depths, alive, health, await client.oldest_waits(redis)))
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
 
     return app
