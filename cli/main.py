@@ -275,7 +275,7 @@ def purge(
 
 @app.command()
 def inspect(
-    what: Annotated[str, typer.Argument(help="active, scheduled, registered, stats or queues")],
+    what: Annotated[str, typer.Argument(help="active, scheduled, registered, stats, queues or tasks")],
     as_json: JsonOpt = False,
 ) -> None:
     """Look into the running system, like `celery inspect`."""
