@@ -5,7 +5,8 @@ is measured), in alternating runs in one process; plus what the off path's helpe
     .venv/bin/python bench/tracing.py                     # 5,000 jobs per run, 3 runs of each mode
     .venv/bin/python bench/tracing.py --jobs 2000 --repeat 5
 
-Needs Redis (REDIS_URL, default redis://127.0.0.1:6379/0); uses database --redis-db (default 11) and FLUSHDBs it.
+Needs Redis (REDIS_URL, default redis://127.0.0.1:6379/0); uses database --redis-db (default 12, a bench database
+as for bench/queue.py) and FLUSHDBs it.
 No PostgreSQL: the bench worker has no database pool, so no history is written (what is measured is the engine's
 per-job work, where the tracing hooks are). Each run: enqueue --jobs jobs untimed (each inside an enqueue span
 and carrying the trace context when tracing is on, as `worker.client.enqueue_task` does), then time an
@@ -127,7 +128,7 @@ async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--redis-db", type=int, default=11)
+    parser.add_argument("--redis-db", type=int, default=12)
     args = parser.parse_args(argv)
     base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
     redis_settings = RedisSettings.from_dsn(f"{base}/{args.redis_db}")

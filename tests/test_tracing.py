@@ -5,7 +5,9 @@ engine in burst mode), against the real PostgreSQL and Redis."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import asyncpg
@@ -18,6 +20,7 @@ from opentelemetry.trace import SpanKind
 from redis.asyncio import Redis
 
 from salesdash import tracing
+from tests.conftest import wait_for
 from worker import jobstore
 from worker.records import JobPayload
 
@@ -116,6 +119,86 @@ async def test_a_failed_try_marks_its_span(spans: InMemorySpanExporter, clean_re
     assert run.parent is None
     assert _attr(run, "salesdash.status") == "failed" and not run.status.is_ok
     assert "x" in (run.status.description or "")
+
+
+class _Collector(ThreadingHTTPServer):
+    """A local OTLP/HTTP receiver: keeps the spans of every export request (protobuf) it is sent."""
+
+    def __init__(self) -> None:
+        self.spans: list[Any] = []  # (service name, span) pairs
+        super().__init__(("127.0.0.1", 0), _Receive)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Receive(BaseHTTPRequestHandler):
+    server: _Collector
+
+    def do_POST(self) -> None:  # noqa: N802  # http.server's naming
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        request = ExportTraceServiceRequest.FromString(self.rfile.read(int(self.headers["Content-Length"])))
+        for resource_spans in request.resource_spans:
+            service = next(a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name")
+            for scope_spans in resource_spans.scope_spans:
+                self.server.spans += [(service, span) for span in scope_spans.spans]
+        self.send_response(200 if self.path == "/v1/traces" else 404)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *_: Any) -> None:
+        return None
+
+
+@pytest.fixture
+def collector() -> Iterator[_Collector]:
+    server = _Collector()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+async def test_a_worker_process_exports_over_otlp_and_continues_the_payloads_trace(
+    collector: _Collector, clean_redis: Redis, spawn_worker: Any
+) -> None:
+    """A real worker process with OTEL_EXPORTER_OTLP_ENDPOINT set: the trace context written into the payload
+    (here by hand, as another process's enqueue would) is continued across the process boundary and exported."""
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    spawn_worker("worker.analytics.Settings", extra_env=env)
+    trace_id, parent_id = "4bf92f3577b34a4736a2ff2a1f4b1f2a", "00f067aa0ba902b7"
+    now = jobstore.now_ms()
+    job = JobPayload(
+        jobstore.new_job_id(),
+        "refresh_realtime_materialized_views",
+        [],
+        {},
+        "analytics",
+        5,
+        now,
+        now,
+        trace={"traceparent": f"00-{trace_id}-{parent_id}-01"},
+    )
+    assert await jobstore.enqueue(clean_redis, job)
+
+    async def exported_run() -> Any:
+        return next((s for _, s in collector.spans if s.name == "run refresh_realtime_materialized_views"), None)
+
+    run = await wait_for(exported_run, timeout=60)
+    assert run.trace_id.hex() == trace_id and run.parent_span_id.hex() == parent_id
+    services = {service for service, s in collector.spans if s.span_id == run.span_id}
+    assert services == {"salesdash-worker-analytics"}
+
+    async def job_sql() -> list[Any]:
+        return [s for _, s in collector.spans if s.parent_span_id == run.span_id]
+
+    children = await wait_for(job_sql, timeout=10)
+    assert all(s.trace_id == run.trace_id for s in children)
+    assert any(a.key == "db.system" and a.value.string_value == "postgresql" for s in children for a in s.attributes)
 
 
 def test_off_by_default_and_payloads_unchanged() -> None:
