@@ -105,7 +105,8 @@ def create_app() -> FastAPI:
         alive = {name: counts["workers"] for name, counts in overview.items()}
         registry = CollectorRegistry(auto_describe=False)
         health = await health_report.last_report(redis)
-        registry.register(_Snapshot(raw, depths, alive, health, await client.oldest_waits(redis)))
+        oldest = {queue: waited or 0.0 for queue, waited in (await client.oldest_waits(redis)).items()}
+        registry.register(_Snapshot(raw, depths, alive, health, oldest))
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
 
     return app

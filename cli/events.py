@@ -50,13 +50,11 @@ class Snapshot:
 
 async def take_snapshot(redis: Redis) -> Snapshot:
     now = js.now_ms()
-    queues = []
-    for name, counts in (await client.queue_overview(redis)).items():
-        since = await js.oldest_waiting_ms(redis, name)
-        waited = None if since is None else max(now - since, 0) / 1000
-        queues.append(
-            QueueRow(name, counts["queued"], counts["deferred"], counts["in_progress"], counts["workers"], waited)
-        )
+    waits = await client.oldest_waits(redis)
+    queues = [
+        QueueRow(name, c["queued"], c["deferred"], c["in_progress"], c["workers"], waits[name])
+        for name, c in (await client.queue_overview(redis)).items()
+    ]
     workers = sorted(await client.workers(redis), key=lambda w: (w.queue, w.host, w.pid))
     running = []
     for worker in workers:

@@ -20,8 +20,10 @@ from redis.asyncio import Redis
 
 from salesdash.config import get_settings
 from tests.conftest import ROOT
+from worker import jobstore
 from worker.health import HealthCheck, HealthReport, store_report
 from worker.metrics import MetricsBuffer
+from worker.records import JobPayload
 from worker.registry import Queue
 
 DEPLOY = ROOT / "deploy"
@@ -167,3 +169,19 @@ def test_compose_monitoring_mounts_deploy_files() -> None:
         for volume in services[name]["volumes"]:
             source = volume.split(":", 1)[0]
             assert (ROOT / source).exists(), f"{name} mounts {source}, which is not in the repository"
+
+
+async def test_oldest_waiting_job_age_is_a_live_gauge(app_client: httpx.AsyncClient, clean_redis: Redis) -> None:
+    """What SalesdashQueueBacklogAge reads: the wait of the longest-waiting due job, 0 for a queue with none."""
+    now = jobstore.now_ms()
+    waiting = JobPayload(jobstore.new_job_id(), "prune_job_history", [], {}, "maintenance", 5, now - 7000, now - 7000)
+    assert await jobstore.enqueue(clean_redis, waiting)
+    text = (await app_client.get("/metrics")).text
+    ages = {
+        sample.labels["queue"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "salesdash_queue_oldest_job_age_seconds"
+    }
+    assert ages["analytics"] == 0 and ages["notifications"] == 0
+    assert 7 <= ages["maintenance"] < 60

@@ -247,10 +247,10 @@ async def queue_overview(redis: Redis) -> dict[str, dict[str, int]]:
     return {q: {**await js.queue_counts(redis, q), "workers": alive.get(q, 0)} for q in QUEUES}
 
 
-async def oldest_waits(redis: Redis) -> dict[str, float]:
-    """Per queue: seconds the longest-waiting due job has waited, 0 when none waits (`/metrics`)."""
+async def oldest_waits(redis: Redis) -> dict[str, float | None]:
+    """Per queue: seconds the longest-waiting due job has waited; None when none waits (`/metrics`, `events`)."""
     now, waits = js.now_ms(), {}
     for q in QUEUES:
         since = await js.oldest_waiting_ms(redis, q)
-        waits[q] = 0.0 if since is None else max(now - since, 0) / 1000
+        waits[q] = None if since is None else max(now - since, 0) / 1000
     return waits
