@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 HASH   := $(shell cksum pyproject.toml | cut -d' ' -f1)
 STAMP  := $(VENV)/.installed-$(HASH)
 BENCH_STAMP := $(VENV)/.bench-$(HASH)
+PROMTOOL := $(VENV)/tools/promtool
 
-.PHONY: run test browser lint bench bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics bench-maintenance bench-api bench-monitoring clean
+.PHONY: run test browser lint bench bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics bench-maintenance bench-api bench-monitoring bench-tracing clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +24,7 @@ $(BENCH_STAMP): $(STAMP)
 run: $(STAMP)
 	$(BIN)/salesdash up
 
-test: $(STAMP) browser
+test: $(STAMP) browser $(PROMTOOL)
 	$(BIN)/python -m pytest -q
 
 # The browser tests drive Debian's chromium headless: installed here where apt-get can, quietly, once.
@@ -32,6 +33,20 @@ browser:
 	  { apt-get update -qq >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; } || \
 	  echo "chromium could not be installed: the browser tests will skip (fail under SALESDASH_REQUIRE_BROWSER=1)"
 
+# promtool for the deploy/ checks (tests/test_deploy.py): the system's, else taken out of Debian's prometheus
+# package, downloaded and unpacked, not installed (no Prometheus service is started). Quiet; once it is there
+# nothing is fetched again; without it those checks skip.
+$(PROMTOOL): | $(STAMP)
+	@mkdir -p $(VENV)/tools
+	@if command -v promtool >/dev/null 2>&1; then ln -sf "$$(command -v promtool)" $@; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1; then \
+	  tmp=$$(mktemp -d) && chmod 755 $$tmp && cd $$tmp && \
+	  { apt-get download -qq prometheus >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && apt-get download -qq prometheus >/dev/null 2>&1; }; } && \
+	  dpkg-deb -x prometheus_*.deb unpacked && cp unpacked/usr/bin/promtool $(CURDIR)/$@; \
+	  cd $(CURDIR) && rm -rf $$tmp; \
+	fi; test -x $@ || echo "promtool unavailable: tests/test_deploy.py skips its promtool checks"
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -39,7 +54,7 @@ lint: $(STAMP)
 	$(BIN)/mypy salesdash db worker api cli
 	$(BIN)/mypy tests
 
-bench: bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics bench-maintenance bench-api bench-monitoring
+bench: bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics bench-maintenance bench-api bench-monitoring bench-tracing
 
 bench-queue: $(BENCH_STAMP)
 	$(BIN)/python bench/queue.py
@@ -68,6 +83,9 @@ bench-api: $(BENCH_STAMP)
 
 bench-monitoring: $(BENCH_STAMP)
 	$(BIN)/python bench/monitoring.py
+
+bench-tracing: $(STAMP)
+	$(BIN)/python bench/tracing.py
 
 clean:
 	rm -rf $(VENV) .salesdash .pytest_cache .mypy_cache .ruff_cache

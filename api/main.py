@@ -25,6 +25,7 @@ from api.notifications import router as notifications_router
 from api.reports import router as reports_router
 from api.rest import router
 from api.security import harden
+from salesdash import tracing
 from salesdash.config import Settings, get_settings
 from salesdash.connections import open_db_pool, open_redis
 from salesdash.logs import setup_logging
@@ -47,6 +48,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await app.state.redis.aclose(close_connection_pool=True)
         await app.state.db.close()
+        tracing.flush()
 
 
 class _Snapshot:
@@ -58,8 +60,9 @@ class _Snapshot:
         depths: dict[str, int],
         workers: dict[str, int],
         health: health_report.HealthReport | None,
+        oldest_waits: dict[str, float] | None = None,
     ) -> None:
-        self.args = (raw, depths, workers)
+        self.args = (raw, depths, workers, oldest_waits)
         self.health = health
 
     def collect(self) -> Any:
@@ -101,6 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_exception_handler(GraphQLRefusedError, refused_answer)  # type: ignore[arg-type]
     app.add_middleware(BodyLimit)
+    tracing.configure("salesdash-api")  # off without OTEL_EXPORTER_OTLP_ENDPOINT
+    tracing.instrument_app(app)
 
     @app.get("/healthz")
     async def healthz() -> Health:
@@ -127,7 +132,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         depths = {name: counts["queued"] for name, counts in overview.items()}
         alive = {name: counts["workers"] for name, counts in overview.items()}
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Snapshot(raw, depths, alive, await health_report.last_report(redis)))
+        health = await health_report.last_report(redis)
+        oldest = {queue: waited or 0.0 for queue, waited in (await client.oldest_waits(redis)).items()}
+        registry.register(_Snapshot(raw, depths, alive, health, oldest))
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
 
     return app

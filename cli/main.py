@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sys
@@ -281,7 +282,7 @@ def purge(
 
 @app.command()
 def inspect(
-    what: Annotated[str, typer.Argument(help="active, scheduled, registered, stats or queues")],
+    what: Annotated[str, typer.Argument(help="active, scheduled, registered, stats, queues or tasks")],
     as_json: JsonOpt = False,
 ) -> None:
     """Look into the running system, like `celery inspect`."""
@@ -293,6 +294,34 @@ def inspect(
         return
     rows, columns = _run(inspector)
     _emit(rows, as_json, columns, title=what)
+
+
+@app.command()
+def events(
+    interval: Annotated[float, typer.Option(help="Seconds between redraws.")] = 1.0,
+    once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
+) -> None:
+    """Live view of queues, workers and running jobs, like `celery events`; q quits. Alias: top."""
+    from cli.events import render, take_snapshot, watch
+
+    if interval <= 0:
+        _fail("--interval must be above 0")
+
+    async def main() -> None:
+        redis = await open_redis()
+        try:
+            if once:
+                console.print(render(await take_snapshot(redis)))
+            else:
+                await watch(redis, console, interval)
+        finally:
+            await redis.aclose(close_connection_pool=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+
+
+app.command("top", help="Alias of `events`: live view of queues, workers and running jobs; q quits.")(events)
 
 
 @app.command()

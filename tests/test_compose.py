@@ -22,7 +22,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 QUEUES = ("analytics", "maintenance", "notifications")
 WORKERS = {f"worker-{queue}": queue for queue in QUEUES}
 APP_SERVICES = ("migrate", "api", *WORKERS)
-EXPECTED_SERVICES = {"postgres", "redis", *APP_SERVICES}
+MONITORING_SERVICES = ("prometheus", "grafana")  # only with `--profile monitoring`
+EXPECTED_SERVICES = {"postgres", "redis", *APP_SERVICES, *MONITORING_SERVICES}
 # Workers drain running jobs for SALESDASH_SHUTDOWN_TIMEOUT (30 s) after SIGTERM.
 MIN_WORKER_GRACE_SECONDS = 35
 
@@ -142,6 +143,7 @@ def test_postgres_and_redis() -> None:
     redis = SERVICES["redis"]
     assert str(redis["image"]).startswith("redis:7")
     assert _contains(_argv(redis["command"]), ["--appendonly", "yes"]), "redis must run with AOF on"
+    assert _contains(_argv(redis["command"]), ["--appendfsync", "everysec"]), "the AOF fsync policy is set explicitly"
     assert _contains(_healthcheck_argv("redis"), ["redis-cli", "ping"])
 
     declared = set(COMPOSE.get("volumes") or {})

@@ -15,6 +15,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from db.queries.history import get_job_run, list_job_runs
+from salesdash import tracing
 from salesdash.auth import Principal, Scope, require, scope_to_operate
 from salesdash.config import get_settings
 from worker import jobstore as js
@@ -121,20 +122,22 @@ async def enqueue_task(
     require(principal, scope_to_operate(get_task(task_name).scope))
     spec, bound, prio, defer_ms = prepare(task_name, args, kwargs, priority, defer_seconds)
     now = js.now_ms()
-    job = JobPayload(
-        js.new_job_id(),
-        spec.name,
-        [],
-        bound,
-        spec.queue.value,
-        prio,
-        now,
-        now + defer_ms,
-        retry_of=retry_of,
-        notify=notify_done,
-    )
-    enqueued = Enqueued(job.id, spec.name, spec.queue.value, prio, deferred=defer_ms > 0)
-    done = await js.trigger(redis, job, _guard(principal, enqueued, bound, defer_ms, idempotency_key))
+    with tracing.enqueue_span(spec.name, spec.queue.value):
+        job = JobPayload(
+            js.new_job_id(),
+            spec.name,
+            [],
+            bound,
+            spec.queue.value,
+            prio,
+            now,
+            now + defer_ms,
+            retry_of=retry_of,
+            notify=notify_done,
+            trace=tracing.carrier(),  # the job's run continues this trace
+        )
+        enqueued = Enqueued(job.id, spec.name, spec.queue.value, prio, deferred=defer_ms > 0)
+        done = await js.trigger(redis, job, _guard(principal, enqueued, bound, defer_ms, idempotency_key))
     if done.outcome == "limited":
         raise RateLimitedError(max(1, math.ceil(done.retry_after_ms / 1000)))
     if done.outcome == "conflict":
@@ -334,3 +337,12 @@ async def queue_overview(redis: Redis) -> dict[str, dict[str, int]]:
     for info in await workers(redis):
         alive[info.queue] = alive.get(info.queue, 0) + 1
     return {q: {**await js.queue_counts(redis, q), "workers": alive.get(q, 0)} for q in QUEUES}
+
+
+async def oldest_waits(redis: Redis) -> dict[str, float | None]:
+    """Per queue: seconds the longest-waiting due job has waited; None when none waits (`/metrics`, `events`)."""
+    now, waits = js.now_ms(), {}
+    for q in QUEUES:
+        since = await js.oldest_waiting_ms(redis, q)
+        waits[q] = None if since is None else max(now - since, 0) / 1000
+    return waits

@@ -49,6 +49,7 @@ from arq.version import VERSION as ARQ_VERSION
 from arq.worker import Function, Retry
 
 from salesdash.config import get_settings
+from salesdash import tracing
 from worker import jobstore as js
 from worker.history import flush_history
 from worker.metrics import MetricsBuffer
@@ -386,7 +387,9 @@ class SalesdashWorker(arq.worker.Worker):
         st = self._state
         job = running.job
         try:
-            outcome = await self._execute(running)
+            with tracing.job_span(job.task, job.id, self.queue_label, job.tries + 1, job.trace) as span:
+                outcome = await self._execute(running)
+                tracing.end_job_span(span, *_span_outcome(outcome))
         except BaseException as exc:  # a bug in the loop itself must not kill the worker silently
             logger.exception("job loop error", extra={"job_id": job.id})
             outcome = self._final(running, "failed", None, exc)
@@ -749,6 +752,11 @@ class SalesdashWorker(arq.worker.Worker):
                 )
                 await js.enqueue(self.pool, job, unique_ms=CRON_UNIQUE_MS)
                 cron_job.calculate_next(cron_job.next_run)
+
+
+def _span_outcome(outcome: js.Outcome) -> tuple[str, str | None]:
+    record = outcome.record
+    return (record.status, record.error) if record is not None else (outcome.kind, None)
 
 
 # ---- building and installing ---------------------------------------------------------------------------------

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import asyncpg
+from arq.cron import next_cron
 from redis.asyncio import Redis
 
 from db.queries.history import job_run_counts
+from salesdash.config import get_settings
 from worker import client
 from worker.records import JobStatus
-from worker.registry import TASKS
+from worker.registry import TASKS, TaskSpec
 
 Rows = tuple[list[dict[str, Any]], list[str]]
 
@@ -76,10 +79,41 @@ async def queues(_: asyncpg.Pool, redis: Redis) -> Rows:
     return rows, ["queue", "queued", "deferred", "in_progress", "workers"]
 
 
+def next_run(spec: TaskSpec, now: datetime) -> datetime | None:
+    """When a scheduled task is next enqueued (arq's cron arithmetic, in the store's timezone); None on demand."""
+    s = spec.schedule
+    if s is None:
+        return None
+    weekday: Any = s.weekday
+    return next_cron(now, minute=s.minute, hour=s.hour, day=s.day, weekday=weekday)
+
+
+async def tasks(_: asyncpg.Pool, __: Redis) -> Rows:
+    """The task table as the workers apply it: schedule and next run (what Celery beat held), time limit,
+    tries and retry backoff, result expiry."""
+    now = datetime.now(get_settings().tzinfo)
+    rows: list[dict[str, Any]] = [
+        {
+            "task": spec.name,
+            "queue": spec.queue.value,
+            "scope": spec.scope.value,
+            "schedule": spec.schedule.text if spec.schedule else "on demand",
+            "next_run": next_run(spec, now),
+            "time_limit_s": spec.timeout_s,
+            "max_tries": spec.retry.max_tries,
+            "retry_backoff_s": f"{spec.retry.backoff_base_s:g}·2^n ≤ {spec.retry.backoff_cap_s:g}",
+            "keep_result_s": spec.keep_result_s,
+        }
+        for spec in TASKS.values()
+    ]
+    return rows, list(rows[0])
+
+
 INSPECTORS: dict[str, Callable[[asyncpg.Pool, Redis], Awaitable[Rows]]] = {
     "active": active,
     "scheduled": scheduled,
     "registered": registered,
     "stats": stats,
     "queues": queues,
+    "tasks": tasks,
 }

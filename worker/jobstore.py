@@ -205,7 +205,7 @@ def deserialize_json(raw: bytes) -> Any:
 
 
 def encode_payload(job: JobPayload) -> dict[str, Any]:
-    return {
+    encoded = {
         "f": job.task,
         "a": job.args,
         "k": job.kwargs,
@@ -223,6 +223,9 @@ def encode_payload(job: JobPayload) -> dict[str, Any]:
             else {}
         ),
     }
+    if job.trace:  # only while tracing: payloads stay as they were otherwise (arq ignores fields it lacks)
+        encoded["trace"] = job.trace
+    return encoded
 
 
 _OURS = ("queue", "priority", "due_ms")
@@ -273,7 +276,15 @@ def decode_payload(job_id: str, data: Any, queue: str) -> JobPayload:
         waiting_for=_optional(data, "waiting_for", str),
         waiting_since_ms=_optional(data, "waiting_since_ms", int),
         waits=_optional(data, "waits", int) or 0,
+        trace=_trace_context(data),
     )
+
+
+def _trace_context(data: dict[str, Any]) -> dict[str, str] | None:
+    value = _optional(data, "trace", dict)
+    if value is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise BadPayload("payload field 'trace' must be a JSON object of strings or null")
+    return value or None
 
 
 def _json_kind(value: Any) -> str:

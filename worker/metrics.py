@@ -102,7 +102,12 @@ def _le(bound: float) -> str:
     return "+Inf" if math.isinf(bound) else repr(bound)
 
 
-def families(raw: dict[bytes, bytes], depths: dict[str, int], workers: dict[str, int]) -> Iterator[Metric]:
+def families(
+    raw: dict[bytes, bytes],
+    depths: dict[str, int],
+    workers: dict[str, int],
+    oldest_waits: dict[str, float] | None = None,
+) -> Iterator[Metric]:
     """Prometheus metric families from the metrics hash and live gauges."""
     total = CounterMetricFamily(
         "salesdash_task",
@@ -134,6 +139,14 @@ def families(raw: dict[bytes, bytes], depths: dict[str, int], workers: dict[str,
     for queue, n in sorted(workers.items()):
         alive.add_metric([queue], n)
     yield alive
+    oldest = GaugeMetricFamily(
+        "salesdash_queue_oldest_job_age_seconds",
+        "How long the longest-waiting due job has waited (0: none)",
+        labels=["queue"],
+    )
+    for queue, seconds in sorted((oldest_waits or {}).items()):
+        oldest.add_metric([queue], seconds)
+    yield oldest
 
 
 def _split_series(parts: list[str]) -> tuple[tuple[str, ...], list[str]]:

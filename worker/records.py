@@ -39,6 +39,7 @@ class JobPayload:
     waiting_for: str | None = None
     waiting_since_ms: int | None = None  # when this stretch of waiting began: the wait budget counts from here
     waits: int = 0  # waits in this stretch: the backoff grows with them
+    trace: dict[str, str] | None = None  # the enqueuer's W3C trace context (salesdash/tracing.py), when tracing
 
 
 @dataclass(frozen=True, slots=True)
