@@ -65,6 +65,8 @@ async def create_job(body: JobRequest, redis: RedisDep, principal: PrincipalDep)
         )
     except (UnknownTaskError, ValueError) as exc:
         raise HTTPException(422, detail=str(exc)) from None
+    except client.NotReplicatedError as exc:  # queued on the master, not yet safe from a failover
+        raise HTTPException(503, detail={"task_id": exc.job_id, "error": str(exc)}) from None
     return JobAccepted(
         task_id=job.task_id,
         task_name=job.task_name,

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     )
     # how long a rollup refresh waits for a lock (a rebuild for running refreshes, any refresh for table locks)
     rollup_lock_timeout: float = Field(default=5.0, gt=0, validation_alias="SALESDASH_ROLLUP_LOCK_TIMEOUT")
+    # > 0: an enqueue waits up to this long for one Redis replica to acknowledge it (WAIT 1 <ms>) and reports
+    # when none did; 0: no wait (asynchronous replication: a failover can lose the last moments' enqueues)
+    enqueue_replica_wait_ms: int = Field(
+        default=0, ge=0, le=60_000, validation_alias="SALESDASH_ENQUEUE_REPLICA_WAIT_MS"
+    )
     api_host: str = Field(default="127.0.0.1", validation_alias="SALESDASH_API_HOST")
     api_port: int = Field(default=8000, validation_alias="SALESDASH_API_PORT")
     # warm_dashboard_cache runs every 2 min: a TTL several times that rides out a failed or slow run

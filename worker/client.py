@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from db.queries.history import get_job_run, list_job_runs
 from salesdash.auth import Principal, Scope, require, scope_to_operate
+from salesdash.config import get_settings
 from worker import jobstore as js
 from worker.records import (
     JOB_STATES,
@@ -27,6 +28,7 @@ from worker.records import (
 from worker.registry import TASKS, Queue, TaskArgumentError, TaskSpec, get_task
 
 MAX_DEFER_SECONDS = 30 * 24 * 3600
+NotReplicatedError = js.NotReplicatedError  # enqueue_task: stored, but no replica acknowledged it in time
 QUEUES = tuple(q.value for q in Queue)
 
 
@@ -105,7 +107,7 @@ async def enqueue_task(
         retry_of=retry_of,
         notify=notify_done,
     )
-    if not await js.enqueue(redis, job):
+    if not await js.enqueue(redis, job, replica_wait_ms=get_settings().enqueue_replica_wait_ms):
         raise RuntimeError(f"job id {job.id} is taken")  # fresh random ids never collide
     return Enqueued(job.id, spec.name, spec.queue.value, prio, deferred=defer_ms > 0)
 
