@@ -6,7 +6,7 @@ HASH   := $(shell cksum pyproject.toml | cut -d' ' -f1)
 STAMP  := $(VENV)/.installed-$(HASH)
 BENCH_STAMP := $(VENV)/.bench-$(HASH)
 
-.PHONY: run test lint bench bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics bench-maintenance clean
+.PHONY: run test lint bench bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics bench-maintenance bench-failover bench-chaos clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ bench-analytics: $(BENCH_STAMP)
 
 bench-maintenance: $(BENCH_STAMP)
 	$(BIN)/python bench/maintenance.py
+
+bench-failover: $(BENCH_STAMP)
+	$(BIN)/python bench/failover.py
+
+bench-chaos: $(BENCH_STAMP)
+	$(BIN)/python bench/chaos.py
 
 clean:
 	rm -rf $(VENV) .salesdash .pytest_cache .mypy_cache .ruff_cache
