@@ -131,7 +131,8 @@ class SentinelCluster:
 
     @staticmethod
     def _replicas_online(master: RedisProc) -> int:
-        return sum(1 for k, v in master.replication().items() if k.startswith("slave") and v["state"] == "online")
+        info = master.replication()  # slave0, slave1, ... are dicts; slave_repl_offset and the like are not
+        return sum(1 for v in info.values() if isinstance(v, dict) and v.get("state") == "online")
 
     def _sentinel_sees_all(self, s: RedisProc, replicas: int) -> bool:
         info = dict(zip(*[iter(s.client().execute_command("SENTINEL", "MASTER", SERVICE))] * 2, strict=True))
