@@ -408,6 +408,7 @@ def invariants(o: Outcome) -> list[tuple[str, str, bool]]:
     dups = duplicates(o.per_job, kinds)
     unexplained = [d for d in dups if not explained(d, o.faults.events)]
     rss = [r for t, r in o.rss if t >= 15]
+    new_keys = ", ".join(sorted(o.end_keys - o.baseline_keys)) or "none"
     growth = (rss[-1] / rss[0] - 1) if len(rss) > 1 and min(rss) > 0 else float("nan")
     return [
         (
@@ -435,7 +436,7 @@ def invariants(o: Outcome) -> list[tuple[str, str, bool]]:
         ),
         (
             "Redis keys back to baseline",
-            f"{len(o.baseline_keys)} keys before, {len(o.end_keys)} after (new: {', '.join(sorted(o.end_keys - o.baseline_keys)) or 'none'}); "
+            f"{len(o.baseline_keys)} keys before, {len(o.end_keys)} after (new: {new_keys}); "
             f"per-job keys or queue entries left: {len(o.left_keys)}"
             + (f" (e.g. {', '.join(o.left_keys[:3])})" if o.left_keys else ""),
             not o.left_keys,
