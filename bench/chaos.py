@@ -101,6 +101,8 @@ class PrivatePostgres:
         self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
 
     def stop(self) -> None:
+        if not (self.data / "postmaster.pid").exists():
+            return
         subprocess.run(
             [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
             user="postgres",
@@ -145,7 +147,8 @@ class Workers:
 
     def stop(self) -> None:
         for proc in self.procs:
-            proc.send_signal(signal.SIGKILL)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
             proc.wait()
 
 
@@ -364,6 +367,15 @@ async def flow_and_faults(
         "SALESDASH_DB_POOL_MAX": "4",
     }
     workers = Workers(env, tmp)
+    try:
+        return await _flow(args, pg, cluster, workers, runs_dir)
+    finally:
+        workers.stop()
+
+
+async def _flow(
+    args: argparse.Namespace, pg: PrivatePostgres, cluster: SentinelCluster, workers: Workers, runs_dir: Path
+) -> Outcome:
     for i in range(args.workers):
         workers.spawn(i)
     redis = await open_redis(Settings(DATABASE_URL=pg.url, REDIS_URL=cluster.url()))
@@ -385,7 +397,6 @@ async def flow_and_faults(
     end_keys = {k.decode() async for k in redis.scan_iter(count=1000)}
     stop.set()
     await asyncio.gather(*side)
-    workers.stop()
     await db.close()
     await redis.aclose(close_connection_pool=True)
     return Outcome(
@@ -482,8 +493,9 @@ async def main() -> None:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="salesdash-chaos-"))
     shutil.chown(tmp, "postgres", "postgres")
-    pg = await asyncio.to_thread(PrivatePostgres(tmp / "pg").init)  # alembic runs its own event loop
+    pg = PrivatePostgres(tmp / "pg")
     try:
+        await asyncio.to_thread(pg.init)  # alembic runs its own event loop
         with sentinel_cluster(tmp / "redis", replicas=2, down_after_ms=1000, aof=True) as cluster:
             outcome = await flow_and_faults(args, tmp, pg, cluster)
     finally:

@@ -185,3 +185,27 @@ async def test_enqueue_reports_when_no_replica_acknowledges(
         await redis.aclose(close_connection_pool=True)
     finally:
         server.kill()
+
+
+async def test_a_durable_enqueue_that_reaches_a_replica_is_a_connection_fault(tmp_path: Path) -> None:
+    """Just after a failover a Sentinel can still name the demoted master. An enqueue whose script wrote nothing
+    there (its id was taken) would meet `WAIT` refused on a replica: it must read as a fault to retry, not as
+    an unexpected error (a 500)."""
+    from tests.private_redis import redis_server
+
+    master = redis_server(tmp_path, "master").start()
+    replica = redis_server(tmp_path, "replica", replica_of=master.port).start()
+    try:
+        settings = Settings(DATABASE_URL=os.environ["DATABASE_URL"], REDIS_URL=master.url)
+        on_master = await open_redis(settings)
+        now = jobstore.now_ms()
+        job = JobPayload(jobstore.new_job_id(), "record", [], {"tag": "x"}, QUEUE, 5, now, now)
+        assert await jobstore.enqueue(on_master, job, replica_wait_ms=2000)  # acknowledged: the replica has it
+        on_replica = await open_redis(settings.model_copy(update={"redis_url": replica.url}))
+        with pytest.raises(redis.exceptions.ConnectionError, match="now a replica"):
+            await jobstore.enqueue(on_replica, job, replica_wait_ms=100)
+        for client_ in (on_master, on_replica):
+            await client_.aclose(close_connection_pool=True)
+    finally:
+        replica.kill()
+        master.kill()

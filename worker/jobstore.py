@@ -597,7 +597,15 @@ async def _run_then_wait(
     async with redis.pipeline(transaction=False) as pipe:
         await _script(redis, lua)(keys=list(keys), args=_argv(args), client=pipe)
         pipe.execute_command("WAIT", 1, replica_wait_ms)
-        reply, acked = await pipe.execute()
+        reply, acked = await pipe.execute(raise_on_error=False)
+    if isinstance(acked, redis_exceptions.ResponseError) and "replica" in str(acked):
+        # a Sentinel named a server that has just turned replica (a script that wrote nothing ran there): reconnect
+        # through the Sentinels, as redis-py does when a write meets READONLY
+        await redis.connection_pool.disconnect(inuse_connections=False)
+        raise redis_exceptions.ConnectionError(f"the Redis server answering is now a replica ({acked})")
+    for answer in (reply, acked):
+        if isinstance(answer, Exception):
+            raise answer
     return reply, int(acked)
 
 
