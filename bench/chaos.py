@@ -227,7 +227,8 @@ class Faults:
         elif kind == "redis":
             master = self.cluster.current_master()
             master.kill()
-            master.start()  # same port, same AOF: back within the Sentinels' down-after time
+            master.start()  # same port, same AOF: usually back within the Sentinels' down-after time
+            self.cluster.wait_ready(60)  # replicas resynced before the next fault
         elif kind == "postgres":
             self.pg.crash()
             time.sleep(1.0)

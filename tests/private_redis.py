@@ -71,16 +71,20 @@ class RedisProc:
 
 
 def redis_server(workdir: Path, name: str, *, aof: bool = False, replica_of: int | None = None) -> RedisProc:
-    """A redis-server on a free port (not yet started); AOF with `appendfsync everysec`, as compose runs it."""
+    """A redis-server on a free port (not yet started); AOF with `appendfsync everysec`, as compose runs it. Its
+    settings are in a config file of its own: Sentinel rewrites it when it changes the server's role, so a
+    server restarted after a failover comes back as what it was (a replica), not as a second master."""
     port = free_port()
     data = workdir / name
     data.mkdir(parents=True, exist_ok=True)
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--save", ""]
-    argv += ["--repl-diskless-sync-delay", "0"]  # a replica (re)joining syncs at once, not 5 s later
-    argv += ["--appendonly", "yes", "--appendfsync", "everysec"] if aof else ["--appendonly", "no"]
+    lines = [f"port {port}", "bind 127.0.0.1", f"dir {data}", 'save ""']
+    lines += ["repl-diskless-sync-delay 0"]  # a replica (re)joining syncs at once, not 5 s later
+    lines += ["appendonly yes", "appendfsync everysec"] if aof else ["appendonly no"]
     if replica_of is not None:
-        argv += ["--replicaof", "127.0.0.1", str(replica_of)]
-    return RedisProc(name, port, workdir, argv)
+        lines += [f"replicaof 127.0.0.1 {replica_of}"]
+    conf = workdir / f"{name}.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    return RedisProc(name, port, workdir, ["redis-server", str(conf)])
 
 
 def sentinel_server(workdir: Path, name: str, master_port: int, *, down_after_ms: int) -> RedisProc:
