@@ -28,7 +28,7 @@ def free_port() -> int:
 def wait_until(check: object, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(sync_redis.RedisError, OSError):
+        with contextlib.suppress(sync_redis.RedisError, OSError, RuntimeError, StopIteration):
             if check():  # type: ignore[operator]
                 return
         time.sleep(0.05)
@@ -112,26 +112,40 @@ class SentinelCluster:
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
         return f"redis+sentinel://{hosts}/{SERVICE}/{db}"
 
-    def master_port(self) -> int:
-        """The master's port as the first Sentinel that answers names it."""
+    def named_masters(self) -> set[int]:
+        """The master's port according to each Sentinel that answers (more than one while they disagree)."""
+        ports = set()
         for s in self.sentinels:
             with contextlib.suppress(sync_redis.RedisError):
                 addr = s.client().execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
                 if addr:
-                    return int(addr[1])
-        raise RuntimeError("no Sentinel answers")
+                    ports.add(int(addr[1]))
+        return ports
+
+    def master_port(self) -> int:
+        ports = self.named_masters()
+        if len(ports) != 1:
+            raise RuntimeError(f"the Sentinels name {sorted(ports) or 'no'} masters")
+        return ports.pop()
 
     def current_master(self) -> RedisProc:
         port = self.master_port()
         return next(s for s in self.servers if s.port == port)
 
     def wait_ready(self, timeout: float = 30) -> None:
-        """Every replica linked and every Sentinel seeing the others and the replicas (a failover needs both)."""
-        master = self.current_master()
+        """Settled: every Sentinel names the same master, which says it is one, with every replica in sync, and
+        every Sentinel sees the others and the replicas (a failover needs both)."""
         want = len(self.servers) - 1
-        wait_until(lambda: self._replicas_online(master) >= want, timeout, "replicas in sync")
-        for s in self.sentinels:
-            wait_until(lambda s=s: self._sentinel_sees_all(s, want), timeout, f"{s.name} discovery")
+
+        def settled() -> bool:
+            master = self.current_master()
+            return (
+                master.replication()["role"] == "master"
+                and self._replicas_online(master) >= want
+                and all(self._sentinel_sees_all(s, want) for s in self.sentinels)
+            )
+
+        wait_until(settled, timeout, "a settled cluster")
 
     @staticmethod
     def _replicas_online(master: RedisProc) -> int:
@@ -152,9 +166,8 @@ class SentinelCluster:
         """Block until the Sentinels name a new master and it says it is one; returns when (monotonic)."""
 
         def promoted() -> bool:
-            port = self.master_port()
-            role = next(s for s in self.servers if s.port == port).replication()["role"]
-            return port != old_port and role == "master"
+            master = self.current_master()  # every Sentinel agrees
+            return master.port != old_port and master.replication()["role"] == "master"
 
         wait_until(promoted, timeout, "failover")
         self.failovers += 1
