@@ -1,17 +1,18 @@
 """Chaos run: jobs of mixed kinds flow while workers, Redis and PostgreSQL are killed and restarted and Sentinel
 fails over; then the invariants are checked. One table; exit status 1 if an invariant does not hold.
 
-    .venv/bin/python bench/chaos.py [--jobs 20000] [--seconds 60] [--every 5] [--workers 3] [--drain 240]
+    .venv/bin/python bench/chaos.py [--jobs 20000] [--seconds 90] [--every 4] [--workers 3] [--drain 240]
 
 Everything is private, in a temporary directory: a PostgreSQL 15 cluster (initdb, `pg_ctl -m immediate` to
 crash it), a Redis master with two replicas (AOF, `appendfsync everysec`) under three Sentinels, and `--workers`
 worker processes (bench/_chaos_worker.py) reaching Redis through the Sentinel URL. `--jobs` jobs (70 % fast,
 5 % slow 0.2–2 s, 10 % failing by their own fault, 10 % retrying 1–2 transient faults, 5 % reading PostgreSQL)
 are enqueued evenly over `--seconds` with the durability setting on (WAIT 1 500 ms), while every `--every`
-seconds one fault, in turn: SIGKILL a worker (restarted at once), SIGKILL the Redis master and restart it on its
-AOF, crash and restart PostgreSQL, SIGKILL the master and let Sentinel fail over (the old one rejoins as a
-replica). Worker 0 is never killed: its RSS is sampled every 2 s. After the flow, the bench waits for every job to
-end and its history to reach PostgreSQL, then for the results to expire, and checks:
+seconds one fault, in turn: SIGKILL a worker (restarted at once; every other fault), SIGKILL the Redis master and
+restart it on its AOF, crash and restart PostgreSQL, SIGKILL the master and let Sentinel fail over (the old one
+rejoins as a replica); after each, the bench waits for Redis to settle (one master, replicas in sync). Worker 0
+is never killed: its RSS is sampled every 2 s. After the flow, the bench waits for every job to end and its
+history to reach PostgreSQL, then for the results to expire, and checks:
 - every job accounted for: complete (fast, slow, retrying, db) or failed by its own fault (failing kind);
 - none lost: every enqueue acknowledged by a replica is in job_runs;
 - duplicates (a job that finished twice, from the runs log the tasks write) only among jobs in flight at a fault;
@@ -220,10 +221,10 @@ class Faults:
     failover_s: list[float] = field(default_factory=list)
 
     def run_one(self, n: int) -> None:
-        kind = ("worker", "redis", "postgres", "failover")[n % 4]
+        kind = ("worker", "redis", "worker", "postgres", "worker", "failover")[n % 6]
         self.events.append((time.time(), kind))
         if kind == "worker":
-            self.workers.kill(1 + n // 4 % (len(self.workers.procs) - 1))  # never worker 0: its RSS is watched
+            self.workers.kill(1 + n // 2 % (len(self.workers.procs) - 1))  # never worker 0: its RSS is watched
         elif kind == "redis":
             master = self.cluster.current_master()
             master.kill()
@@ -468,6 +469,11 @@ def figures(o: Outcome) -> list[tuple[str, str]]:
     kinds = Counter(what for _, what in o.faults.events if not what.endswith(" back"))
     stalls = sorted(o.flow.stalls)
     failovers = o.faults.failover_s
+    rerun = sum(
+        1
+        for i, events in o.per_job.items()
+        if o.flow.kinds.get(i) != "flaky" and sum(1 for _, e in events if e == "start") > 1
+    )
     return [
         ("jobs by kind", ", ".join(f"{k} {n:,}" for k, n in sorted(Counter(o.flow.kinds.values()).items()))),
         ("faults injected", ", ".join(f"{k} ×{n}" for k, n in sorted(kinds.items()))),
@@ -478,6 +484,10 @@ def figures(o: Outcome) -> list[tuple[str, str]]:
             f"{o.flow.retried:,} attempts retried after a Redis fault; longest wait {stalls[-1]:.1f} s, "
             f"p99 {stalls[int(len(stalls) * 0.99)] * 1000:.0f} ms",
         ),
+        (
+            "jobs run again after a fault",
+            f"{rerun:,} (started more than once, retrying kind left out): in flight at a worker kill or a Redis loss",
+        ),
         ("workers restarted by the supervisor", f"{o.restarts} (exits the bench did not cause)"),
         ("flow / drain", f"{o.flow_s:.0f} s of flow and faults, then {o.drain_s:.0f} s until every job was recorded"),
     ]
@@ -486,8 +496,8 @@ def figures(o: Outcome) -> list[tuple[str, str]]:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=20_000)
-    parser.add_argument("--seconds", type=float, default=60, help="how long jobs are enqueued and faults injected")
-    parser.add_argument("--every", type=float, default=5, help="seconds between two faults")
+    parser.add_argument("--seconds", type=float, default=90, help="how long jobs are enqueued and faults injected")
+    parser.add_argument("--every", type=float, default=4, help="seconds between two faults")
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--drain", type=float, default=240, help="longest wait for every job to be recorded")
     parser.add_argument("--seed", type=int, default=12)
