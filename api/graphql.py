@@ -106,6 +106,9 @@ class TaskStatus:
     tries: int
     priority: int
     progress: JobProgress | None
+    waiting_for: str | None = strawberry.field(
+        description="postgresql or redis: a deferred job waiting for it to come back, spending no try"
+    )
 
     @classmethod
     def from_status(cls, s: JobStatus) -> TaskStatus:
@@ -122,6 +125,7 @@ class TaskStatus:
             tries=s.tries,
             priority=s.priority,
             progress=JobProgress.from_pydantic(s.progress) if s.progress else None,
+            waiting_for=s.waiting_for,
         )
 
 

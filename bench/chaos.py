@@ -3,11 +3,11 @@ fails over; then the invariants are checked. One table; exit status 1 if an inva
 
     .venv/bin/python bench/chaos.py [--jobs 20000] [--seconds 90] [--every 4] [--workers 3] [--drain 240]
 
-Everything is private, in a temporary directory: a PostgreSQL 15 cluster (initdb, `pg_ctl -m immediate` to
-crash it), a Redis master with two replicas (AOF, `appendfsync everysec`) under three Sentinels, and `--workers`
-worker processes (bench/_chaos_worker.py) reaching Redis through the Sentinel URL. `--jobs` jobs (70 % fast,
-5 % slow 0.2–2 s, 10 % failing by their own fault, 10 % retrying 1–2 transient faults, 5 % reading PostgreSQL)
-are enqueued evenly over `--seconds` with the durability setting on (WAIT 1 500 ms), while every `--every`
+Everything is private, in temporary directories: a PostgreSQL 15 cluster (tests/private_servers.py; crashed by
+an immediate shutdown), a Redis master with two replicas (AOF, `appendfsync everysec`) under three Sentinels,
+and `--workers` worker processes (bench/_chaos_worker.py) reaching Redis through the Sentinel URL. `--jobs` jobs
+(70 % fast, 5 % slow 0.2–2 s, 10 % failing by their own fault, 10 % retrying 1–2 transient faults, 5 % reading
+PostgreSQL) are enqueued evenly over `--seconds` with the durability setting on (WAIT 1 500 ms), while every `--every`
 seconds one fault, in turn: SIGKILL a worker (restarted at once; every other fault), SIGKILL the Redis master and
 restart it on its AOF, crash and restart PostgreSQL, SIGKILL the master and let Sentinel fail over (the old one
 rejoins as a replica); after each, the bench waits for Redis to settle (one master, replicas in sync). Worker 0
@@ -56,60 +56,24 @@ from rich.table import Table  # noqa: E402
 from db.migrate import upgrade  # noqa: E402
 from salesdash.config import Settings  # noqa: E402
 from salesdash.connections import open_redis  # noqa: E402
-from tests.private_redis import SentinelCluster, free_port, sentinel_cluster  # noqa: E402
+from tests.private_redis import SentinelCluster, sentinel_cluster  # noqa: E402
+from tests.private_servers import PrivatePostgres  # noqa: E402
 from worker import jobstore  # noqa: E402
 from worker.records import JobPayload  # noqa: E402
 
 QUEUE = "chaos"
 WORKER_SETTINGS = "bench._chaos_worker.Settings"
 REPLICA_WAIT_MS = 500
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 FINAL = ("complete", "failed", "aborted")
 PER_JOB_PREFIXES = ("arq:job:", "arq:result:", "arq:in-progress:", "salesdash:progress:", "salesdash:abort:")
 
 
 # ---- a private PostgreSQL ----------------------------------------------------------------------------------------
-@dataclass
-class PrivatePostgres:
-    root: Path
-    port: int = field(default_factory=free_port)
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/chaos"
-
-    def _as_postgres(self, *argv: str) -> None:
-        subprocess.run(argv, check=True, user="postgres", cwd=self.root, capture_output=True, timeout=120)
-
-    def init(self) -> PrivatePostgres:
-        self.root.mkdir(parents=True)
-        shutil.chown(self.root, "postgres", "postgres")
-        self._as_postgres(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
-        self.start()
-        self._as_postgres(str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "chaos")
-        upgrade(self.url)
-        return self
-
-    def start(self) -> None:
-        opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root} -c fsync=off"
-        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", "pg.log", "-w", "start")
-
-    def crash(self) -> None:
-        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
-
-    def stop(self) -> None:
-        if not (self.data / "postmaster.pid").exists():
-            return
-        subprocess.run(
-            [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
-            user="postgres",
-            capture_output=True,
-            timeout=60,
-        )
+def crash_postgres(pg: PrivatePostgres) -> None:
+    """Immediate shutdown (SIGQUIT to the postmaster): no checkpoint, sessions cut, crash recovery at the next start."""
+    assert pg.proc is not None
+    pg.proc.send_signal(signal.SIGQUIT)
+    pg.proc.wait(30)
 
 
 # ---- workers ---------------------------------------------------------------------------------------------------
@@ -231,7 +195,7 @@ class Faults:
             master.start()  # same port, same AOF: usually back within the Sentinels' down-after time
             self.cluster.wait_ready(90)  # replicas resynced before the next fault
         elif kind == "postgres":
-            self.pg.crash()
+            crash_postgres(self.pg)
             time.sleep(1.0)
             self.pg.start()
         else:
@@ -361,7 +325,7 @@ async def flow_and_faults(
     runs_dir.mkdir()
     env = {
         **os.environ,
-        "DATABASE_URL": pg.url,
+        "DATABASE_URL": pg.url(),
         "REDIS_URL": cluster.url(),
         "CHAOS_RUNS_DIR": str(runs_dir),
         "SALESDASH_DATA_DIR": str(tmp / "data"),
@@ -380,7 +344,7 @@ async def _flow(
 ) -> Outcome:
     for i in range(args.workers):
         workers.spawn(i)
-    redis = await open_redis(Settings(DATABASE_URL=pg.url, REDIS_URL=cluster.url()))
+    redis = await open_redis(Settings(DATABASE_URL=pg.url(), REDIS_URL=cluster.url()))
     await asyncio.sleep(5)  # workers registered: the baseline includes their fleet-wide keys
     baseline_keys = {k.decode() async for k in redis.scan_iter(count=1000)}
     flow, faults, stop, rss = Flow(), Faults(cluster, pg, workers), asyncio.Event(), []
@@ -390,7 +354,7 @@ async def _flow(
         produce(redis, flow, args.jobs, args.seconds, args.seed), inflict(faults, args.seconds, args.every)
     )
     flow_s = time.monotonic() - started
-    db = await asyncpg.create_pool(pg.url, min_size=1, max_size=2)
+    db = await asyncpg.create_pool(pg.url(), min_size=1, max_size=2)
     ids = list(flow.kinds)
     runs = await wait_all_recorded(db, ids, args.drain)
     drain_s = time.monotonic() - started - flow_s
@@ -503,15 +467,15 @@ async def main() -> None:
     parser.add_argument("--seed", type=int, default=12)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="salesdash-chaos-"))
-    shutil.chown(tmp, "postgres", "postgres")
-    pg = PrivatePostgres(tmp / "pg")
+    pg = PrivatePostgres()
     try:
-        await asyncio.to_thread(pg.init)  # alembic runs its own event loop
+        pg.start()
+        await asyncio.to_thread(upgrade, pg.url())  # alembic runs its own event loop
         # down-after 3 s: a master restarted on its AOF (~1.5 s under load) is back before the Sentinels act
         with sentinel_cluster(tmp / "redis", replicas=2, down_after_ms=3000, aof=True) as cluster:
             outcome = await flow_and_faults(args, tmp, pg, cluster)
     finally:
-        pg.stop()
+        pg.close()
     checks = invariants(outcome)
     table = Table(title=f"Chaos run: {args.jobs:,} jobs over {args.seconds:g} s, a fault every {args.every:g} s")
     table.add_column("invariant")

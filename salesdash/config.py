@@ -46,6 +46,15 @@ class Settings(BaseSettings):
     enqueue_replica_wait_ms: int = Field(
         default=0, ge=0, le=60_000, validation_alias="SALESDASH_ENQUEUE_REPLICA_WAIT_MS"
     )
+    # a running job's lease: its worker renews it every second; once it runs out (worker dead, paused, cut off) any
+    # worker re-queues the job, and the old try's writes are refused (fencing). Small values only for tests.
+    lease_s: float = Field(default=30, ge=2, validation_alias="SALESDASH_LEASE_SECONDS")
+    # a job that cannot reach PostgreSQL or Redis waits for it this long, without spending a try, before the fault
+    # counts as one of its tries; between waits it backs off from 1 s doubling up to the cap
+    dependency_wait_s: float = Field(default=600, ge=0, validation_alias="SALESDASH_DEPENDENCY_WAIT_SECONDS")
+    dependency_backoff_cap_s: float = Field(
+        default=30, ge=1, validation_alias="SALESDASH_DEPENDENCY_BACKOFF_CAP_SECONDS"
+    )
     api_host: str = Field(default="127.0.0.1", validation_alias="SALESDASH_API_HOST")
     api_port: int = Field(default=8000, validation_alias="SALESDASH_API_PORT")
     # warm_dashboard_cache runs every 2 min: a TTL several times that rides out a failed or slow run

@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any
 
+import asyncpg
 from arq import cron, func
 
 from salesdash.config import get_settings
@@ -58,6 +59,20 @@ async def noop(ctx: dict[str, Any]) -> None:
     return None
 
 
+async def needs_db(ctx: dict[str, Any], tag: str, pause: float = 0.0) -> str:
+    """A job that needs PostgreSQL: a pause (so it is running when the server goes), then a query."""
+    await ctx["redis"].rpush("test:started", f"{tag}|{os.getpid()}|{ctx['worker_id']}")
+    await asyncio.sleep(pause)
+    async with ctx["db"].acquire() as conn:
+        return str(await conn.fetchval("SELECT $1::text", tag))
+
+
+async def needs_missing_db(ctx: dict[str, Any], port: int) -> None:
+    """A job whose PostgreSQL never answers (nothing listens on `port`)."""
+    conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", timeout=2)
+    await conn.close()
+
+
 install_engine()
 
 
@@ -70,6 +85,8 @@ def _functions() -> list[Any]:
         func(hang, name="hang", timeout=1),
         func(halfway, name="halfway", timeout=60),
         func(noop, name="noop"),
+        func(needs_db, name="needs_db", timeout=120),
+        func(needs_missing_db, name="needs_missing_db", max_tries=2),
     ]
 
 

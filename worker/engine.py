@@ -4,8 +4,13 @@ What it changes, and why (arq 0.28 behaviour in brackets):
 - claims jobs with one Lua call per batch and sleeps in BLPOP on a wake list [polls every 0.5 s, ~6 round trips
   per job]; so an idle worker sends a few commands a second and still starts a job within a millisecond;
 - priorities 0–9 inside a queue [FIFO only];
-- a claimed job leaves the ready set and holds a 30 s lease that its worker renews; any worker re-queues
-  jobs whose lease ran out [a crashed worker's jobs wait for the largest timeout + 10 s];
+- a claimed job leaves the ready set and holds a lease (30 s, SALESDASH_LEASE_SECONDS) that its worker renews; any
+  worker re-queues jobs whose lease ran out [a crashed worker's jobs wait for the largest timeout + 10 s];
+- fencing: each try holds its own lease token; its result, retry, lease renewal and progress are written only
+  while the token still owns the job, so a worker that was paused or cut off past its lease cannot overwrite the
+  try that replaced it (it logs "fenced" and drops its outcome);
+- a job that cannot reach PostgreSQL or Redis waits for it (capped backoff, SALESDASH_DEPENDENCY_WAIT_SECONDS)
+  without spending a try; only its own faults spend tries;
 - retries transient faults with capped exponential backoff and jitter, fails others at once with traceback
   [only `Retry` retries]; per-task result expiry for failures too;
 - a payload it cannot run (gone, not JSON, not an object, a field missing or mistyped, an unknown task, bad
@@ -42,12 +47,20 @@ from arq.utils import to_unix_ms
 from arq.version import VERSION as ARQ_VERSION
 from arq.worker import Function, Retry
 
+from salesdash.config import get_settings
 from worker import jobstore as js
 from worker.history import flush_history
 from worker.metrics import MetricsBuffer
 from worker.records import PRIORITY_DEFAULT, JobPayload, WorkerInfo, ms_to_dt
 from worker.registry import TASKS, RetryPolicy, TaskArgumentError
-from worker.retry import backoff_seconds, is_transient
+from worker.retry import (
+    DEPENDENCY_NAMES,
+    Dependency,
+    backoff_seconds,
+    dependency_backoff_s,
+    dependency_down,
+    is_transient,
+)
 
 logger = logging.getLogger("salesdash.worker")
 
@@ -56,7 +69,8 @@ HEARTBEAT_S = 1.0
 SWEEP_EVERY_S = 5.0
 CRON_UNIQUE_MS = 3_600_000
 MAX_JOBS_ENV = "SALESDASH_MAX_JOBS_PER_PROCESS"
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError)
+# TimeoutError: a Redis call that outlived `reply_timeout_s` (a cut link answers nothing, it does not refuse)
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, TimeoutError)
 
 
 @dataclass
@@ -64,14 +78,42 @@ class _Running:
     job: JobPayload
     started_ms: int
     ctx: dict[str, Any]
+    lease: str  # this try's fencing token
     task: asyncio.Task[Any] | None = None
     aborting: bool = False
+    fenced: bool = False  # the lease was lost: another try owns the job, this one's outcome is not written
+
+
+@dataclass(frozen=True)
+class _Faults:
+    """How the worker rides out faults around it (salesdash/config.py)."""
+
+    lease_ms: int
+    dependency_wait_ms: int
+    dependency_backoff_cap_s: float
+
+    @classmethod
+    def from_settings(cls) -> _Faults:
+        config = get_settings()
+        return cls(int(config.lease_s * 1000), int(config.dependency_wait_s * 1000), config.dependency_backoff_cap_s)
+
+    @property
+    def sweep_every_s(self) -> float:
+        return min(SWEEP_EVERY_S, self.lease_ms / 3000)
+
+    @property
+    def reply_timeout_s(self) -> float:
+        """A Redis reply later than this means a dead link: the engine gives up on its own calls (claim, finish,
+        heartbeat) well inside a lease. Enforced with `asyncio.timeout` rather than redis-py's socket_timeout, whose
+        `wait_for` on Python 3.11 can swallow a cancellation and hang shutdown."""
+        return max(self.lease_ms / 3000, 2.0)
 
 
 @dataclass
 class _State:
     worker_id: str
     keys: js.QueueKeys
+    faults: _Faults
     running: dict[str, _Running] = field(default_factory=dict)
     outcomes: list[tuple[js.Outcome, dict[str, Any] | None]] = field(default_factory=list)
     flush_wanted: asyncio.Event = field(default_factory=asyncio.Event)
@@ -82,6 +124,8 @@ class _State:
     stopping: bool = False
     wake: asyncio.Future[Any] | None = None
     redis_failures: int = 0
+    redis_failed_at: float = float("-inf")  # loop time of the last Redis call that failed
+    next_lease: int = 0
     stop_timer: asyncio.TimerHandle | None = None
     background: list[asyncio.Task[Any]] = field(default_factory=list)
 
@@ -91,11 +135,13 @@ class SalesdashWorker(arq.worker.Worker):
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     async def main(self) -> None:
+        faults = _Faults.from_settings()
         if self._pool is None:
             self._pool = await create_pool(self.redis_settings, default_queue_name=self.queue_name)
         self._state = _State(
             worker_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
             keys=js.QueueKeys.of_queue_name(self.queue_name),
+            faults=faults,
             max_jobs_per_process=int(os.environ.get(MAX_JOBS_ENV) or 0),
         )
         self.ctx.update(redis=self.pool, worker_id=self._state.worker_id, queue=self.queue_label)
@@ -108,6 +154,7 @@ class SalesdashWorker(arq.worker.Worker):
         self._state.background = [
             asyncio.create_task(self._flush_outcomes_forever()),
             asyncio.create_task(self._heartbeat_forever()),
+            asyncio.create_task(self._history_forever()),
         ]
         await self._register()
         await self._job_loop()
@@ -145,6 +192,7 @@ class SalesdashWorker(arq.worker.Worker):
         """Redis is unreachable: keep running jobs going, retry with capped backoff [arq's loop dies, #435]."""
         st = self._state
         st.redis_failures += 1
+        st.redis_failed_at = self.loop.time()
         delay = min(0.1 * 2**st.redis_failures, 5.0)
         logger.warning(
             "redis unreachable, retrying", extra={"queue": self.queue_label, "error": str(exc), "retry_in_s": delay}
@@ -176,10 +224,16 @@ class SalesdashWorker(arq.worker.Worker):
         slot = asyncio.ensure_future(st.slot_free.wait()) if st.running else None
         waiters = [w for w in (st.wake, slot) if w is not None]
         try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                waiters, timeout=timeout + st.faults.reply_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             if slot is not None:
                 slot.cancel()
+        if not done:  # the BLPOP never answered: a dead link; start over on a fresh connection
+            st.wake.cancel()
+            st.wake = None
+            st.redis_failed_at = self.loop.time()
 
     async def _drain(self) -> None:
         """Finish what is running (graceful shutdown waits here), then flush what is buffered."""
@@ -245,7 +299,15 @@ class SalesdashWorker(arq.worker.Worker):
 
     # ---- claiming and running --------------------------------------------------------------------------
     async def _claim(self, limit: int) -> tuple[int, int]:
-        claimed, next_due = await js.claim(self.pool, self._state.keys, limit, self._state.worker_id)
+        st = self._state
+        first_lease, st.next_lease = (
+            st.next_lease,
+            st.next_lease + limit,
+        )  # tokens never reused, even if a reply is lost
+        async with asyncio.timeout(st.faults.reply_timeout_s):
+            claimed, next_due = await js.claim(
+                self.pool, st.keys, limit, st.worker_id, lease_ms=st.faults.lease_ms, first_lease=first_lease
+            )
         for c in claimed:
             self._admit(c)
         return len(claimed), next_due
@@ -263,11 +325,11 @@ class SalesdashWorker(arq.worker.Worker):
             return
         job = replace(job, tries=job.tries + claimed.lost_tries) if claimed.lost_tries else job
         if claimed.abort_requested:
-            self._abort_unstarted(job)
+            self._abort_unstarted(job, claimed.lease)
             return
-        self._start(job)
+        self._start(job, claimed.lease)
 
-    def _abort_unstarted(self, job: JobPayload) -> None:
+    def _abort_unstarted(self, job: JobPayload, lease: str) -> None:
         logger.info(
             "job aborted before it started", extra={"job_id": job.id, "task": job.task, "queue": self.queue_label}
         )
@@ -275,7 +337,9 @@ class SalesdashWorker(arq.worker.Worker):
             job, "aborted", tries=job.tries, worker_id=self._state.worker_id, error="aborted before it started"
         )
         self._state.metrics.task_event(job.task, self.queue_label, "aborted")
-        self._queue_outcome(js.Outcome(job, "final", record, keep_result_ms=self._keep_result_ms(job.task)), None)
+        self._queue_outcome(
+            js.Outcome(job, "final", record, keep_result_ms=self._keep_result_ms(job.task)), None, lease
+        )
 
     def _deserialize(self, raw: bytes) -> Any:
         if self.job_deserializer is None:
@@ -296,19 +360,21 @@ class SalesdashWorker(arq.worker.Worker):
         )
         self._state.metrics.task_event(task, self.queue_label, "failure")
         self.jobs_failed += 1
-        self._queue_outcome(js.Outcome(job, "final", record, keep_result_ms=self._keep_result_ms(task)), None)
+        outcome = js.Outcome(job, "final", record, keep_result_ms=self._keep_result_ms(task))
+        self._queue_outcome(outcome, None, claimed.lease)
 
-    def _start(self, job: JobPayload) -> None:
+    def _start(self, job: JobPayload, lease: str) -> None:
         st = self._state
         ctx = {
             **self.ctx,
+            "lease": lease,
             "job_id": job.id,
             "job_try": job.tries + 1,
             "task_name": job.task,
             "enqueue_time": ms_to_dt(job.enqueued_ms),
             "score": job.due_ms,
         }
-        running = _Running(job, js.now_ms(), ctx)
+        running = _Running(job, js.now_ms(), ctx, lease)
         st.running[job.id] = running
         st.started_total += 1
         running.task = asyncio.create_task(self._run(running))
@@ -322,13 +388,14 @@ class SalesdashWorker(arq.worker.Worker):
         except BaseException as exc:  # a bug in the loop itself must not kill the worker silently
             logger.exception("job loop error", extra={"job_id": job.id})
             outcome = self._final(running, "failed", None, exc)
-        self._queue_outcome(outcome, running.ctx)
+        if outcome.kind != "fenced":  # a try that lost its lease writes nothing: another try owns the job
+            self._queue_outcome(outcome, running.ctx, running.lease)
         del st.running[job.id]
         self.tasks.pop(job.id, None)
         st.slot_free.set()
 
-    def _queue_outcome(self, outcome: js.Outcome, ctx: dict[str, Any] | None) -> None:
-        self._state.outcomes.append((outcome, ctx))
+    def _queue_outcome(self, outcome: js.Outcome, ctx: dict[str, Any] | None, lease: str) -> None:
+        self._state.outcomes.append((replace(outcome, lease=lease), ctx))
         self._state.flush_wanted.set()
 
     async def _execute(self, running: _Running) -> js.Outcome:
@@ -365,6 +432,8 @@ class SalesdashWorker(arq.worker.Worker):
                     await self.on_job_start(running.ctx)
                 result = await function.coroutine(running.ctx, *args, **kwargs)
         except asyncio.CancelledError:
+            if running.fenced:
+                return js.Outcome(running.job, "fenced")
             if running.aborting:
                 logger.info("job aborted", extra=log)
                 return self._final(running, "aborted", None, None)
@@ -407,6 +476,16 @@ class SalesdashWorker(arq.worker.Worker):
         self, running: _Running, function: Function | CronJob, exc: Exception, log: dict[str, Any]
     ) -> js.Outcome:
         job = running.job
+        dependency = dependency_down(exc)
+        if dependency and (waiting := self._wait_for_dependency(running, dependency, exc, log)):
+            return waiting
+        # the budget is spent: it stays spent (waiting_since_ms kept) but the job no longer shows as waiting; after
+        # a fault of the job's own, a later outage gets a fresh budget
+        job = (
+            replace(job, waiting_for=None)
+            if dependency
+            else replace(job, waiting_for=None, waiting_since_ms=None, waits=0)
+        )
         try_no = job.tries + 1
         if (isinstance(exc, Retry) or is_transient(exc)) and try_no < self._max_tries(function):
             delay_s = (
@@ -427,6 +506,28 @@ class SalesdashWorker(arq.worker.Worker):
             )
         logger.error("job failed", extra={**log, "try": try_no, "error": f"{type(exc).__name__}: {exc}"}, exc_info=exc)
         return self._final(running, "failed", None, exc)
+
+    def _wait_for_dependency(
+        self, running: _Running, dependency: Dependency, exc: Exception, log: dict[str, Any]
+    ) -> js.Outcome | None:
+        """Put the job back, due after a capped backoff, with its tries untouched, while the wait budget lasts."""
+        job, faults, now = running.job, self._state.faults, js.now_ms()
+        since = job.waiting_since_ms or now
+        if now - since >= faults.dependency_wait_ms:
+            logger.warning("job waited out its dependency budget; the fault now spends a try", extra=log)
+            return None
+        waits = job.waits + 1
+        delay_s = dependency_backoff_s(waits, faults.dependency_backoff_cap_s)
+        error = f"waiting for {DEPENDENCY_NAMES[dependency]}: {type(exc).__name__}: {exc}"
+        logger.warning(
+            "job waiting for a dependency",
+            extra={**log, "dependency": dependency, "waits": waits, "retry_in_s": round(delay_s, 3), "error": error},
+        )
+        due = now + int(delay_s * 1000)
+        waiting = replace(
+            job, last_error=error, due_ms=due, waiting_for=dependency, waiting_since_ms=since, waits=waits
+        )
+        return js.Outcome(waiting, "wait", retry_at_ms=due)
 
     def _fail_now(self, running: _Running, exc: Exception, log: dict[str, Any]) -> js.Outcome:
         logger.error("job failed", extra={**log, "error": f"{type(exc).__name__}: {exc}"})
@@ -466,6 +567,11 @@ class SalesdashWorker(arq.worker.Worker):
             st.flush_wanted.clear()
             try:
                 await self._flush_outcomes()
+            except REDIS_DOWN as exc:
+                self._state.redis_failed_at = self.loop.time()
+                logger.warning("flushing job outcomes failed: redis unreachable; retrying", extra={"error": str(exc)})
+                st.flush_wanted.set()
+                await asyncio.sleep(0.5)
             except Exception:
                 logger.exception("flushing job outcomes failed; retrying")
                 st.flush_wanted.set()
@@ -478,12 +584,26 @@ class SalesdashWorker(arq.worker.Worker):
             return
         batch, st.outcomes = st.outcomes, []
         try:
-            await js.finish(self.pool, st.keys, [o for o, _ in batch], self.job_serializer or js.serialize_json)
+            async with asyncio.timeout(st.faults.reply_timeout_s):  # no reply: maybe applied; retried, and the
+                refused = await js.finish(  # script tells a write already applied from a fenced one
+                    self.pool, st.keys, [o for o, _ in batch], self.job_serializer or js.serialize_json
+                )
         except BaseException:
             st.outcomes[:0] = batch  # nothing was applied (one script): keep them for the next attempt
             raise
+        for outcome in refused:
+            logger.warning(
+                "job outcome fenced: this try lost its lease and another try owns the job; its result is discarded",
+                extra={
+                    "job_id": outcome.job.id,
+                    "queue": self.queue_label,
+                    "kind": outcome.kind,
+                    "lease": outcome.lease,
+                },
+            )
+        fenced = {o.job.id for o in refused}
         for outcome, ctx in batch:
-            if ctx is not None and outcome.kind != "requeue":
+            if ctx is not None and outcome.kind not in ("requeue", "wait") and outcome.job.id not in fenced:
                 await self._hook(self.after_job_end, ctx)
 
     async def _hook(self, hook: Any, ctx: dict[str, Any]) -> None:
@@ -502,19 +622,37 @@ class SalesdashWorker(arq.worker.Worker):
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             try:
-                await self._renew_leases_and_check_aborts()
-                await self.run_cron(datetime.now(tz=self.timezone), HEARTBEAT_S)
-                await self.record_health()
-                if self.loop.time() - last_sweep >= SWEEP_EVERY_S:
-                    last_sweep = self.loop.time()
-                    await self._sweep()
-                    await self._register()
-                await st.metrics.flush(self.pool)
-                await flush_history(self.pool, self.ctx.get("db"), st.worker_id)
+                async with asyncio.timeout(st.faults.reply_timeout_s):
+                    await self._renew_leases_and_check_aborts()
+                    await self.run_cron(datetime.now(tz=self.timezone), HEARTBEAT_S)
+                    await self.record_health()
+                    if self.loop.time() - last_sweep >= st.faults.sweep_every_s:
+                        last_sweep = self.loop.time()
+                        await self._sweep()
+                        await self._register()
+                    await st.metrics.flush(self.pool)
             except asyncio.CancelledError:
                 raise
+            except REDIS_DOWN as exc:
+                st.redis_failed_at = self.loop.time()
+                logger.warning("heartbeat failed: redis unreachable", extra={"error": f"{type(exc).__name__}: {exc}"})
             except Exception:
                 logger.exception("heartbeat failed")
+
+    async def _history_forever(self) -> None:
+        """Move records to job_runs, apart from the heartbeat: a slow or unreachable PostgreSQL must never hold up
+        lease renewals. Backs off while it fails."""
+        st, failures = self._state, 0
+        while True:
+            await asyncio.sleep(min(HEARTBEAT_S * 2**failures, 30.0))
+            try:
+                await flush_history(self.pool, self.ctx.get("db"), st.worker_id)
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures = min(failures + 1, 5)
+                logger.warning("history flush failed; retrying", extra={"error": f"{type(exc).__name__}: {exc}"})
 
     async def record_health(self) -> None:
         """arq's health key (`arq --check`), rewritten every `health_check_interval`; it lives one heartbeat and a
@@ -532,17 +670,35 @@ class SalesdashWorker(arq.worker.Worker):
 
     async def _renew_leases_and_check_aborts(self) -> None:
         st = self._state
-        ids = list(st.running)
-        if not ids:
+        leases = {job_id: r.lease for job_id, r in st.running.items()}
+        if not leases:
             return
-        for job_id, abort in zip(ids, await js.renew_leases(self.pool, st.keys, ids), strict=True):
+        for job_id, state in (await js.renew_leases(self.pool, st.keys, leases, st.faults.lease_ms)).items():
             running = st.running.get(job_id)
-            if abort and running and running.task and not running.aborting:
+            if running is None or running.task is None or running.aborting or running.fenced:
+                continue
+            if state == "lost":
+                logger.warning(
+                    "job fenced: this try lost its lease and another try owns the job; stopping it here",
+                    extra={"job_id": job_id, "queue": self.queue_label, "lease": running.lease},
+                )
+                running.fenced = True
+                running.task.cancel()
+            elif state == "abort":
                 running.aborting = True
                 running.task.cancel()
 
     async def _sweep(self) -> None:
-        moved = await js.sweep(self.pool, self._state.keys)
+        """Re-queue jobs whose lease ran out, unless Redis or this worker's link to it was down less than a lease
+        ago: their owners have not had a heartbeat to renew them yet, and would lose them for nothing."""
+        st = self._state
+        lease_s = st.faults.lease_ms / 1000
+        if self.loop.time() - st.redis_failed_at < lease_s:
+            return
+        uptime = (await self.pool.info("server")).get("uptime_in_seconds")
+        if isinstance(uptime, int) and uptime < lease_s:
+            return
+        moved = await js.sweep(self.pool, st.keys)
         if moved:
             logger.warning("re-queued jobs of a dead worker", extra={"queue": self.queue_label, "job_ids": moved})
 

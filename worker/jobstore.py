@@ -11,7 +11,9 @@ and, ours alone, per queue (`<q>` = `salesdash:queue:<name>`):
 - `<q>:ready`    ZSET of due ids, score = (9 - priority)·10¹³ + age ms: priority first, then FIFO;
 - `<q>:running`  ZSET of claimed ids, score = lease expiry ms; the owner renews it, any worker re-queues
                  ids whose lease ran out (their worker died) and counts the lost try in `<q>:lost`;
-- `<q>:owners`   HASH id → worker id;   `<q>:lost`  HASH id → tries lost with a dead worker;
+- `<q>:owners`   HASH id → lease token `<worker id>#<n>`, one per claim (per try): the fencing token. Finishing,
+                 renewing and progress writes go through only while the caller's token is still there;
+- `<q>:lost`     HASH id → tries lost with a dead worker;
 - `<q>:wake`     LIST an enqueue pushes to; idle workers BLPOP it instead of polling.
 Per job also `salesdash:progress:<id>`, `salesdash:abort:<id>`, `salesdash:done:<id>` (a waiting client),
 `salesdash:unique:<id>` (one enqueue per cron tick). Fleet-wide: the history list and its flush lock, the
@@ -28,9 +30,9 @@ import json
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix
 from redis import exceptions as redis_exceptions
@@ -52,7 +54,7 @@ from worker.records import (
 
 PREFIX = "salesdash"
 JOB_TTL_MS = 7 * 24 * 3600 * 1000
-LEASE_MS = 30_000
+LEASE_MS = 30_000  # the default; workers take theirs from SALESDASH_LEASE_SECONDS
 DONE_TTL_MS = 60_000
 WAIT_SLICE_S = 1.0  # longest single BLPOP of a waiting client
 PROMOTED = -1  # score in `<q>` of a job a worker has taken in (truthy and past, so arq reads it as queued)
@@ -196,6 +198,11 @@ def encode_payload(job: JobPayload) -> dict[str, Any]:
         "retry_of": job.retry_of,
         "notify": job.notify,
         "last_error": job.last_error,
+        **(
+            {"waiting_for": job.waiting_for, "waiting_since_ms": job.waiting_since_ms, "waits": job.waits}
+            if job.waiting_since_ms is not None
+            else {}
+        ),
     }
 
 
@@ -244,6 +251,9 @@ def decode_payload(job_id: str, data: Any, queue: str) -> JobPayload:
         retry_of=_optional(data, "retry_of", str),
         notify=bool(_optional(data, "notify", bool)),
         last_error=_optional(data, "last_error", str),
+        waiting_for=_optional(data, "waiting_for", str),
+        waiting_since_ms=_optional(data, "waiting_since_ms", int),
+        waits=_optional(data, "waits", int) or 0,
     )
 
 
@@ -434,8 +444,8 @@ return 1
 
 # Take due jobs in (deferred ones, retries, arq client's), then pop up to `limit` ready ones into `running`.
 # KEYS: schedule, ready, running, owners, wake, lost
-# ARGV: prelude(8), now ms, limit, lease expiry ms, worker id
-# returns {next due ms or -1, id, payload or nil, lost tries or nil, arq abort or nil, id, ...}
+# ARGV: prelude(8), now ms, limit, lease expiry ms, worker id, first lease number
+# returns {next due ms or -1, id, payload or nil, lost tries or nil, arq abort or nil, lease token, id, ...}
 _CLAIM = (
     _PRELUDE
     + """
@@ -457,50 +467,91 @@ if limit > 0 then
   local popped = redis.call('ZPOPMIN', KEYS[2], limit)
   for i = 1, #popped, 2 do
     local id = popped[i]
+    local token = ARGV[12] .. '#' .. string.format('%.0f', tonumber(ARGV[13]) + (i - 1) / 2)
     redis.call('ZADD', KEYS[3], ARGV[11], id)
-    redis.call('HSET', KEYS[4], id, ARGV[12])
+    redis.call('HSET', KEYS[4], id, token)
     redis.call('SET', P_RUN .. id, '1', 'PX', JOB_TTL)
     out[#out + 1] = id
     out[#out + 1] = redis.call('GET', P_JOB .. id)
     out[#out + 1] = exists(KEYS[6]) and redis.call('HGET', KEYS[6], id)
     out[#out + 1] = exists(ARQ_ABORTS) and redis.call('ZSCORE', ARQ_ABORTS, id)  -- arq's `Job.abort()`, before it ran
+    out[#out + 1] = token
   end
 end
 return out
 """
 )
 
-# Apply finished tries. KEYS: schedule, running, owners, lost, history, ready, wake
-# ARGV: prelude(8), then per job 6 values: kind, id, blob, number, notify, history entry
+# Apply finished tries, each only while its lease token still owns the job (fencing: a try that lost its lease
+# to another try must not overwrite what that one wrote). KEYS: schedule, running, owners, lost, history, ready, wake
+# ARGV: prelude(8), then per job 7 values: kind, id, lease token, blob, number, notify, history entry
 #   final:   blob = result,      number = keep ms
-#   retry:   blob = new payload, number = due ms            (entry: the failed try's record)
+#   retry:   blob = new payload, number = due ms            (entry: the failed try's record, '' for none)
 #   requeue: blob = age ms,      number = priority          (handed back on shutdown; no entry)
+# Returns the ids whose outcome was refused because another try owns them. An outcome whose exact write is already
+# there (a call retried after its reply was lost) is not refused.
 _FINISH = (
     _PRELUDE
     + """
-local woke, ids = false, {}
-for i = 10, #ARGV, 6 do ids[#ids + 1] = ARGV[i] end
-if #ids > 0 then
-  redis.call('ZREM', KEYS[2], unpack(ids))
-  redis.call('HDEL', KEYS[3], unpack(ids))
-end
-for i = 9, #ARGV, 6 do
-  local kind, id, blob, n, notify, entry = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
-  if kind == 'final' then
-    finish(KEYS[1], KEYS[4], KEYS[5], id, blob, n, notify, entry)
-  elseif kind == 'retry' then
-    redis.call('SET', P_JOB .. id, blob, 'PX', JOB_TTL, 'XX')
-    redis.call('DEL', P_RUN .. id)
-    if exists(KEYS[4]) then redis.call('HDEL', KEYS[4], id) end
-    redis.call('ZADD', KEYS[1], n, id)
-    redis.call('LPUSH', KEYS[5], entry)
+local woke, fenced = false, {}
+for i = 9, #ARGV, 7 do
+  local kind, id, token, blob = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local n, notify, entry = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
+  if redis.call('HGET', KEYS[3], id) ~= token then
+    local kept = redis.call('GET', (kind == 'final' and P_RES or P_JOB) .. id)
+    if kept ~= blob then fenced[#fenced + 1] = id end
   else
-    redis.call('DEL', P_RUN .. id)
-    redis.call('ZADD', KEYS[6], ready_score(tonumber(n), tonumber(blob)), id)
-    woke = true
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('HDEL', KEYS[3], id)
+    if kind == 'final' then
+      finish(KEYS[1], KEYS[4], KEYS[5], id, blob, n, notify, entry)
+    elseif kind == 'retry' then
+      redis.call('SET', P_JOB .. id, blob, 'PX', JOB_TTL, 'XX')
+      redis.call('DEL', P_RUN .. id)
+      if exists(KEYS[4]) then redis.call('HDEL', KEYS[4], id) end
+      redis.call('ZADD', KEYS[1], n, id)
+      if entry ~= '' then redis.call('LPUSH', KEYS[5], entry) end
+    else
+      redis.call('DEL', P_RUN .. id)
+      redis.call('ZADD', KEYS[6], ready_score(tonumber(n), tonumber(blob)), id)
+      woke = true
+    end
   end
 end
 if woke then wake(KEYS[7]) end
+return fenced
+"""
+)
+
+# Extend the leases of running jobs that the caller still owns. KEYS: running, owners
+# ARGV: prelude(8), lease expiry ms, then per job: id, lease token
+# Returns per job: 0 renewed, 1 renewed and an abort was asked for, 2 lost (re-queued or owned by another try).
+_RENEW = (
+    _PRELUDE
+    + """
+local out = {}
+for i = 10, #ARGV, 2 do
+  local id = ARGV[i]
+  if redis.call('HGET', KEYS[2], id) ~= ARGV[i + 1] then
+    out[#out + 1] = 2
+  else
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[9], id)
+    local ours = redis.call('EXISTS', P_ABORT .. id) == 1
+    local arqs = exists(ARQ_ABORTS) and redis.call('ZSCORE', ARQ_ABORTS, id)  -- arq's `Job.abort()`
+    out[#out + 1] = (ours or arqs) and 1 or 0
+  end
+end
+return out
+"""
+)
+
+# Write a running job's progress while the caller still owns it. KEYS: owners, progress
+# ARGV: prelude(8), id, lease token, progress JSON. Returns 1 when written, 0 when fenced.
+_PROGRESS = (
+    _PRELUDE
+    + """
+if redis.call('HGET', KEYS[1], ARGV[9]) ~= ARGV[10] then return 0 end
+redis.call('SET', KEYS[2], ARGV[11], 'PX', JOB_TTL)
 return 1
 """
 )
@@ -663,51 +714,61 @@ class Claimed:
     raw: bytes | None  # None: the payload is gone (expired, deleted)
     lost_tries: int  # tries lost with dead workers since the payload was last written
     abort_requested: bool  # by arq's `Job.abort()`, before a worker started it
+    lease: str = ""  # this try's fencing token (see `<q>:owners`)
 
 
-async def claim(redis: Redis, keys: QueueKeys, limit: int, worker_id: str) -> tuple[list[Claimed], int]:
-    """Up to `limit` jobs, leased to `worker_id`, and when the next deferred one is due (ms, or -1)."""
+async def claim(
+    redis: Redis, keys: QueueKeys, limit: int, worker_id: str, *, lease_ms: int = LEASE_MS, first_lease: int = 0
+) -> tuple[list[Claimed], int]:
+    """Up to `limit` jobs, leased to `worker_id` for `lease_ms`, and when the next deferred one is due (ms, or -1).
+    Each claimed try gets its own lease token `<worker_id>#<n>`, n counting up from `first_lease`."""
     now = now_ms()
     reply = await _run(
         redis,
         _CLAIM,
         [keys.schedule, keys.ready, keys.running, keys.owners, keys.wake, keys.lost],
-        [now, limit, now + LEASE_MS, worker_id],
+        [now, limit, now + lease_ms, worker_id, first_lease],
     )
     claimed = [
-        Claimed(reply[i].decode(), reply[i + 1], int(reply[i + 2] or 0), reply[i + 3] is not None)
-        for i in range(1, len(reply), 4)
+        Claimed(
+            reply[i].decode(), reply[i + 1], int(reply[i + 2] or 0), reply[i + 3] is not None, reply[i + 4].decode()
+        )
+        for i in range(1, len(reply), 5)
     ]
     return claimed, int(float(reply[0]))
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What a finished try leaves to write: a final record, a retry later, or a hand-back on shutdown."""
+    """What a finished try leaves to write: a final record, a retry later, a wait for a dependency (a retry that
+    spends no try and leaves no history), a hand-back on shutdown; or nothing, when the try lost its lease."""
 
     job: JobPayload
-    kind: str  # "final", "retry" or "requeue"
+    kind: str  # "final", "retry", "wait", "requeue" or "fenced"
     record: JobRecord | None = None  # final: the result; retry: the failed try (for history)
     keep_result_ms: int = 0
     retry_at_ms: int = 0
+    lease: str = ""  # the try's fencing token: the write goes through only while it still owns the job
 
 
-async def finish(redis: Redis, keys: QueueKeys, outcomes: Sequence[Outcome], serializer: Serializer) -> None:
-    """Apply a batch of outcomes in one atomic call."""
+async def finish(redis: Redis, keys: QueueKeys, outcomes: Sequence[Outcome], serializer: Serializer) -> list[Outcome]:
+    """Apply a batch of outcomes in one atomic call; returns those refused because their try lost its lease."""
     argv: list[object] = []
     for o in outcomes:
         job, record = o.job, o.record
-        entry = history_entry(record) if record is not None else b""
+        entry = history_entry(record) if record is not None and o.kind != "wait" else b""
         if o.kind == "final" and record is not None:
             result = entry if serializer is serialize_json else serializer(encode_record(record))
-            argv += ["final", job.id, result, max(o.keep_result_ms, 1000), "1" if job.notify else "0", entry]
-        elif o.kind == "retry":
-            argv += ["retry", job.id, serializer(encode_payload(job)), o.retry_at_ms, "0", entry]
+            argv += ["final", job.id, o.lease, result, max(o.keep_result_ms, 1000), "1" if job.notify else "0", entry]
+        elif o.kind in ("retry", "wait"):
+            argv += ["retry", job.id, o.lease, serializer(encode_payload(job)), o.retry_at_ms, "0", entry]
         else:
-            argv += ["requeue", job.id, job.due_ms, job.priority, "0", ""]
-    await _run(
+            argv += ["requeue", job.id, o.lease, job.due_ms, job.priority, "0", ""]
+    fenced = await _run(
         redis, _FINISH, [keys.schedule, keys.running, keys.owners, keys.lost, HISTORY_KEY, keys.ready, keys.wake], argv
     )
+    refused = {f.decode() for f in fenced}
+    return [o for o in outcomes if o.job.id in refused]
 
 
 async def sweep(redis: Redis, keys: QueueKeys) -> list[str]:
@@ -716,14 +777,20 @@ async def sweep(redis: Redis, keys: QueueKeys) -> list[str]:
     return [m.decode() for m in moved]
 
 
-async def renew_leases(redis: Redis, keys: QueueKeys, job_ids: Sequence[str]) -> list[bool]:
-    """Extend the leases of running jobs; returns, per job, whether an abort was asked for."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.zadd(keys.running, dict.fromkeys(job_ids, now_ms() + LEASE_MS), xx=True)
-        pipe.mget([abort_key(i) for i in job_ids])
-        pipe.zmscore(abort_jobs_ss, list(job_ids))  # arq's `Job.abort()`
-        _, ours, arqs = await pipe.execute()
-    return [bool(a) or b is not None for a, b in zip(ours, arqs, strict=True)]
+LeaseState = Literal["held", "abort", "lost"]
+_LEASE_STATES: tuple[LeaseState, ...] = ("held", "abort", "lost")
+
+
+async def renew_leases(
+    redis: Redis, keys: QueueKeys, leases: Mapping[str, str], lease_ms: int = LEASE_MS
+) -> dict[str, LeaseState]:
+    """Extend the leases (job id → lease token) this worker still owns. Per job: "held", "abort" (held, and an abort
+    was asked for, ours or arq's `Job.abort()`), or "lost" (re-queued, or another try owns it: stop this one)."""
+    argv: list[object] = [now_ms() + lease_ms]
+    for job_id, token in leases.items():
+        argv += [job_id, token]
+    codes = await _run(redis, _RENEW, [keys.running, keys.owners], argv)
+    return {job_id: _LEASE_STATES[int(c)] for job_id, c in zip(leases, codes, strict=True)}
 
 
 async def abort(redis: Redis, record: JobRecord, *, notify: bool, keep_result_ms: int) -> str | None:
@@ -773,8 +840,10 @@ async def wait_done(redis: Redis, job_id: str, timeout_s: float) -> bool:
     return False
 
 
-async def set_progress(redis: Redis, job_id: str, progress: Progress) -> None:
-    await redis.set(progress_key(job_id), progress.model_dump_json(), px=JOB_TTL_MS)
+async def set_progress(redis: Redis, job_id: str, queue: str, lease: str, progress: Progress) -> bool:
+    """Write a running job's progress; False (nothing written) when the try holding `lease` no longer owns it."""
+    keys = [QueueKeys(queue).owners, progress_key(job_id)]
+    return bool(await _run(redis, _PROGRESS, keys, [job_id, lease, progress.model_dump_json()]))
 
 
 # ---- reading live state --------------------------------------------------------------------------------------
@@ -825,8 +894,15 @@ async def live_status(redis: Redis, job_id: str, queues: Sequence[str]) -> JobSt
         tries=(job.tries if job else 0) + (1 if running else 0),
         priority=job.priority if job else PRIORITY_DEFAULT,
         progress=Progress.model_validate_json(progress_raw) if progress_raw else None,
-        worker_id=owner.decode() if owner else None,
+        worker_id=owner_worker(owner) if owner else None,
+        waiting_for=job.waiting_for if job and not running else None,
     )
+
+
+def owner_worker(lease: bytes | str) -> str:
+    """The worker id in a lease token `<worker id>#<n>`."""
+    text = lease.decode() if isinstance(lease, bytes) else lease
+    return text.rpartition("#")[0] or text
 
 
 def _read_payload(job_id: str, raw: bytes | None, queue: str) -> LiveJob:

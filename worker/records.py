@@ -35,6 +35,10 @@ class JobPayload:
     retry_of: str | None = None
     notify: bool = False  # a client is waiting on the done list (`salesdash call --wait`)
     last_error: str | None = None
+    # a dependency (postgresql, redis) the job could not reach: it waits for it without spending a try
+    waiting_for: str | None = None
+    waiting_since_ms: int | None = None  # when this stretch of waiting began: the wait budget counts from here
+    waits: int = 0  # waits in this stretch: the backoff grows with them
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +89,7 @@ class JobStatus(BaseModel):
     priority: int = PRIORITY_DEFAULT
     progress: Progress | None = None
     worker_id: str | None = None
+    waiting_for: str | None = None  # a deferred job waiting for PostgreSQL or Redis to come back (no try spent)
 
     @classmethod
     def of_record(cls, record: JobRecord) -> JobStatus:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Literal
 
 import asyncpg
 import redis.exceptions
@@ -45,3 +46,70 @@ def backoff_seconds(policy: RetryPolicy, failed_tries: int, rng: random.Random |
     ceiling: float = min(policy.backoff_cap_s, policy.backoff_base_s * 2 ** max(failed_tries - 1, 0))
     jitter: float = (rng or random).uniform(0, ceiling / 2)
     return ceiling / 2 + jitter
+
+
+# ---- dependency outages: waited out, not counted as tries ---------------------------------------------------------
+Dependency = Literal["postgresql", "redis"]
+DEPENDENCY_NAMES: dict[Dependency, str] = {"postgresql": "PostgreSQL", "redis": "Redis"}
+
+# PostgreSQL is unreachable, restarting or full: the server's state, not the job's fault
+_PG_DOWN: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.PostgresConnectionError,  # class 08, and a connection that died under a query
+    asyncpg.exceptions.CannotConnectNowError,  # 57P03 starting up / shutting down; 57P01/57P02 terminated
+    asyncpg.exceptions.TooManyConnectionsError,  # 53300
+)
+_PG_CLOSED = ("connection is closed", "connection was closed", "pool is closed")
+# Redis is unreachable or still loading its data; wrong credentials are a configuration fault, not an outage
+_REDIS_DOWN: tuple[type[BaseException], ...] = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+_REDIS_MISCONFIGURED: tuple[type[BaseException], ...] = (
+    redis.exceptions.AuthenticationError,
+    redis.exceptions.AuthorizationError,
+)
+_SOCKET_FAULTS: tuple[type[BaseException], ...] = (OSError, TimeoutError)  # ConnectionError is an OSError
+
+
+def dependency_down(exc: BaseException) -> Dependency | None:
+    """Which of the platform's own servers a job's exception says is unreachable, or None when the fault is the
+    job's (its input, its code, a third party it calls). Looks through `raise ... from` and implicit chains. A bare
+    socket error (refused, reset, timed out) counts only when it was raised inside asyncpg's or redis-py's code, so
+    a webhook or an SMTP server that is down stays the job's own transient fault, spending tries."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        found = _classify(current)
+        if found:
+            return found
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _classify(exc: BaseException) -> Dependency | None:
+    if isinstance(exc, _REDIS_DOWN):
+        return None if isinstance(exc, _REDIS_MISCONFIGURED) else "redis"
+    if isinstance(exc, _PG_DOWN):
+        return "postgresql"
+    if isinstance(exc, asyncpg.exceptions.InterfaceError) and any(t in str(exc) for t in _PG_CLOSED):
+        return "postgresql"
+    if isinstance(exc, _SOCKET_FAULTS):
+        return _raised_inside(exc)
+    return None
+
+
+def _raised_inside(exc: BaseException) -> Dependency | None:
+    tb = exc.__traceback__
+    while tb is not None:
+        module = str(tb.tb_frame.f_globals.get("__name__", ""))
+        if module == "asyncpg" or module.startswith("asyncpg."):
+            return "postgresql"
+        if module == "redis" or module.startswith("redis."):
+            return "redis"
+        tb = tb.tb_next
+    return None
+
+
+def dependency_backoff_s(waits: int, cap_s: float, rng: random.Random | None = None) -> float:
+    """How long a job waits before trying an unreachable dependency again: 1 s doubling per wait, capped, with
+    equal jitter, so jobs that met the same outage come back spread out rather than all at once."""
+    ceiling = min(cap_s, 2.0 ** max(waits - 1, 0))
+    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)

@@ -27,7 +27,8 @@ _COLUMNS = (
     "retry_of",
 )
 
-# A batch is one statement: unnest the column arrays, upsert on job_id (a job may be written at each try).
+# A batch is one statement: unnest the column arrays, upsert on job_id (a job may be written at each try; a row
+# is only replaced by a record of the same or a later try).
 _UPSERT = f"""
 INSERT INTO job_runs ({", ".join(_COLUMNS)})
 SELECT job_id, task_name, queue, args::jsonb, kwargs::jsonb, status, tries, priority, enqueued_at, started_at,
@@ -41,6 +42,8 @@ ON CONFLICT (job_id) DO UPDATE SET
     finished_at = EXCLUDED.finished_at, duration_ms = EXCLUDED.duration_ms, result = EXCLUDED.result,
     error = EXCLUDED.error, traceback = EXCLUDED.traceback, worker_id = EXCLUDED.worker_id,
     recorded_at = now()
+  -- a late record of an earlier try of the same job (a fenced one) never replaces a later try's
+  WHERE job_runs.tries <= EXCLUDED.tries OR job_runs.enqueued_at IS DISTINCT FROM EXCLUDED.enqueued_at
 """
 
 
