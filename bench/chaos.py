@@ -82,7 +82,7 @@ class Workers:
     env: dict[str, str]
     logs: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    restarts: int = 0  # exits the bench did not cause (a worker that found PostgreSQL down at start, say)
+    exits: list[str] = field(default_factory=list)  # exits the bench did not cause, with the log's last line
 
     def spawn(self, index: int) -> subprocess.Popen[bytes]:
         with (self.logs / f"worker-{index}.log").open("ab") as log:
@@ -107,7 +107,8 @@ class Workers:
     def revive_exited(self) -> None:
         for i, proc in enumerate(self.procs):
             if proc.poll() is not None:
-                self.restarts += 1
+                lines = (self.logs / f"worker-{i}.log").read_text(errors="replace").strip().splitlines()
+                self.exits.append(f"exit {proc.returncode}: {lines[-1][:150] if lines else 'no output'}")
                 self.spawn(i)
 
     def stop(self) -> None:
@@ -305,7 +306,7 @@ class Outcome:
     rss: list[tuple[float, int]]
     flow_s: float
     drain_s: float
-    restarts: int
+    exits: list[str]
 
 
 async def rss_of_first_worker(workers: Workers, samples: list[tuple[float, int]], stop: asyncio.Event) -> None:
@@ -367,7 +368,7 @@ async def _flow(
     await redis.aclose(close_connection_pool=True)
     return Outcome(
         flow, faults, runs, still_live, read_runs(runs_dir), left, baseline_keys, end_keys, rss, flow_s, drain_s,
-        workers.restarts,
+        workers.exits,
     )  # fmt: skip
 
 
@@ -452,7 +453,10 @@ def figures(o: Outcome) -> list[tuple[str, str]]:
             "jobs run again after a fault",
             f"{rerun:,} (started more than once, retrying kind left out): in flight at a worker kill or a Redis loss",
         ),
-        ("workers restarted by the supervisor", f"{o.restarts} (exits the bench did not cause)"),
+        (
+            "workers restarted by the supervisor",
+            f"{len(o.exits)} (exits the bench did not cause)" + "".join(f"\n{e}" for e in Counter(o.exits)),
+        ),
         ("flow / drain", f"{o.flow_s:.0f} s of flow and faults, then {o.drain_s:.0f} s until every job was recorded"),
     ]
 
