@@ -39,6 +39,7 @@ import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from collections import Counter, defaultdict  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -83,6 +84,7 @@ class Workers:
     logs: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     exits: list[str] = field(default_factory=list)  # exits the bench did not cause, with the log's last line
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def spawn(self, index: int) -> subprocess.Popen[bytes]:
         with (self.logs / f"worker-{index}.log").open("ab") as log:
@@ -100,11 +102,20 @@ class Workers:
         return proc
 
     def kill(self, index: int) -> None:
-        self.procs[index].send_signal(signal.SIGKILL)
-        self.procs[index].wait()
-        self.spawn(index)
+        with self.lock:  # the supervisor must not take this exit for one of its own and start a second process
+            self.procs[index].send_signal(signal.SIGKILL)
+            self.procs[index].wait()
+            self.spawn(index)
 
     def revive_exited(self) -> None:
+        if not self.lock.acquire(blocking=False):
+            return  # a fault is killing and restarting one right now
+        try:
+            self._revive_exited()
+        finally:
+            self.lock.release()
+
+    def _revive_exited(self) -> None:
         for i, proc in enumerate(self.procs):
             if proc.poll() is not None:
                 lines = (self.logs / f"worker-{i}.log").read_text(errors="replace").strip().splitlines()
