@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(HASH)
 BENCH_STAMP := $(VENV)/.bench-$(HASH)
 PROMTOOL := $(VENV)/tools/promtool
 
-.PHONY: run test browser lint bench bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics bench-maintenance bench-api bench-monitoring bench-tracing clean
+.PHONY: run test browser lint bench bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics bench-maintenance bench-api bench-monitoring bench-tracing bench-failover bench-chaos clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -86,6 +86,12 @@ bench-monitoring: $(BENCH_STAMP)
 
 bench-tracing: $(STAMP)
 	$(BIN)/python bench/tracing.py
+
+bench-failover: $(BENCH_STAMP)
+	$(BIN)/python bench/failover.py
+
+bench-chaos: $(BENCH_STAMP)
+	$(BIN)/python bench/chaos.py
 
 clean:
 	rm -rf $(VENV) .salesdash .pytest_cache .mypy_cache .ruff_cache

@@ -311,6 +311,8 @@ class Mutation:
                 )
         except (UnknownTaskError, ValueError) as exc:
             return TriggerResult(success=False, task_id=None, message=str(exc), queue=None)
+        except client.NotReplicatedError as exc:  # queued on the master, not yet safe from a failover
+            return TriggerResult(success=False, task_id=exc.job_id, message=str(exc), queue=None)
         return TriggerResult(
             success=True,
             task_id=job.task_id,

@@ -113,6 +113,8 @@ async def create_job(
         raise HTTPException(422, detail=f"task_name: {exc}") from None
     except ValueError as exc:
         raise HTTPException(422, detail=str(exc)) from None
+    except client.NotReplicatedError as exc:  # queued on the master, not yet safe from a failover
+        raise HTTPException(503, detail=str(exc)) from None
     except (client.RateLimitedError, client.IdempotencyConflictError) as exc:
         raise trigger_refusal(exc) from None
     if job.replayed:

@@ -218,6 +218,8 @@ def call(
         job, status = _run(work)
     except (UnknownTaskError, ValueError) as exc:
         _fail(str(exc))
+    except client.NotReplicatedError as exc:
+        _fail(str(exc), 3)  # queued, but not yet safe from a failover
     if status is None:
         _emit(
             {"task_id": job.task_id, "task_name": job.task_name, "queue": job.queue, "priority": job.priority}, as_json

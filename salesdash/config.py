@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     )
     # how long a rollup refresh waits for a lock (a rebuild for running refreshes, any refresh for table locks)
     rollup_lock_timeout: float = Field(default=5.0, gt=0, validation_alias="SALESDASH_ROLLUP_LOCK_TIMEOUT")
+    # > 0: an enqueue waits up to this long for one Redis replica to acknowledge it (WAIT 1 <ms>) and reports
+    # when none did; 0: no wait (asynchronous replication: a failover can lose the last moments' enqueues)
+    enqueue_replica_wait_ms: int = Field(
+        default=0, ge=0, le=60_000, validation_alias="SALESDASH_ENQUEUE_REPLICA_WAIT_MS"
+    )
     # a running job's lease: its worker renews it every second; once it runs out (worker dead, paused, cut off) any
     # worker re-queues the job, and the old try's writes are refused (fencing). Small values only for tests.
     lease_s: float = Field(default=30, ge=2, validation_alias="SALESDASH_LEASE_SECONDS")

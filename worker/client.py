@@ -33,6 +33,7 @@ from worker.registry import TASKS, Queue, TaskArgumentError, TaskSpec, get_task
 
 MAX_DEFER_SECONDS = 30 * 24 * 3600
 MAX_JOB_ID_LENGTH = 128  # ours are 32 hex digits; an arq client's own ids stay well below this
+NotReplicatedError = js.NotReplicatedError  # enqueue_task: stored, but no replica acknowledged it in time
 QUEUES = tuple(q.value for q in Queue)
 
 
@@ -137,7 +138,8 @@ async def enqueue_task(
             trace=tracing.carrier(),  # the job's run continues this trace
         )
         enqueued = Enqueued(job.id, spec.name, spec.queue.value, prio, deferred=defer_ms > 0)
-        done = await js.trigger(redis, job, _guard(principal, enqueued, bound, defer_ms, idempotency_key))
+        guard = _guard(principal, enqueued, bound, defer_ms, idempotency_key)
+        done = await js.trigger(redis, job, guard, replica_wait_ms=get_settings().enqueue_replica_wait_ms)
     if done.outcome == "limited":
         raise RateLimitedError(max(1, math.ceil(done.retry_after_ms / 1000)))
     if done.outcome == "conflict":

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix
+from redis import exceptions as redis_exceptions
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
@@ -59,6 +60,7 @@ PREFIX = "salesdash"
 JOB_TTL_MS = 7 * 24 * 3600 * 1000
 LEASE_MS = 30_000  # the default; workers take theirs from SALESDASH_LEASE_SECONDS
 DONE_TTL_MS = 60_000
+WAIT_SLICE_S = 1.0  # longest single BLPOP of a waiting client
 PROMOTED = -1  # score in `<q>` of a job a worker has taken in (truthy and past, so arq reads it as queued)
 HISTORY_KEY = f"{PREFIX}:history:pending"
 HISTORY_LOCK_KEY = f"{PREFIX}:history:lock"
@@ -690,44 +692,89 @@ return #ids
 _SCRIPTS: dict[str, AsyncScript] = {}
 
 
-async def _run(redis: Redis, lua: str, keys: Sequence[str], args: Iterable[object]) -> Any:
-    """EVALSHA a script (loaded on first use, re-loaded if the server lost it) with the prelude's arguments."""
+def _script(redis: Redis, lua: str) -> AsyncScript:
     script = _SCRIPTS.get(lua)
     if script is None:
         script = _SCRIPTS[lua] = redis.register_script(lua)
+    return script
+
+
+def _argv(args: Iterable[object]) -> list[Any]:
     argv: list[Any] = [*_PER_JOB_PREFIXES, DONE_TTL_MS, JOB_TTL_MS]
-    argv += [a if isinstance(a, bytes) else str(a) for a in args]
-    return await script(keys=list(keys), args=argv, client=redis)
+    return argv + [a if isinstance(a, bytes) else str(a) for a in args]
+
+
+async def _run(redis: Redis, lua: str, keys: Sequence[str], args: Iterable[object]) -> Any:
+    """EVALSHA a script (loaded on first use, re-loaded if the server lost it) with the prelude's arguments."""
+    return await _script(redis, lua)(keys=list(keys), args=_argv(args), client=redis)
+
+
+async def _run_then_wait(
+    redis: Redis, lua: str, keys: Sequence[str], args: Iterable[object], replica_wait_ms: int
+) -> tuple[Any, int]:
+    """`_run`, then `WAIT 1 replica_wait_ms` on the same connection (WAIT counts the replicas that have this
+    connection's writes): the script's reply and how many replicas acknowledged it."""
+    async with redis.pipeline(transaction=False) as pipe:
+        await _script(redis, lua)(keys=list(keys), args=_argv(args), client=pipe)
+        pipe.execute_command("WAIT", 1, replica_wait_ms)
+        reply, acked = await pipe.execute(raise_on_error=False)
+    if isinstance(acked, redis_exceptions.ResponseError) and "replica" in str(acked):
+        # a Sentinel named a server that has just turned replica (a script that wrote nothing ran there): reconnect
+        # through the Sentinels, as redis-py does when a write meets READONLY
+        await redis.connection_pool.disconnect(inuse_connections=False)
+        raise redis_exceptions.ConnectionError(f"the Redis server answering is now a replica ({acked})")
+    for answer in (reply, acked):
+        if isinstance(answer, Exception):
+            raise answer
+    return reply, int(acked)
+
+
+class NotReplicatedError(RuntimeError):
+    """A write the master took but no replica acknowledged in time: a failover now could lose it."""
+
+    def __init__(self, job_id: str, replica_wait_ms: int) -> None:
+        super().__init__(job_id, replica_wait_ms)
+        self.job_id = job_id
+        self.replica_wait_ms = replica_wait_ms
+
+    def __str__(self) -> str:
+        return (
+            f"job {self.job_id} was stored on the Redis master, but no replica acknowledged it within "
+            f"{self.replica_wait_ms} ms (SALESDASH_ENQUEUE_REPLICA_WAIT_MS): it is queued, yet a failover "
+            f"now could lose it; check its status before enqueueing it again"
+        )
 
 
 # ---- operations ----------------------------------------------------------------------------------------------
-async def enqueue(redis: Redis, job: JobPayload, *, unique_ms: int = 0) -> bool:
+async def enqueue(redis: Redis, job: JobPayload, *, unique_ms: int = 0, replica_wait_ms: int = 0) -> bool:
     """Store the payload and queue the id atomically. False when the id is taken (a live job or a kept result,
-    as arq refuses it) or, with `unique_ms`, when that id was enqueued recently (each cron tick runs once)."""
+    as arq refuses it) or, with `unique_ms`, when that id was enqueued recently (each cron tick runs once).
+    With `replica_wait_ms`, wait that long for one replica to acknowledge the write; NotReplicatedError if none
+    did (the job stays queued: a master that survives runs it)."""
     keys = QueueKeys(job.queue)
     deferred = job.due_ms > job.enqueued_ms
-    return bool(
-        await _run(
-            redis,
-            _ENQUEUE,
-            [
-                job_key(job.id),
-                keys.schedule,
-                keys.ready,
-                keys.wake,
-                unique_key(job.id) if unique_ms else job_key(job.id),
-                result_key(job.id),
-            ],
-            [
-                serialize_json(encode_payload(job)),
-                job.priority,
-                job.enqueued_ms,
-                job.due_ms if deferred else "",
-                unique_ms or "",
-                job.id,
-            ],
-        )
-    )
+    call_keys = [
+        job_key(job.id),
+        keys.schedule,
+        keys.ready,
+        keys.wake,
+        unique_key(job.id) if unique_ms else job_key(job.id),
+        result_key(job.id),
+    ]
+    call_args = [
+        serialize_json(encode_payload(job)),
+        job.priority,
+        job.enqueued_ms,
+        job.due_ms if deferred else "",
+        unique_ms or "",
+        job.id,
+    ]
+    if not replica_wait_ms:
+        return bool(await _run(redis, _ENQUEUE, call_keys, call_args))
+    stored, acked = await _run_then_wait(redis, _ENQUEUE, call_keys, call_args, replica_wait_ms)
+    if stored and acked < 1:
+        raise NotReplicatedError(job.id, replica_wait_ms)
+    return bool(stored)
 
 
 @dataclass(frozen=True, slots=True)
@@ -757,14 +804,13 @@ class Triggered:
 _TRIGGER_OUTCOMES = {0: "taken", 1: "enqueued", 2: "replayed", 3: "conflict", 4: "limited"}
 
 
-async def trigger(redis: Redis, job: JobPayload, guard: TriggerGuard) -> Triggered:
-    """`enqueue` behind a rate limit and an idempotency key, atomically and in one round trip."""
+async def trigger(redis: Redis, job: JobPayload, guard: TriggerGuard, *, replica_wait_ms: int = 0) -> Triggered:
+    """`enqueue` behind a rate limit and an idempotency key, atomically and in one round trip (two with
+    `replica_wait_ms`, as `enqueue`: NotReplicatedError when no replica acknowledged a job it queued)."""
     keys = QueueKeys(job.queue)
     deferred = job.due_ms > job.enqueued_ms
     limited = guard.rate_key is not None and guard.interval_ms > 0
-    code, value = await _run(
-        redis,
-        _TRIGGER,
+    call = (
         [
             job_key(job.id),
             keys.schedule,
@@ -789,7 +835,13 @@ async def trigger(redis: Redis, job: JobPayload, guard: TriggerGuard) -> Trigger
             guard.replay,
         ],
     )
+    if replica_wait_ms:
+        (code, value), acked = await _run_then_wait(redis, _TRIGGER, *call, replica_wait_ms)
+    else:
+        code, value, acked = *await _run(redis, _TRIGGER, *call), 1
     outcome = _TRIGGER_OUTCOMES[int(code)]
+    if outcome == "enqueued" and acked < 1:
+        raise NotReplicatedError(job.id, replica_wait_ms)
     text = value.decode() if isinstance(value, bytes) else str(value)
     if outcome == "limited":
         return Triggered(outcome, retry_after_ms=int(text))
@@ -912,8 +964,20 @@ async def purge(redis: Redis, queue: str) -> int:
 
 
 async def wait_done(redis: Redis, job_id: str, timeout_s: float) -> bool:
-    """Block until a job enqueued with `notify` finished."""
-    return await redis.blpop([done_key(job_id)], timeout=timeout_s) is not None  # type: ignore[arg-type,misc]
+    """Block until a job enqueued with `notify` finished. In short BLPOPs with a look at the result between
+    them, so a notification lost in a Redis failover or restart still ends the wait once the result is there;
+    a broken connection is retried (a Sentinel pool reconnects to the new master) until the deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while (left := deadline - loop.time()) > 0:
+        try:
+            if await redis.blpop([done_key(job_id)], timeout=min(left, WAIT_SLICE_S)) is not None:  # type: ignore[arg-type,misc]
+                return True
+            if await redis.exists(result_key(job_id)):
+                return True
+        except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError):
+            await asyncio.sleep(min(0.5, left))
+    return False
 
 
 async def set_progress(redis: Redis, job_id: str, queue: str, lease: str, progress: Progress) -> bool:
