@@ -20,6 +20,7 @@ from strawberry.scalars import JSON
 
 from api import dashboard_types as dt
 from api.auth import authenticate
+from api.graphql_memo import RECORDER, Recorder
 from api.deps import get_db, get_redis
 from salesdash.auth import AuthError, Principal, Scope, require
 from worker import client, dashboard
@@ -38,11 +39,14 @@ def auth_errors() -> Iterator[None]:
 
 
 class Context(BaseContext):
-    def __init__(self, db: asyncpg.Pool, redis: Redis, authorization: str | None) -> None:
+    def __init__(
+        self, db: asyncpg.Pool, redis: Redis, authorization: str | None, recorder: Recorder | None = None
+    ) -> None:
         super().__init__()
         self.db = db
         self.redis = redis
         self.authorization = authorization
+        self.recorder = recorder  # api.graphql_memo's, when the request came through it
         self._principal: Principal | None = None
 
     async def principal(self) -> Principal:
@@ -62,7 +66,7 @@ class Context(BaseContext):
 async def get_context(
     request: Request, db: asyncpg.Pool = Depends(get_db), redis: Redis = Depends(get_redis)
 ) -> Context:
-    return Context(db, redis, request.headers.get("authorization"))
+    return Context(db, redis, request.headers.get("authorization"), request.scope.get(RECORDER))
 
 
 @strawberry.type
@@ -143,11 +147,14 @@ async def _dashboard(
     """A dashboard payload from the cache, for a read token; a bad argument is a GraphQL error naming it."""
     await info.context.require(Scope.READ)
     try:
-        return await dashboard.read(info.context.redis, info.context.db, query, args)
+        entry = await dashboard.read(info.context.redis, info.context.db, query, args)
     except dashboard.DashboardArgumentError as exc:
         raise GraphQLError(str(exc), extensions={"code": "BAD_USER_INPUT", "argument": exc.argument}) from None
     except CacheBusyError as exc:
         raise GraphQLError(str(exc), extensions={"code": "UNAVAILABLE"}) from None
+    if info.context.recorder is not None:
+        info.context.recorder.record(query, dict(args), entry)
+    return entry
 
 
 @strawberry.type

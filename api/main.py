@@ -15,6 +15,7 @@ from api.dashboard import router as dashboard_router
 from api.deps import DbDep, RedisDep
 from api.exports import router as exports_router
 from api.graphql import graphql_router
+from api.graphql_memo import GraphQLMemo
 from api.reports import router as reports_router
 from api.rest import router
 from salesdash.auth import AuthError
@@ -71,6 +72,7 @@ def create_app() -> FastAPI:
     app.include_router(customers_router)
     app.add_exception_handler(AuthError, _auth_error)  # type: ignore[arg-type]
     app.include_router(graphql_router(), prefix="/graphql")
+    app.add_middleware(GraphQLMemo)  # dashboard-only queries answered again without executing them
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
