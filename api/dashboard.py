@@ -10,8 +10,7 @@ from fastapi import APIRouter, Cookie, Form, Header, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from api.auth import authenticate
-from api.deps import DbDep, RedisDep
+from api.deps import DbDep, RedisDep, TokensDep
 from salesdash.auth import AuthError, Scope, require
 from worker import client
 
@@ -30,13 +29,14 @@ async def dashboard(
     request: Request,
     db: DbDep,
     redis: RedisDep,
+    tokens: TokensDep,
     authorization: Annotated[str | None, Header()] = None,
     salesdash_token: Annotated[str | None, Cookie()] = None,
 ) -> HTMLResponse:
     """Bearer header for scripts; a cookie set by the sign-in form for browsers."""
     try:
         credentials = authorization or (f"Bearer {salesdash_token}" if salesdash_token else None)
-        require(await authenticate(db, credentials), Scope.READ)
+        require(await tokens.authenticate(db, credentials), Scope.READ)
     except AuthError as exc:
         return HTMLResponse(_LOGIN.format(message=exc), status_code=exc.status_code)
     queues = await client.queue_overview(redis)
@@ -47,9 +47,9 @@ async def dashboard(
 
 
 @router.post("/dashboard/login")
-async def login(db: DbDep, token: Annotated[str, Form()]) -> RedirectResponse:
+async def login(db: DbDep, tokens: TokensDep, token: Annotated[str, Form()]) -> RedirectResponse:
     try:
-        require(await authenticate(db, f"Bearer {token}"), Scope.READ)
+        require(await tokens.authenticate(db, f"Bearer {token}"), Scope.READ)
     except AuthError:
         return RedirectResponse("/dashboard", status_code=303)
     response = RedirectResponse("/dashboard", status_code=303)

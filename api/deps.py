@@ -9,7 +9,7 @@ import asyncpg
 from fastapi import Depends, Header, Request
 from redis.asyncio import Redis
 
-from api.auth import authenticate
+from api.auth import TokenVerifier
 from salesdash.auth import Principal, Scope, require
 
 
@@ -21,12 +21,17 @@ def get_redis(request: Request) -> Redis:
     return request.app.state.redis  # type: ignore[no-any-return]
 
 
+def get_tokens(request: Request) -> TokenVerifier:
+    return request.app.state.tokens  # type: ignore[no-any-return]
+
+
 DbDep = Annotated[asyncpg.Pool, Depends(get_db)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
+TokensDep = Annotated[TokenVerifier, Depends(get_tokens)]
 
 
-async def principal(db: DbDep, authorization: Annotated[str | None, Header()] = None) -> Principal:
-    return await authenticate(db, authorization)
+async def principal(db: DbDep, tokens: TokensDep, authorization: Annotated[str | None, Header()] = None) -> Principal:
+    return await tokens.authenticate(db, authorization)
 
 
 def scoped(needed: Scope) -> Callable[..., Awaitable[Principal]]:

@@ -19,9 +19,9 @@ from strawberry.fastapi import BaseContext, GraphQLRouter
 from strawberry.scalars import JSON
 
 from api import dashboard_types as dt
-from api.auth import authenticate
+from api.auth import TokenVerifier
+from api.deps import get_db, get_redis, get_tokens
 from api.graphql_memo import RECORDER, Recorder
-from api.deps import get_db, get_redis
 from salesdash.auth import AuthError, Principal, Scope, require
 from worker import client, dashboard
 from worker.cache import CacheBusyError, CacheEntry
@@ -40,11 +40,17 @@ def auth_errors() -> Iterator[None]:
 
 class Context(BaseContext):
     def __init__(
-        self, db: asyncpg.Pool, redis: Redis, authorization: str | None, recorder: Recorder | None = None
+        self,
+        db: asyncpg.Pool,
+        redis: Redis,
+        tokens: TokenVerifier,
+        authorization: str | None,
+        recorder: Recorder | None = None,
     ) -> None:
         super().__init__()
         self.db = db
         self.redis = redis
+        self.tokens = tokens
         self.authorization = authorization
         self.recorder = recorder  # api.graphql_memo's, when the request came through it
         self._principal: Principal | None = None
@@ -53,7 +59,7 @@ class Context(BaseContext):
         """The caller, authenticated once per request (a query may resolve several fields)."""
         with auth_errors():
             if self._principal is None:
-                self._principal = await authenticate(self.db, self.authorization)
+                self._principal = await self.tokens.authenticate(self.db, self.authorization)
         return self._principal
 
     async def require(self, needed: Scope) -> None:
@@ -64,9 +70,12 @@ class Context(BaseContext):
 
 
 async def get_context(
-    request: Request, db: asyncpg.Pool = Depends(get_db), redis: Redis = Depends(get_redis)
+    request: Request,
+    db: asyncpg.Pool = Depends(get_db),
+    redis: Redis = Depends(get_redis),
+    tokens: TokenVerifier = Depends(get_tokens),
 ) -> Context:
-    return Context(db, redis, request.headers.get("authorization"), request.scope.get(RECORDER))
+    return Context(db, redis, tokens, request.headers.get("authorization"), request.scope.get(RECORDER))
 
 
 @strawberry.type

@@ -9,7 +9,7 @@ whose top-level fields are all dashboard fields and strawberry answered it 200 w
 response and, per field, the cache entry it was served from (recorded by api.graphql's resolvers).
 
 A memoized body is served when, for this request:
-- the caller authenticates with the read scope (the same `authenticate` as every route; a refusal falls through
+- the caller authenticates with the read scope (the app's TokenVerifier, as every route; a refusal falls through
   to strawberry, which answers it as usual);
 - every field's cache key, derived again for this moment (a new local day is a new key), holds in Redis byte for
   byte the entry it was built from (one MGET), and none of them is past its TTL.
@@ -27,7 +27,6 @@ from typing import Any
 from graphql import FieldNode, GraphQLError, OperationDefinitionNode, OperationType, parse
 from redis.asyncio import Redis
 
-from api.auth import authenticate
 from salesdash.auth import AuthError, Scope, require
 from salesdash.config import get_settings
 from worker import cache, dashboard
@@ -141,7 +140,7 @@ class GraphQLMemo:
 async def _still_valid(scope: AsgiScope, memo: Memo) -> bool:
     state = scope["app"].state
     try:
-        require(await authenticate(state.db, _header(scope, b"authorization")), Scope.READ)
+        require(await state.tokens.authenticate(state.db, _header(scope, b"authorization")), Scope.READ)
         keys = [dashboard.request(read.query, read.args).key for read in memo.reads]
     except (AuthError, dashboard.DashboardArgumentError):
         return False  # strawberry answers it, with the error it deserves

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, generate_latest
 
+from api.auth import TokenVerifier
 from api.customers import router as customers_router
 from api.dashboard import router as dashboard_router
 from api.deps import DbDep, RedisDep
@@ -34,7 +35,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.db = await open_db_pool(settings)
     app.state.redis = await open_redis(settings)
     try:
-        yield
+        async with app.state.tokens.flushing(app.state.db, settings.token_last_used_interval_s):
+            yield
     finally:
         await app.state.redis.aclose(close_connection_pool=True)
         await app.state.db.close()
@@ -65,6 +67,7 @@ async def _auth_error(_: Request, exc: AuthError) -> JSONResponse:
 
 def create_app() -> FastAPI:
     app = FastAPI(title="salesdash", lifespan=lifespan)
+    app.state.tokens = TokenVerifier.from_settings(get_settings())
     app.include_router(router)
     app.include_router(reports_router)
     app.include_router(exports_router)

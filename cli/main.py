@@ -7,7 +7,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, TypeVar
 
@@ -141,31 +141,38 @@ def seed(
 def token_create(
     name: Annotated[str, typer.Option(help="Who or what the token is for.")],
     scope: Annotated[str, typer.Option(help="read, trigger or admin.")] = "read",
+    expires_in: Annotated[
+        str | None, typer.Option(help="Expire after this long: 90m, 12h, 30d, 2w (default: never).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a token; it is printed once and only its hash is stored."""
     from db.queries.tokens import create_token
+    from salesdash.periods import parse_duration
 
     try:
-        token_id, token = _run(lambda db, _: create_token(db, name, scope))
+        lifetime = parse_duration(expires_in) if expires_in is not None else None
+        token_id, token = _run(lambda db, _: create_token(db, name, scope, lifetime))
     except ValueError as exc:
         _fail(str(exc))
+    expires = (datetime.now(UTC) + lifetime).isoformat(timespec="seconds") if lifetime else None
     if as_json:
-        _emit({"id": token_id, "name": name, "scope": scope, "token": token}, True)
+        _emit({"id": token_id, "name": name, "scope": scope, "expires_at": expires, "token": token}, True)
     else:
-        console.print(f"token {token_id} ({scope}) for {name}:\n{token}")
+        console.print(f"token {token_id} ({scope}) for {name}, expires {expires or 'never'}:\n{token}")
         console.print("[dim]store it now: it is not shown again[/dim]")
 
 
 @token_app.command("list")
 def token_list(as_json: JsonOpt = False) -> None:
-    """List tokens (never the tokens themselves)."""
+    """List tokens with their last use and expiry (never the tokens themselves). Last use is recorded by each API
+    process about once a minute."""
     from db.queries.tokens import list_tokens
 
     _emit(
         _run(lambda db, _: list_tokens(db)),
         as_json,
-        ["id", "name", "scopes", "created_at", "last_used_at", "revoked_at"],
+        ["id", "name", "scopes", "active", "created_at", "last_used_at", "expires_at", "revoked_at"],
     )
 
 
@@ -292,12 +299,19 @@ def inspect(
 def up(
     port: Annotated[int, typer.Option(help="API port.")] = 8000,
     host: Annotated[str, typer.Option(help="API bind address.")] = "127.0.0.1",
+    api_workers: Annotated[
+        int | None, typer.Option(help="API processes (default SALESDASH_API_WORKERS, 1); one per core is usual.")
+    ] = None,
 ) -> None:
     """Run everything on this machine: servers (embedded unless configured), migrations, demo data, API and
     one worker per queue. Ctrl-C stops it all."""
     from cli.up import run_up
 
-    sys.exit(run_up(get_settings(), host, port))
+    settings = get_settings()
+    workers = settings.api_workers if api_workers is None else api_workers
+    if not 1 <= workers <= 64:
+        _fail("--api-workers must be between 1 and 64")
+    sys.exit(run_up(settings, host, port, workers))
 
 
 @app.command()

@@ -35,11 +35,15 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-async def _prepare(database_url: str, timezone: str) -> tuple[bool, str]:
+UP_TOKEN_PREFIX = "salesdash up "
+
+
+async def _prepare(database_url: str, timezone: str) -> tuple[bool, int, str]:
     """Seed demo data when the database is empty (the loader rebuilds the analytics rollups), bring the rollups up to
     date otherwise (a database migrated from the materialized views gets them rebuilt here, not at the first cron
-    tick), and mint an admin token for this run."""
-    from db.queries.tokens import create_token
+    tick), and mint an admin token for this run, revoking any an earlier run left behind (it was killed before
+    it could revoke its own)."""
+    from db.queries.tokens import create_token, revoke_tokens_named
     from db.queries.views import Family, refresh_family
     from db.seed import seed
     from salesdash.connections import open_db_pool
@@ -62,8 +66,20 @@ async def _prepare(database_url: str, timezone: str) -> tuple[bool, str]:
                 seeded = True
             for family in Family:
                 await refresh_family(conn, family, timezone=timezone)
-        _, token = await create_token(db, f"salesdash up {time.strftime('%Y-%m-%d %H:%M:%S')}", "admin")
-        return seeded, token
+        await revoke_tokens_named(db, UP_TOKEN_PREFIX)
+        token_id, token = await create_token(db, f"{UP_TOKEN_PREFIX}{time.strftime('%Y-%m-%d %H:%M:%S')}", "admin")
+        return seeded, token_id, token
+    finally:
+        await db.close()
+
+
+async def _revoke(token_id: int) -> None:
+    from db.queries.tokens import revoke_token
+    from salesdash.connections import open_db_pool
+
+    db = await open_db_pool(max_size=1)
+    try:
+        await revoke_token(db, token_id)
     finally:
         await db.close()
 
@@ -72,7 +88,13 @@ def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(args, env=os.environ.copy(), start_new_session=True, preexec_fn=_die_with_parent)
 
 
-def run_up(settings: Settings, host: str, port: int) -> int:
+def _api_command(host: str, port: int, api_workers: int) -> list[str]:
+    """uvicorn with `api_workers` processes sharing the port (its own supervisor restarts one that dies)."""
+    command = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", host, "--port", str(port), "--no-access-log"]
+    return command + (["--workers", str(api_workers)] if api_workers > 1 else [])
+
+
+def run_up(settings: Settings, host: str, port: int, api_workers: int = 1) -> int:
     stopping = False
     starting = True
 
@@ -89,36 +111,24 @@ def run_up(settings: Settings, host: str, port: int) -> int:
     for sig in _STOP_SIGNALS:
         signal.signal(sig, request_stop)
     children: list[subprocess.Popen[bytes]] = []
+    token_id: int | None = None
     try:
         database_url, redis_url = resolve_urls(settings)
         console.print(f"PostgreSQL: {database_url}\nRedis:      {redis_url}")
         from db.migrate import upgrade
 
         upgrade(database_url)
-        seeded, token = asyncio.run(_prepare(database_url, settings.timezone))
+        seeded, token_id, token = asyncio.run(_prepare(database_url, settings.timezone))
         if seeded:
             console.print(f"seeded demo data: {DEMO}")
-        children.append(
-            _spawn(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "api.main:app",
-                    "--host",
-                    host,
-                    "--port",
-                    str(port),
-                    "--no-access-log",
-                ]
-            )
-        )
+        children.append(_spawn(_api_command(host, port, api_workers)))
         children += [_spawn([sys.executable, "-m", "worker", q]) for q in QUEUES]
         base = f"http://{host}:{port}"
         console.print(
             f"[bold green]salesdash is up[/bold green]\n  API      {base}\n  GraphQL  {base}/graphql\n"
             f"  health   {base}/healthz\n  metrics  {base}/metrics\n"
-            f"  admin token (this run): {token}\nCtrl-C stops everything."
+            f"  API processes: {api_workers}\n"
+            f"  admin token (this run): {token}\n  (revoked when this run stops)\nCtrl-C stops everything."
         )
         starting = False
         while not stopping:
@@ -135,6 +145,9 @@ def run_up(settings: Settings, host: str, port: int) -> int:
     finally:
         starting = False
         _stop(children)
+        if token_id is not None:
+            with contextlib.suppress(Exception):  # the next run revokes it if this cannot
+                asyncio.run(_revoke(token_id))
         stop_started()  # the embedded servers we started, or adopted from a run that died without stopping them
         with contextlib.suppress(OSError):  # after SIGHUP the terminal is gone
             console.print("stopped")

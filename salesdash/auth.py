@@ -30,15 +30,17 @@ _RANK: Final[dict[Scope, int]] = {Scope.READ: 0, Scope.TRIGGER: 1, Scope.ADMIN: 
 
 @dataclass(frozen=True)
 class Principal:
-    """Whoever a call acts for; `scopes` is what its credential was granted."""
+    """Whoever a call acts for; `scopes` is what its credential was granted, `token_id` the API token it came
+    with (None for the operator), which rate limits and idempotency keys are counted per."""
 
     scopes: frozenset[Scope]
+    token_id: int | None = None
 
     @classmethod
-    def of(cls, names: Iterable[str]) -> Principal:
+    def of(cls, names: Iterable[str], token_id: int | None = None) -> Principal:
         """From stored scope names; a name this code does not know grants nothing (fail closed, never crash)."""
         known = {s.value for s in Scope}
-        return cls(frozenset(Scope(n) for n in names if n in known))
+        return cls(frozenset(Scope(n) for n in names if n in known), token_id)
 
     def allows(self, needed: Scope) -> bool:
         return any(s.rank >= needed.rank for s in self.scopes)

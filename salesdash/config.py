@@ -65,6 +65,26 @@ class Settings(BaseSettings):
     )
     health_queue_wait_max_s: float = Field(default=300, gt=0, validation_alias="SALESDASH_HEALTH_QUEUE_WAIT_SECONDS")
 
+    # API tokens and sessions (issue 10, docs/configuration.md#api-security)
+    # a verified token is trusted this long without asking PostgreSQL again: revocation takes effect within it
+    token_cache_s: float = Field(default=30, gt=0, le=3600, validation_alias="SALESDASH_TOKEN_CACHE_SECONDS")
+    # while PostgreSQL is unreachable a token verified before keeps working this much longer (0: not at all)
+    token_stale_s: float = Field(default=300, ge=0, validation_alias="SALESDASH_TOKEN_STALE_IF_DB_DOWN_SECONDS")
+    # `last_used_at` is written in one batch per interval, per API process, off the request path
+    token_last_used_interval_s: float = Field(
+        default=60, gt=0, validation_alias="SALESDASH_TOKEN_LAST_USED_INTERVAL_SECONDS"
+    )
+    # triggers (POST /jobs, triggerBackgroundTask, retries) per token: a GCRA bucket in Redis; rate 0 turns it off
+    trigger_rate_per_minute: float = Field(default=60, ge=0, validation_alias="SALESDASH_TRIGGER_RATE_PER_MINUTE")
+    trigger_burst: int = Field(default=20, ge=1, validation_alias="SALESDASH_TRIGGER_BURST")
+    idempotency_window_s: int = Field(default=86400, ge=1, validation_alias="SALESDASH_IDEMPOTENCY_WINDOW_SECONDS")
+    session_ttl_s: int = Field(default=8 * 3600, ge=60, validation_alias="SALESDASH_SESSION_TTL_SECONDS")
+    graphiql: bool = Field(default=True, validation_alias="SALESDASH_GRAPHIQL")
+    graphql_introspection: bool = Field(default=True, validation_alias="SALESDASH_GRAPHQL_INTROSPECTION")
+    # comma-separated origins allowed by CORS; empty: no CORS headers at all
+    cors_origins: str = Field(default="", validation_alias="SALESDASH_CORS_ORIGINS")
+    api_workers: int = Field(default=1, ge=1, le=64, validation_alias="SALESDASH_API_WORKERS")
+
     @field_validator("database_url")
     @classmethod
     def _plain_postgres_scheme(cls, value: str | None) -> str | None:
@@ -85,6 +105,10 @@ class Settings(BaseSettings):
     @property
     def tzinfo(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     @property
     def exports_dir(self) -> Path:

@@ -72,3 +72,16 @@ def parse_day_or_month(text: str, *, end: bool) -> date:
     except ValueError:
         pass
     raise ValueError(f"expected YYYY-MM or YYYY-MM-DD, got {text!r}")
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90s`, `15m`, `12h`, `30d`, `2w` (or bare seconds) as a positive timedelta; ValueError naming the input."""
+    value = text.strip().lower()
+    unit = value[-1:] if value[-1:] in _DURATION_UNITS else "s"
+    number = value[:-1] if value[-1:] in _DURATION_UNITS else value
+    if not number.isdigit() or int(number) <= 0:
+        raise ValueError(f"duration {text!r}: use a positive whole number with s, m, h, d or w (e.g. 30d)")
+    return timedelta(seconds=int(number) * _DURATION_UNITS[unit])
