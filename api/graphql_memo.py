@@ -161,7 +161,8 @@ def _header(scope: AsgiScope, name: bytes) -> str | None:
 
 async def _read_body(receive: Receive) -> tuple[bytes, bool]:
     """The request body; complete is False when it is larger than MAX_BODY (read on, but never memoized)."""
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
