@@ -399,6 +399,8 @@ async def _bench(args: argparse.Namespace, console: Console) -> list[Row]:
             if reused:
                 console.print(f"reusing {name} as seeded by an earlier run (--keep-database): no seed row")
             for measure in ROWS[1:] if reused else ROWS:
+                if args.only and measure.__name__.removesuffix("_rows") not in args.only:
+                    continue
                 for row in await measure(bench):
                     ratio = "" if row.ratio is None else f"  ({row.ratio:.2%} of the rebuild)"
                     console.print(f"  {row.step}: {row.seconds:.3f} s  {row.work}{ratio}")
@@ -449,6 +451,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100, help="concurrent salesOverview clients")
     parser.add_argument(
         "--keep-database", metavar="NAME", help="seed into this database and keep it; a later run reuses it as it is"
+    )
+    parser.add_argument(
+        "--only", type=lambda v: v.split(","), help="with --keep-database: only these rows (e.g. export,overview)"
     )
     parser.add_argument("--export-rows", type=int, default=1_000_000, help="the newest orders exported")
     args = parser.parse_args()

@@ -506,6 +506,13 @@ async def test_warm_dashboard_cache_run_by_a_real_worker_fills_every_key(
 
 
 # ---- the GraphQL response memo (api/graphql_memo.py) -----------------------------------------------------------
+@pytest.fixture
+def always_revalidate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every memo hit looks at Redis (the tests below change entries between two requests)."""
+    monkeypatch.setattr("api.graphql_memo.REVALIDATE_S", 0.0)
+
+
+@pytest.mark.usefixtures("always_revalidate")
 async def test_a_dashboard_query_is_served_from_the_memo_until_its_entry_changes(
     seeded: None, clean_redis: Redis, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]]
 ) -> None:
@@ -533,6 +540,7 @@ async def test_a_dashboard_query_is_served_from_the_memo_until_its_entry_changes
     assert stats.hits == hits + 1
 
 
+@pytest.mark.usefixtures("always_revalidate")
 async def test_the_memo_still_authenticates_every_request(
     seeded: None, clean_redis: Redis, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]]
 ) -> None:
@@ -559,3 +567,27 @@ async def test_a_query_with_other_fields_is_never_memoized(
         body = await gql(app_client, mixed, auth["read"])
         assert "errors" not in body and body["data"]["backgroundTasks"]
     assert stats.hits == hits
+
+
+async def test_a_memo_checked_recently_is_served_without_a_look_at_redis(
+    seeded: None,
+    clean_redis: Redis,
+    app_client: httpx.AsyncClient,
+    auth: dict[str, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from api.graphql_memo import stats
+
+    monkeypatch.setattr("api.graphql_memo.REVALIDATE_S", 3600.0)
+    first = await gql(app_client, OVERVIEW_GQL, auth["read"], range="month_to_date")
+    await gql(app_client, OVERVIEW_GQL, auth["read"], range="month_to_date")  # a hit: checked against Redis now
+    hits = stats.hits
+    key = dashboard.request(dashboard.SALES_OVERVIEW, {"range": "month_to_date"}).key
+    await clean_redis.delete(key)
+    # within REVALIDATE_S of that check the memo answers without looking (still within its entry's TTL) ...
+    assert await gql(app_client, OVERVIEW_GQL, auth["read"], range="month_to_date") == first
+    assert stats.hits == hits + 1
+    # ... and once the window is over, it looks, finds the entry gone, and the query is executed again
+    monkeypatch.setattr("api.graphql_memo.REVALIDATE_S", 0.0)
+    await gql(app_client, OVERVIEW_GQL, auth["read"], range="month_to_date")
+    assert stats.hits == hits + 1 and await clean_redis.exists(key)
