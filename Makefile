@@ -72,6 +72,7 @@ bench-dashboard: $(BENCH_STAMP)
 	$(BIN)/python bench/dashboard.py
 
 bench-analytics: $(BENCH_STAMP)
+	@command -v wrk >/dev/null || apt-get install -y -q wrk
 	$(BIN)/python bench/analytics.py
 
 bench-maintenance: $(BENCH_STAMP)

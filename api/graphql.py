@@ -30,6 +30,7 @@ from api.auth import TokenVerifier
 from api.deps import get_db, get_redis, get_tokens
 from api.errors import DEPENDENCY_NAMES, DependencyDownError, log_unexpected, request_id, unreachable_dependency
 from api.limits import graphql_limits
+from api.graphql_memo import RECORDER, Recorder
 from salesdash.auth import AuthError, Principal, Scope, require
 from salesdash.config import Settings, get_settings
 from worker import client, dashboard
@@ -74,6 +75,7 @@ class Context(BaseContext):
         tokens: TokenVerifier,
         authorization: str | None,
         session_id: str | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         super().__init__()
         self.db = db
@@ -81,6 +83,7 @@ class Context(BaseContext):
         self.tokens = tokens
         self.authorization = authorization
         self.session_id = session_id  # GraphiQL in a browser signed in to the dashboard
+        self.recorder = recorder  # api.graphql_memo's, when the request came through it
         self._principal: Principal | None = None
 
     async def authenticate(self) -> Principal:
@@ -116,7 +119,13 @@ async def get_context(
 ) -> Context:
     """Authenticates first: a request without a valid token or session costs one lookup, whatever the size of its
     query, which is never parsed. Only GraphiQL's page (a GET without a query) is let through, to its sign-in."""
-    context = Context(db, redis, tokens, request.headers.get("authorization"), request.cookies.get(sessions.COOKIE))
+    context = Context(
+        db,
+        redis,
+        tokens,
+        request.headers.get("authorization"), request.cookies.get(sessions.COOKIE),
+        request.scope.get(RECORDER),
+    )
     if request.method != "GET" or "query" in request.query_params:
         try:
             await context.authenticate()
@@ -211,11 +220,14 @@ async def _dashboard(
     """A dashboard payload from the cache, for a read token; a bad argument is a GraphQL error naming it."""
     await info.context.require(Scope.READ)
     try:
-        return await dashboard.read(info.context.redis, info.context.db, query, args)
+        entry = await dashboard.read(info.context.redis, info.context.db, query, args)
     except dashboard.DashboardArgumentError as exc:
         raise GraphQLError(str(exc), extensions={"code": "BAD_USER_INPUT", "argument": exc.argument}) from None
     except CacheBusyError as exc:
         raise GraphQLError(str(exc), extensions={"code": "UNAVAILABLE"}) from None
+    if info.context.recorder is not None:
+        info.context.recorder.record(query, dict(args), entry)
+    return entry
 
 
 @strawberry.type

@@ -20,6 +20,7 @@ from api.deps import DbDep, RedisDep
 from api.errors import error_responses, install_error_handlers
 from api.exports import router as exports_router
 from api.graphql import GraphQLRefusedError, graphql_router, refused_answer
+from api.graphql_memo import GraphQLMemo
 from api.limits import BodyLimit
 from api.notifications import router as notifications_router
 from api.reports import router as reports_router
@@ -103,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(graphql_router(settings), prefix="/graphql")
     install_error_handlers(app)
     app.add_exception_handler(GraphQLRefusedError, refused_answer)  # type: ignore[arg-type]
+    app.add_middleware(GraphQLMemo)  # dashboard-only queries answered again without executing them
     app.add_middleware(BodyLimit)
     tracing.configure("salesdash-api")  # off without OTEL_EXPORTER_OTLP_ENDPOINT
     tracing.instrument_app(app)

@@ -84,7 +84,7 @@ def _run_worker(env: dict[str, str]) -> tuple[int, float]:
     return peak, cpu
 
 
-async def _export(redis: Redis, db: asyncpg.Pool, env: dict[str, str], kwargs: dict[str, Any]) -> dict[str, Any]:
+async def export_job(redis: Redis, db: asyncpg.Pool, env: dict[str, str], kwargs: dict[str, Any]) -> dict[str, Any]:
     from salesdash.auth import OPERATOR
     from worker import client
 
@@ -129,7 +129,7 @@ async def _bench(args: argparse.Namespace, console: Console) -> tuple[tuple[int,
             try:
                 idle = await asyncio.to_thread(_run_worker, env)
                 results = [
-                    {**await _export(redis, db, env, {**window, "export_format": f}), "run": run}
+                    {**await export_job(redis, db, env, {**window, "export_format": f}), "run": run}
                     for run in range(1, args.runs + 1)
                     for f in args.formats
                 ]

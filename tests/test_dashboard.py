@@ -503,3 +503,91 @@ async def test_warm_dashboard_cache_run_by_a_real_worker_fills_every_key(
     runs = counts["hourly_metrics"]
     assert runs >= 1
     assert counts == {q.name: runs * sum(r.query is q for r in requests) for q in dashboard.QUERIES}
+
+
+# ---- the GraphQL response memo (api/graphql_memo.py) -----------------------------------------------------------
+@pytest.fixture
+def always_revalidate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every memo hit looks at Redis (the tests below change entries between two requests)."""
+    monkeypatch.setattr("api.graphql_memo.REVALIDATE_S", 0.0)
+
+
+@pytest.mark.usefixtures("always_revalidate")
+async def test_a_dashboard_query_is_served_from_the_memo_until_its_entry_changes(
+    seeded: None, clean_redis: Redis, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]]
+) -> None:
+    from api.graphql_memo import stats
+
+    first = await gql(app_client, OVERVIEW_GQL, auth["read"], range="last_7_days")
+    hits = stats.hits
+    again = await gql(app_client, OVERVIEW_GQL, auth["read"], range="last_7_days")
+    assert (again, stats.hits) == (first, hits + 1)
+    # warm_dashboard_cache writes a newer entry: the memo is not served, the new numbers are
+    [entry] = await dashboard.compute_all(
+        app_client._transport.app.state.db,  # type: ignore[attr-defined]
+        [dashboard.request(dashboard.SALES_OVERVIEW, {"range": "last_7_days"})],
+    )
+    newer = entry.model_copy(update={"data": entry.data.model_copy(update={"orders": entry.data.orders + 1})})
+    await cache.store_all(clean_redis, [newer], get_settings().dashboard_cache_ttl_s)
+    fresh = await gql(app_client, OVERVIEW_GQL, auth["read"], range="last_7_days")
+    assert fresh["data"]["salesOverview"]["orders"] == first["data"]["salesOverview"]["orders"] + 1
+    assert fresh["data"]["salesOverview"]["generatedAt"] != first["data"]["salesOverview"]["generatedAt"]
+    assert stats.hits == hits + 1
+    # an entry gone from Redis (expired) is not answered from the memo either: it is computed again
+    await clean_redis.delete(dashboard.request(dashboard.SALES_OVERVIEW, {"range": "last_7_days"}).key)
+    recomputed = await gql(app_client, OVERVIEW_GQL, auth["read"], range="last_7_days")
+    assert recomputed["data"]["salesOverview"]["orders"] == first["data"]["salesOverview"]["orders"]
+    assert stats.hits == hits + 1
+
+
+@pytest.mark.usefixtures("always_revalidate")
+async def test_the_memo_still_authenticates_every_request(
+    seeded: None, clean_redis: Redis, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]]
+) -> None:
+    from api.graphql_memo import stats
+
+    await gql(app_client, OVERVIEW_GQL, auth["read"], range="today")
+    hits = stats.hits
+    for headers in ({}, {"Authorization": "Bearer sd_not_a_token"}):
+        refused = await gql(app_client, OVERVIEW_GQL, headers, range="today")
+        assert refused["data"] == {"salesOverview": None}
+        assert refused["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+    assert stats.hits == hits
+
+
+async def test_a_query_with_other_fields_is_never_memoized(
+    seeded: None, clean_redis: Redis, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]]
+) -> None:
+    from api.graphql_memo import is_dashboard_only, stats
+
+    mixed = '{ salesOverview(range: "today") { orders } backgroundTasks { name } }'
+    assert not is_dashboard_only(f'{{"query": {mixed!r}}}'.replace("'", '"').encode())
+    hits = stats.hits
+    for _ in range(2):
+        body = await gql(app_client, mixed, auth["read"])
+        assert "errors" not in body and body["data"]["backgroundTasks"]
+    assert stats.hits == hits
+
+
+async def test_a_memo_checked_recently_is_served_without_a_look_at_redis(
+    seeded: None,
+    clean_redis: Redis,
+    app_client: httpx.AsyncClient,
+    auth: dict[str, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from api.graphql_memo import stats
+
+    monkeypatch.setattr("api.graphql_memo.REVALIDATE_S", 3600.0)
+    first = await gql(app_client, OVERVIEW_GQL, auth["read"], range="month_to_date")
+    await gql(app_client, OVERVIEW_GQL, auth["read"], range="month_to_date")  # a hit: checked against Redis now
+    hits = stats.hits
+    key = dashboard.request(dashboard.SALES_OVERVIEW, {"range": "month_to_date"}).key
+    await clean_redis.delete(key)
+    # within REVALIDATE_S of that check the memo answers without looking (still within its entry's TTL) ...
+    assert await gql(app_client, OVERVIEW_GQL, auth["read"], range="month_to_date") == first
+    assert stats.hits == hits + 1
+    # ... and once the window is over, it looks, finds the entry gone, and the query is executed again
+    monkeypatch.setattr("api.graphql_memo.REVALIDATE_S", 0.0)
+    await gql(app_client, OVERVIEW_GQL, auth["read"], range="month_to_date")
+    assert stats.hits == hits + 1 and await clean_redis.exists(key)

@@ -1,0 +1,230 @@
+"""GraphQL response memo for dashboard reads: the bytes strawberry answered a dashboard-only query with, served
+again without executing it while the cache entries it was built from are still the ones in Redis.
+
+A dashboard query (`{ salesOverview(range: "last_7_days") { revenue } }`) costs strawberry's parse, validation,
+execution and JSON encoding on every request, about a millisecond of CPU, for a payload that changes every two
+minutes (warm_dashboard_cache). This ASGI middleware, in front of the app, keys the memo by the request body (the
+document, its variables and operation name, byte for byte). A body is memoized only when it is one query operation
+whose top-level fields are all dashboard fields and strawberry answered it 200 without errors; what is kept is the
+response and, per field, the cache entry it was served from (recorded by api.graphql's resolvers).
+
+A memoized body is served when, for this request:
+- the caller authenticates with the read scope (the app's TokenVerifier, as every route; a refusal falls through
+  to strawberry, which answers it as usual);
+- every field's cache key, derived again for this moment (a new local day is a new key), holds in Redis byte for
+  byte the entry it was built from (one MGET), and none of them is past its TTL. A memo that passed that check for
+  the same keys less than REVALIDATE_S ago is not checked against Redis again: a newer entry written by
+  warm_dashboard_cache (every two minutes) is answered at most that late, and an entry is never answered past its
+  TTL. The Redis round trip was about a quarter of a memo hit's CPU.
+Anything else (a miss, an expired or rewritten entry, another query) goes to strawberry as before.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from graphql import FieldNode, GraphQLError, OperationDefinitionNode, OperationType, parse
+from redis.asyncio import Redis
+
+from salesdash.auth import AuthError, Scope, require
+from salesdash.config import get_settings
+from worker import cache, dashboard
+from worker.cache import CacheEntry
+
+AsgiScope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[AsgiScope, Receive, Send], Awaitable[None]]
+
+RECORDER = "salesdash.graphql_memo"  # the ASGI scope key api.graphql's context finds the recorder under
+PATH = "/graphql"
+MAX_BODY = 16 * 1024  # larger request bodies are never memoized
+MAX_ENTRIES = 256  # distinct bodies remembered; the oldest goes first
+REVALIDATE_S = 0.1  # a memo checked against Redis this recently, for the same keys, is served without a look
+# Top-level fields whose answer is a cache entry and nothing else (api.graphql's DashboardQueries).
+DASHBOARD_FIELDS = frozenset(
+    {
+        "salesOverview",
+        "hourlyMetrics",
+        "topProducts",
+        "topCategories",
+        "categoryBreakdown",
+        "customerSegments",
+        "lowStockProducts",
+        "__typename",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Read:
+    """One dashboard field's read: the query and arguments it asked for, the entry it got (encoded as stored)."""
+
+    query: dashboard.DashboardQuery[Any]
+    args: dict[str, Any]
+    raw: bytes
+    expires_at_ms: int
+
+
+@dataclass
+class Recorder:
+    """Filled by the resolvers during one strawberry execution."""
+
+    reads: list[Read] = field(default_factory=list)
+
+    def record(self, query: dashboard.DashboardQuery[Any], args: dict[str, Any], entry: CacheEntry[Any]) -> None:
+        ttl_s = get_settings().dashboard_cache_ttl_s
+        self.reads.append(Read(query, dict(args), cache.encode(entry), entry.expires_at_ms(ttl_s)))
+
+
+@dataclass
+class MemoStats:
+    hits: int = 0  # responses served from a memo
+    stored: int = 0  # bodies memoized
+
+
+stats = MemoStats()  # of this process (tests and benchmarks read it)
+
+
+@dataclass
+class Memo:
+    reads: tuple[Read, ...]
+    response: bytes
+    checked: tuple[tuple[str, ...], float] = ((), float("-inf"))  # keys found unchanged in Redis, and when
+
+
+def is_dashboard_only(body: bytes) -> bool:
+    """One query operation, no fragments, every top-level selection a dashboard field."""
+    try:
+        request = json.loads(body)
+        document = parse(request["query"])
+    except (ValueError, KeyError, TypeError, GraphQLError):
+        return False
+    if len(document.definitions) != 1:
+        return False
+    [operation] = document.definitions
+    if not isinstance(operation, OperationDefinitionNode) or operation.operation != OperationType.QUERY:
+        return False
+    selections = operation.selection_set.selections
+    return all(isinstance(s, FieldNode) and s.name.value in DASHBOARD_FIELDS for s in selections)
+
+
+class GraphQLMemo:
+    """ASGI middleware: see the module docstring."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.memos: dict[bytes, Memo] = {}
+
+    async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != PATH:
+            await self.app(scope, receive, send)
+            return
+        body, complete = await _read_body(receive)
+        memo = self.memos.get(body) if complete else None
+        if memo is not None and await _still_valid(scope, memo):
+            stats.hits += 1
+            await _send_json(send, memo.response)
+            return
+        recorder = Recorder()
+        scope[RECORDER] = recorder
+        response = _Captured(send)
+        await self.app(scope, _replay(body, receive), response.send)
+        if complete and response.memoizable() and recorder.reads and is_dashboard_only(body):
+            if len(self.memos) >= MAX_ENTRIES:
+                del self.memos[next(iter(self.memos))]
+            self.memos[body] = Memo(tuple(recorder.reads), bytes(response.body))
+            stats.stored += 1
+
+
+async def _still_valid(scope: AsgiScope, memo: Memo) -> bool:
+    state = scope["app"].state
+    try:
+        require(await state.tokens.authenticate(state.db, _header(scope, b"authorization")), Scope.READ)
+        keys = tuple(dashboard.request(read.query, read.args).key for read in memo.reads)
+    except (AuthError, dashboard.DashboardArgumentError):
+        return False  # strawberry answers it, with the error it deserves
+    if any(read.expires_at_ms <= time.time() * 1000 for read in memo.reads):
+        return False
+    checked_keys, checked_at = memo.checked
+    if keys == checked_keys and time.monotonic() - checked_at < REVALIDATE_S:
+        return True
+    redis: Redis = state.redis
+    stored = await redis.mget(keys)
+    if all(raw == read.raw for raw, read in zip(stored, memo.reads, strict=True)):
+        memo.checked = (keys, time.monotonic())
+        return True
+    return False
+
+
+def _header(scope: AsgiScope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+async def _read_body(receive: Receive) -> tuple[bytes, bool]:
+    """The request body; complete is False when it is larger than MAX_BODY (read on, but never memoized)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks), False
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks), size <= MAX_BODY
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # http.disconnect, when the client goes
+
+    return replay
+
+
+class _Captured:
+    """Passes the response through and keeps a copy of it."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.status = 0
+        self.content_type = b""
+        self.body = bytearray()
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            self.content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+        elif message["type"] == "http.response.body" and len(self.body) <= MAX_BODY * 64:
+            self.body += message.get("body", b"")
+        await self._send(message)
+
+    def memoizable(self) -> bool:
+        if self.status != 200 or not self.content_type.startswith(b"application/json"):
+            return False
+        try:
+            answer = json.loads(self.body)
+        except ValueError:
+            return False
+        return isinstance(answer, dict) and not answer.get("errors") and answer.get("data") is not None
+
+
+async def _send_json(send: Send, body: bytes) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
