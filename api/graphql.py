@@ -29,8 +29,8 @@ from api import sessions
 from api.auth import TokenVerifier
 from api.deps import get_db, get_redis, get_tokens
 from api.errors import DEPENDENCY_NAMES, DependencyDownError, log_unexpected, request_id, unreachable_dependency
-from api.limits import graphql_limits
 from api.graphql_memo import RECORDER, Recorder
+from api.limits import graphql_limits
 from salesdash.auth import AuthError, Principal, Scope, require
 from salesdash.config import Settings, get_settings
 from worker import client, dashboard
@@ -103,7 +103,6 @@ class Context(BaseContext):
         assert self._principal is not None
         return self._principal
 
-
     async def require(self, needed: Scope) -> None:
         """For read-only fields, whose service functions take no principal."""
         principal = await self.principal()
@@ -123,7 +122,8 @@ async def get_context(
         db,
         redis,
         tokens,
-        request.headers.get("authorization"), request.cookies.get(sessions.COOKIE),
+        request.headers.get("authorization"),
+        request.cookies.get(sessions.COOKIE),
         request.scope.get(RECORDER),
     )
     if request.method != "GET" or "query" in request.query_params:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 
 from aiosmtpd.controller import Controller
@@ -137,15 +138,7 @@ def run_up(settings: Settings, host: str, port: int, api_workers: int = 1) -> in
             f"  admin token (this run): {token}\n  (revoked when this run stops)\nCtrl-C stops everything."
         )
         starting = False
-        while not stopping:
-            if any(child.poll() is not None for child in children):
-                console.print("[red]a child process exited; stopping[/red]")
-                return_code = 1
-                break
-            time.sleep(0.3)
-        else:
-            return_code = 0
-        return return_code
+        return _watch(children, lambda: stopping)
     except _Stopped:
         return 0
     finally:
@@ -159,6 +152,16 @@ def run_up(settings: Settings, host: str, port: int, api_workers: int = 1) -> in
         stop_started()  # the embedded servers we started, or adopted from a run that died without stopping them
         with contextlib.suppress(OSError):  # after SIGHUP the terminal is gone
             console.print("stopped")
+
+
+def _watch(children: list[subprocess.Popen[bytes]], stopping: Callable[[], bool]) -> int:
+    """Until a stop is asked for (0), or a child exits (1)."""
+    while not stopping():
+        if any(child.poll() is not None for child in children):
+            console.print("[red]a child process exited; stopping[/red]")
+            return 1
+        time.sleep(0.3)
+    return 0
 
 
 def _stop(children: list[subprocess.Popen[bytes]], timeout_s: float = 40) -> None:

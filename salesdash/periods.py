@@ -86,6 +86,7 @@ def parse_duration(text: str) -> timedelta:
         raise ValueError(f"duration {text!r}: use a positive whole number with s, m, h, d or w (e.g. 30d)")
     return timedelta(seconds=int(number) * _DURATION_UNITS[unit])
 
+
 def parse_iso_week(text: str) -> date:
     """The Monday of ISO week YYYY-Www."""
     try:

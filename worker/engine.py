@@ -48,8 +48,8 @@ from arq.utils import to_unix_ms
 from arq.version import VERSION as ARQ_VERSION
 from arq.worker import Function, Retry
 
-from salesdash.config import get_settings
 from salesdash import tracing
+from salesdash.config import get_settings
 from worker import jobstore as js
 from worker.history import flush_history
 from worker.metrics import MetricsBuffer

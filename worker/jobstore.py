@@ -838,7 +838,7 @@ async def trigger(redis: Redis, job: JobPayload, guard: TriggerGuard, *, replica
     if replica_wait_ms:
         (code, value), acked = await _run_then_wait(redis, _TRIGGER, *call, replica_wait_ms)
     else:
-        code, value, acked = *await _run(redis, _TRIGGER, *call), 1
+        (code, value), acked = await _run(redis, _TRIGGER, *call), 1
     outcome = _TRIGGER_OUTCOMES[int(code)]
     if outcome == "enqueued" and acked < 1:
         raise NotReplicatedError(job.id, replica_wait_ms)
