@@ -29,7 +29,9 @@ from typing import Any
 
 from graphql import FieldNode, GraphQLError, OperationDefinitionNode, OperationType, parse
 from redis.asyncio import Redis
+from starlette.exceptions import HTTPException
 
+from api.errors import error_response
 from salesdash.auth import AuthError, Scope, require
 from salesdash.config import get_settings
 from worker import cache, dashboard
@@ -125,7 +127,11 @@ class GraphQLMemo:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != PATH:
             await self.app(scope, receive, send)
             return
-        body, complete = await _read_body(receive)
+        try:
+            body, complete = await _read_body(receive)
+        except HTTPException as exc:  # the body limit (api.limits), met while reading ahead of the route
+            await error_response(exc.status_code, exc.detail)(scope, receive, send)
+            return
         memo = self.memos.get(body) if complete else None
         if memo is not None and await _still_valid(scope, memo):
             stats.hits += 1
