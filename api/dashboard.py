@@ -8,7 +8,6 @@ Who the caller is comes from one dependency, `page_principal`: how a browser sig
 
 from __future__ import annotations
 
-import contextlib
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,6 +20,7 @@ from pydantic import BaseModel, Field
 from api import sessions
 from api.deps import DbDep, RedisDep
 from api.errors import error_responses
+from api.rest import QueueName, TaskId, trigger_refusal
 from salesdash.auth import AuthError, Principal, Scope, require
 from worker import client, dashboard, monitoring
 from worker.cache import CacheBusyError
@@ -66,22 +66,33 @@ async def page(request: Request) -> HTMLResponse:
     return HTMLResponse(html)
 
 
-@router.get("/dashboard/dashboard.js")
-async def script() -> Response:
-    return Response((_TEMPLATES / "dashboard.js").read_bytes(), media_type="text/javascript")
+class JavaScriptResponse(Response):
+    media_type = "text/javascript"
+
+
+@router.get(
+    "/dashboard/dashboard.js", response_class=JavaScriptResponse, responses={200: {"description": "the page's script"}}
+)
+async def script() -> JavaScriptResponse:
+    return JavaScriptResponse((_TEMPLATES / "dashboard.js").read_bytes())
 
 
 _TO_DASHBOARD: dict[int | str, dict[str, Any]] = {
-    303: {"description": "to /dashboard, signed in or (a bad token) back to the form"},
+    303: {"description": "to /dashboard, signed in"},
+    401: _SIGN_IN,
+    403: _SIGN_IN,
     **error_responses(413, 422),
 }
 
 
 @router.post("/dashboard/login", status_code=303, response_class=RedirectResponse, responses=_TO_DASHBOARD)
-async def login(request: Request, token: Annotated[str, Form()]) -> RedirectResponse:
+async def login(request: Request, token: Annotated[str, Form()]) -> Response:
+    """A session for a token with `read`; the sign-in form again, saying why, for any other."""
     response = RedirectResponse("/dashboard", status_code=303)
-    with contextlib.suppress(AuthError):  # refused: back to the form, which says why
+    try:
         await sessions.sign_in(request, response, token)
+    except AuthError as exc:
+        return _sign_in(str(exc), exc.status_code)
     return response
 
 
@@ -98,12 +109,12 @@ async def logout(request: Request) -> RedirectResponse:
 
 
 # ---- reads ---------------------------------------------------------------------------------------------------
-@router.get("/dashboard/api/overview")
+@router.get("/dashboard/api/overview", responses=error_responses(401, 403))
 async def overview(redis: RedisDep, db: DbDep, _: PagePrincipal) -> monitoring.Overview:
     return await monitoring.overview(redis, db)
 
 
-@router.get("/dashboard/api/jobs")
+@router.get("/dashboard/api/jobs", responses=error_responses(401, 403, 422))
 async def jobs(
     redis: RedisDep,
     db: DbDep,
@@ -114,7 +125,7 @@ async def jobs(
     since: datetime | None = None,
     until: datetime | None = None,
     q: str | None = Query(None, max_length=200),
-    page: int = 1,
+    page: Annotated[int, Query(ge=1, le=10_000)] = 1,
 ) -> monitoring.JobPage:
     wanted = monitoring.JobFilter(task or None, queue or None, status or None, since, until, q or None, page)
     try:
@@ -123,20 +134,20 @@ async def jobs(
         raise HTTPException(422, detail=str(exc)) from None
 
 
-@router.get("/dashboard/api/jobs/{job_id}")
-async def job(job_id: str, redis: RedisDep, db: DbDep, principal: PagePrincipal) -> monitoring.JobDetail:
+@router.get("/dashboard/api/jobs/{job_id}", responses=error_responses(401, 403, 404, 422))
+async def job(job_id: TaskId, redis: RedisDep, db: DbDep, principal: PagePrincipal) -> monitoring.JobDetail:
     try:
         return await monitoring.job_detail(redis, db, principal, job_id)
     except client.JobNotFoundError as exc:
         raise HTTPException(404, detail=str(exc)) from None
 
 
-@router.get("/dashboard/api/tasks")
+@router.get("/dashboard/api/tasks", responses=error_responses(401, 403))
 async def tasks(principal: PagePrincipal) -> list[monitoring.TaskForm]:
     return monitoring.task_forms(principal)
 
 
-@router.get("/dashboard/api/sales")
+@router.get("/dashboard/api/sales", responses=error_responses(401, 403))
 async def sales(redis: RedisDep, db: DbDep, _: PagePrincipal) -> dict[str, Any]:
     """What the analytics cache holds for today (computed once on a miss, as GraphQL's fields are)."""
     reads: dict[str, tuple[dashboard.DashboardQuery[Any], dict[str, Any]]] = {
@@ -166,17 +177,21 @@ class Done(BaseModel):
     message: str
 
 
-@router.post("/dashboard/api/jobs", status_code=202)
+@router.post("/dashboard/api/jobs", status_code=202, responses=error_responses(401, 403, 409, 422, 429))
 async def trigger(body: Trigger, redis: RedisDep, principal: PagePrincipal) -> Done:
     try:
         job = await client.enqueue_task(redis, principal, body.task_name, [], body.kwargs, body.priority)
     except (UnknownTaskError, ValueError) as exc:
         raise HTTPException(422, detail=str(exc)) from None
+    except (client.RateLimitedError, client.IdempotencyConflictError) as exc:
+        raise trigger_refusal(exc) from None
+    except client.NotReplicatedError as exc:
+        raise HTTPException(503, detail=str(exc)) from None
     return Done(task_id=job.task_id, message=f"{job.task_name} queued on {job.queue}")
 
 
-@router.post("/dashboard/api/jobs/{job_id}/abort")
-async def abort(job_id: str, redis: RedisDep, db: DbDep, principal: PagePrincipal) -> Done:
+@router.post("/dashboard/api/jobs/{job_id}/abort", responses=error_responses(401, 403, 404, 409, 422))
+async def abort(job_id: TaskId, redis: RedisDep, db: DbDep, principal: PagePrincipal) -> Done:
     try:
         previous = await client.abort_job(redis, db, principal, job_id)
     except client.JobNotFoundError as exc:
@@ -186,8 +201,10 @@ async def abort(job_id: str, redis: RedisDep, db: DbDep, principal: PagePrincipa
     return Done(task_id=job_id, message=f"aborted (it was {previous})")
 
 
-@router.post("/dashboard/api/jobs/{job_id}/retry", status_code=202)
-async def retry(job_id: str, redis: RedisDep, db: DbDep, principal: PagePrincipal) -> Done:
+@router.post(
+    "/dashboard/api/jobs/{job_id}/retry", status_code=202, responses=error_responses(401, 403, 404, 409, 422, 429)
+)
+async def retry(job_id: TaskId, redis: RedisDep, db: DbDep, principal: PagePrincipal) -> Done:
     try:
         job = await client.retry_job(redis, db, principal, job_id)
     except client.JobNotFoundError as exc:
@@ -196,11 +213,15 @@ async def retry(job_id: str, redis: RedisDep, db: DbDep, principal: PagePrincipa
         raise HTTPException(409, detail=str(exc)) from None
     except (UnknownTaskError, ValueError) as exc:
         raise HTTPException(422, detail=str(exc)) from None
+    except (client.RateLimitedError, client.IdempotencyConflictError) as exc:
+        raise trigger_refusal(exc) from None
+    except client.NotReplicatedError as exc:
+        raise HTTPException(503, detail=str(exc)) from None
     return Done(task_id=job.task_id, message=f"retrying as {job.task_id}")
 
 
-@router.post("/dashboard/api/queues/{queue}/purge")
-async def purge(queue: str, redis: RedisDep, principal: PagePrincipal) -> Done:
+@router.post("/dashboard/api/queues/{queue}/purge", responses=error_responses(401, 403, 404))
+async def purge(queue: QueueName, redis: RedisDep, principal: PagePrincipal) -> Done:
     try:
         removed = await client.purge_queue(redis, principal, queue)
     except ValueError as exc:

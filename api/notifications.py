@@ -8,13 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query
 
 from api.deps import DbDep, ReadDep
+from api.errors import error_responses
 from db.queries import notifications as queries
 from db.queries.notifications import KINDS, STATES, NotificationView
 
 router = APIRouter(tags=["notifications"])
 
 
-@router.get("/notifications")
+@router.get("/notifications", responses=error_responses(401, 403, 422))
 async def list_notifications(
     db: DbDep,
     _: ReadDep,

@@ -65,9 +65,35 @@ CALLS = [
     Call("GET", "/reports/{report_id}", frozenset({AUTH, PG}), lambda j: "/reports/1"),
     Call("GET", "/exports/{task_id}", frozenset({AUTH, REDIS}), lambda j: f"/exports/{j.queued}"),
     Call("GET", "/customers/lifetime-value-model", frozenset({AUTH, PG})),
-    Call("GET", "/dashboard", frozenset({AUTH, REDIS, PG})),
+    Call("GET", "/dashboard", frozenset({AUTH})),  # the page itself; its data comes from /dashboard/api
     Call("POST", "/dashboard/login", frozenset({AUTH, REDIS}), data={"token": "TOKEN"}),  # a session in Redis
     Call("POST", "/dashboard/logout", frozenset()),  # without a session cookie: nothing to end
+    Call("GET", "/dashboard/dashboard.js", frozenset()),
+    Call("GET", "/dashboard/api/overview", frozenset({AUTH, REDIS, PG})),
+    Call("GET", "/dashboard/api/jobs", frozenset({AUTH, REDIS, PG})),
+    Call("GET", "/dashboard/api/jobs/{job_id}", frozenset({AUTH, REDIS}), lambda j: f"/dashboard/api/jobs/{j.queued}"),
+    Call("GET", "/dashboard/api/tasks", frozenset({AUTH})),
+    Call("GET", "/dashboard/api/sales", frozenset({AUTH, REDIS})),  # cached by the healthy round
+    Call("POST", "/dashboard/api/jobs", frozenset({AUTH, REDIS}), json={"task_name": "check_low_stock_products"}),
+    Call(
+        "POST",
+        "/dashboard/api/jobs/{job_id}/abort",
+        frozenset({AUTH, REDIS}),
+        lambda j: f"/dashboard/api/jobs/{j.aborted}/abort",
+    ),
+    Call(
+        "POST",
+        "/dashboard/api/jobs/{job_id}/retry",
+        frozenset({AUTH, REDIS}),
+        lambda j: f"/dashboard/api/jobs/{j.aborted}/retry",
+    ),
+    Call(
+        "POST",
+        "/dashboard/api/queues/{queue}/purge",
+        frozenset({AUTH, REDIS}),
+        lambda j: "/dashboard/api/queues/maintenance/purge",
+    ),
+    Call("GET", "/notifications", frozenset({AUTH, PG})),
     Call("GET", "/healthz", frozenset()),
     Call("GET", "/readyz", frozenset({PG, REDIS})),
     Call("GET", "/metrics", frozenset({REDIS})),

@@ -141,7 +141,7 @@ async def test_sign_in(browser: Browser, server: str, tokens: dict[str, str]) ->
     await expect(page.locator("#sign-in-message")).to_have_text("missing bearer token (Authorization: Bearer <token>)")
     await page.fill("input[name=token]", "not-a-token")
     await page.click("#sign-in")
-    await expect(page.locator("#sign-in-message")).to_have_text("invalid or revoked token")
+    await expect(page.locator("#sign-in-message")).to_have_text("invalid, expired or revoked token")
     await page.fill("input[name=token]", tokens["trigger"])
     await page.click("#sign-in")
     await expect(page.locator("header")).to_contain_text("signed in with trigger scope")
