@@ -106,9 +106,9 @@ async def test_the_daily_summary_arrives_once_with_the_figures_of_direct_sql(
     new, regular = await customer(db, "daily-new@example.com"), await customer(db, "daily-regular@example.com")
     widget = await product(db, "DS-WIDGET", "Widget <script>alert(1)</script>", "Gadgets & Co")
     await order(db, regular, noon - timedelta(days=30), [(widget, 1, "5.00")], "delivered")
-    await order(db, new, noon, [(widget, 3, "12.50")], "paid")
-    await order(db, regular, noon + timedelta(hours=1), [(widget, 2, "12.50")], "shipped")
-    await order(db, regular, noon + timedelta(hours=2), [(widget, 1, "12.50")], "refunded")
+    await order(db, new, noon, [(widget, 3, "100000.50")], "paid")
+    await order(db, regular, noon + timedelta(hours=1), [(widget, 2, "100000.50")], "shipped")
+    await order(db, regular, noon + timedelta(hours=2), [(widget, 1, "100000.50")], "refunded")
 
     # other tests (test_cli, test_platform) may have recorded yesterday's summary, unsent: start from none
     await db.execute("DELETE FROM notifications WHERE dedupe_key = $1", f"daily_summary:{yesterday}")
@@ -129,7 +129,7 @@ async def test_the_daily_summary_arrives_once_with_the_figures_of_direct_sql(
     assert figures["customers"] == direct["customers"]
     assert figures["new_customers"] + figures["returning_customers"] == figures["customers"]
     assert Decimal(figures["average_order_value"]) == round(direct["revenue"] / direct["orders"], 2)
-    assert "DS-WIDGET" in {p["sku"] for p in summary["top_products"]}
+    assert summary["top_products"][0]["sku"] == "DS-WIDGET"  # priced to lead whatever else the day sold
     html = sink.messages[0].html
     assert "&lt;script&gt;" in html and "<script>" not in html and "Gadgets &amp; Co" in html
     text = sink.messages[0].text
