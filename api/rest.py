@@ -70,7 +70,15 @@ async def create_job(
     redis: RedisDep,
     principal: PrincipalDep,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(description="Repeat-safe trigger key, per token.")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            description="Repeat-safe trigger key, per token (docs/rest.md#post-jobs).",
+            min_length=1,
+            max_length=client.IDEMPOTENCY_KEY_MAX,
+            pattern=r"^[\x20-\x7e]+$",
+        ),
+    ] = None,
 ) -> JobAccepted:
     try:
         job = await client.enqueue_task(
