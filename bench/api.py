@@ -4,12 +4,13 @@ arq `enqueue_job` loop and the job service's `enqueue_task` in this process, all
 
     .venv/bin/python bench/api.py [--seconds 10] [--connections 100] [--api-workers N (default: cores)]
                                   [--database-url postgresql://postgres@127.0.0.1:5432]
-                                  [--redis-url redis://127.0.0.1:6379/15]
+                                  [--redis-url redis://127.0.0.1:6379/15] [--api-root OTHER_CHECKOUT]
 
 A scratch database is created on the server of --database-url (tokens only) and dropped at the end; the
 --redis-url database is emptied before and after (FLUSHDB): give it one no running system uses. The API runs as
 `uvicorn api.main:app --workers N` with the trigger rate limit on but set out of reach, so its Lua runs on every
-trigger. Each scenario is warmed up for 2 s before it is measured.
+trigger. Each scenario is warmed up for 2 s before it is measured. --api-root serves another checkout with its own
+.venv (e.g. the main branch before a change) against the same scratch database and Redis, to compare.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from db.queries.tokens import create_token  # noqa: E402
 from salesdash.auth import Principal, Scope  # noqa: E402
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432"
+ROOT = os.path.dirname(_HERE)
 TASK = "refresh_all_materialized_views"
 TRIGGER_QUERY = f'mutation {{ triggerBackgroundTask(taskName: "{TASK}") {{ success taskId }} }}'
 TARGETS = {"POST /jobs": (1500, 100), "GraphQL triggerBackgroundTask": (1500, 100), "GET /jobs/{id}": (2500, None)}
@@ -174,7 +176,8 @@ async def in_process_rows(redis_url: str, seconds: float, concurrency: int) -> l
 
 
 # ---- the API -------------------------------------------------------------------------------------------------
-def start_api(database_url: str, redis_url: str, workers: int, port: int) -> subprocess.Popen[bytes]:
+def start_api(database_url: str, redis_url: str, workers: int, port: int, root: str) -> subprocess.Popen[bytes]:
+    """uvicorn serving the checkout at `root` (this one, or another, e.g. main before a change: --api-root)."""
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -183,9 +186,10 @@ def start_api(database_url: str, redis_url: str, workers: int, port: int) -> sub
         "SALESDASH_TRIGGER_BURST": "1000000000",
         "SALESDASH_LOG_LEVEL": "WARNING",
     }
-    command = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    python = os.path.join(root, ".venv", "bin", "python") if root != ROOT else sys.executable
+    command = [python, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--workers", str(workers), "--no-access-log", "--log-level", "warning"]
-    proc = subprocess.Popen(command, env=env, cwd=os.path.dirname(_HERE))
+    proc = subprocess.Popen(command, env=env, cwd=root)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -280,6 +284,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=100)
     parser.add_argument("--api-workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL", DEFAULT_SERVER))
+    parser.add_argument("--api-root", default=ROOT, help="serve another checkout (its .venv) to compare")
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15"))
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -291,7 +296,7 @@ def main() -> None:
         upgrade(url)
         token = asyncio.run(admin_token(url))
         port = _free_port()
-        api = start_api(url, args.redis_url, args.api_workers, port)
+        api = start_api(url, args.redis_url, args.api_workers, port, os.path.abspath(args.api_root))
         try:
             rows = http_rows(f"http://127.0.0.1:{port}", token, args.seconds, args.connections, api.pid)
         finally:
