@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(HASH)
 BENCH_STAMP := $(VENV)/.bench-$(HASH)
 PROMTOOL := $(VENV)/tools/promtool
 
-.PHONY: run test browser lint bench bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics bench-maintenance bench-api bench-monitoring bench-tracing bench-failover bench-chaos clean
+.PHONY: run test browser lint bench bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics bench-maintenance bench-api bench-api-refusal bench-monitoring bench-tracing bench-failover bench-chaos clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,7 +54,7 @@ lint: $(STAMP)
 	$(BIN)/mypy salesdash db worker api cli
 	$(BIN)/mypy tests
 
-bench: bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics bench-maintenance bench-api bench-monitoring bench-tracing
+bench: bench-queue bench-seed bench-reports bench-exports bench-dashboard bench-analytics bench-maintenance bench-api bench-api-refusal bench-monitoring bench-tracing
 
 bench-queue: $(BENCH_STAMP)
 	$(BIN)/python bench/queue.py
@@ -93,6 +93,9 @@ bench-failover: $(BENCH_STAMP)
 
 bench-chaos: $(BENCH_STAMP)
 	$(BIN)/python bench/chaos.py
+
+bench-api-refusal: $(BENCH_STAMP)
+	$(BIN)/python bench/api_refusal.py
 
 clean:
 	rm -rf $(VENV) .salesdash .pytest_cache .mypy_cache .ruff_cache

@@ -100,10 +100,6 @@ class TokenVerifier:
             pending.add_done_callback(lambda _: self._inflight.pop(token_hash, None))
         return await asyncio.shield(pending)
 
-    def forget(self) -> None:
-        """Drop every cached verification (tests; nothing in the API needs it)."""
-        self._cache.clear()
-
     async def flush_last_used(self, db: asyncpg.Pool) -> int:
         """Write the pending `last_used_at`s in one statement; kept for the next flush if PostgreSQL is down."""
         used, self._used = self._used, {}

@@ -89,19 +89,14 @@ class Context(BaseContext):
     async def authenticate(self) -> Principal:
         """The caller, authenticated once per request (a query may resolve several fields): the bearer token, else
         the dashboard session; AuthError when neither is valid."""
-        if self._principal is None and (self.authorization or not self.session_id):
-            self._principal = await self.tokens.authenticate(self.db, self.authorization)
-        elif self._principal is None and self.session_id:
-            self._principal = await sessions.session_principal(self.redis, self.db, self.tokens, self.session_id)
-        assert self._principal is not None
+        if self._principal is None:
+            self._principal = await self._authenticate()
         return self._principal
 
     async def principal(self) -> Principal:
         """The caller, as a GraphQL error with its code when refused (docs/graphql.md)."""
         with auth_errors():
-            await self.authenticate()
-        assert self._principal is not None
-        return self._principal
+            return await self.authenticate()
 
     async def require(self, needed: Scope) -> None:
         """For read-only fields, whose service functions take no principal."""

@@ -91,10 +91,10 @@ async def create_job(
     idempotency_key: Annotated[
         str | None,
         Header(
+            description="Repeat-safe trigger key, per token (docs/rest.md#post-jobs).",
             min_length=1,
             max_length=client.IDEMPOTENCY_KEY_MAX,
-            pattern=r"^[ -~]+$",
-            description="Repeat-safe trigger key, per token (printable ASCII).",
+            pattern=r"^[\x20-\x7e]+$",
         ),
     ] = None,
 ) -> JobAccepted:

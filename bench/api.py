@@ -63,6 +63,7 @@ class Row:
     non_2xx: int
     socket_errors: int = 0  # wrk's connect, read, write errors and timeouts (2 s)
     cpu_ms: float | None = None  # CPU the API processes spent per request: what the machine's noise does not change
+    cores: float | None = None  # how much CPU the API processes got meanwhile (2.0 = both cores all the time)
 
 
 def _server(url: str) -> str:
@@ -114,9 +115,9 @@ def run_wrk(name: str, url: str, script: str, seconds: int, connections: int, ap
     try:
         base = ["wrk", "-t2", f"-c{connections}", "--latency", "-s", f.name, url]
         subprocess.run([*base[:3], "-d2s", *base[3:]], check=True, capture_output=True, text=True)  # warm-up
-        cpu_before = cpu_seconds(api_pid)
+        cpu_before, began = cpu_seconds(api_pid), time.perf_counter()
         out = subprocess.run([*base[:3], f"-d{seconds}s", *base[3:]], check=True, capture_output=True, text=True)
-        cpu = cpu_seconds(api_pid) - cpu_before
+        cpu, elapsed = cpu_seconds(api_pid) - cpu_before, time.perf_counter() - began
     finally:
         os.unlink(f.name)
     text = out.stdout
@@ -125,7 +126,8 @@ def run_wrk(name: str, url: str, script: str, seconds: int, connections: int, ap
     if not rate or not total:
         raise RuntimeError(f"wrk printed no rate:\n{text}\n{out.stderr}")
     latencies = _latency_ms(text, "50"), _latency_ms(text, "99")
-    return Row(name, float(rate.group(1)), *latencies, *_errors(text), cpu_ms=cpu * 1000 / int(total.group(1)))
+    cpu_ms = cpu * 1000 / int(total.group(1))
+    return Row(name, float(rate.group(1)), *latencies, *_errors(text), cpu_ms=cpu_ms, cores=cpu / elapsed)
 
 
 # ---- in-process loops ----------------------------------------------------------------------------------------
@@ -254,7 +256,8 @@ async def flush(redis_url: str) -> None:
 
 def print_table(rows: list[Row], workers: int, connections: int, seconds: int) -> None:
     table = Table(title=f"API hot paths: {connections} connections, {seconds} s each, {workers} API processes")
-    columns = ("path", "requests/s", "p50 ms", "p99 ms", "non-2xx", "socket errors", "API CPU ms/req", "target", "met")
+    columns = ("path", "requests/s", "p50 ms", "p99 ms", "non-2xx", "socket errors", "API CPU ms/req", "API cores")
+    columns += ("target", "met")
     for column in columns:
         table.add_column(column, justify="left" if column == "path" else "right")
     for row in rows:
@@ -268,13 +271,14 @@ def print_table(rows: list[Row], workers: int, connections: int, seconds: int) -
             wanted, met = "", ""
         numbers = [f"{row.per_s:,.0f}", f"{row.p50_ms:.1f}", f"{row.p99_ms:.1f}", str(row.non_2xx)]
         cpu = f"{row.cpu_ms:.2f}" if row.cpu_ms is not None else ""
-        table.add_row(row.name, *numbers, str(row.socket_errors), cpu, wanted, met)
+        cores = f"{row.cores:.2f}" if row.cores is not None else ""
+        table.add_row(row.name, *numbers, str(row.socket_errors), cpu, cores, wanted, met)
     console = Console(width=180)
     console.print(table)
     console.print(
         f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores. API CPU ms/req is "
         "what a request costs whatever else runs: on otherwise idle cores, N API processes serve at most "
-        "N × 1000 / it a second."
+        "N × 1000 / it a second. API cores is the CPU they got meanwhile: well below N, the machine starved them."
     )
 
 

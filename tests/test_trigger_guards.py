@@ -111,7 +111,7 @@ async def test_bad_keys_are_refused_before_enqueue(
     # httpx refuses to send a header with a newline or a non-ASCII character, so those go to the service directly
     if key.isascii() and key.isprintable():
         refused = await api.post("/jobs", json={"task_name": TASK}, headers={**bearer, "Idempotency-Key": key})
-        assert refused.status_code == 422 and "Idempotency-Key" in refused.text
+        assert refused.status_code == 422 and "idempotency-key" in refused.text.lower()  # named, in any shape
     with pytest.raises(ValueError, match="Idempotency-Key"):
         await client.enqueue_task(clean_redis, OPERATOR, TASK, idempotency_key=key)
     assert await clean_redis.keys("*") == []

@@ -492,17 +492,19 @@ if ARGV[18] ~= '' then
     return {3, ''}
   end
 end
-local tat
+local tat, now
 if ARGV[15] ~= '' then
   local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
   local interval, burst = tonumber(ARGV[15]), tonumber(ARGV[16])
   tat = math.max(tonumber(redis.call('GET', KEYS[7]) or 0), now) + interval
   local wait = tat - burst * interval - now
   if wait > 0 then return {4, string.format('%.0f', math.ceil(wait))} end
-  redis.call('SET', KEYS[7], string.format('%.3f', tat), 'PX', string.format('%.0f', math.max(1, math.ceil(tat - now))))
 end
 if enqueue_job() == 0 then return {0, ''} end
+if tat then
+  redis.call('SET', KEYS[7], string.format('%.3f', tat), 'PX', string.format('%.0f', math.max(1, math.ceil(tat - now))))
+end
 if ARGV[18] ~= '' then
   redis.call('HSET', KEYS[8], 'fp', ARGV[17], 'replay', ARGV[19])
   redis.call('PEXPIRE', KEYS[8], ARGV[18])
