@@ -330,6 +330,15 @@ async def test_sales_view_shows_the_analytics_cache(browser: Browser, server: st
     await expect(page.locator("#sales-generated")).to_contain_text("cache computed")
     await expect(page.locator("#sales-hourly svg rect")).to_have_count(24)
     await expect(page.locator("#operations")).to_be_hidden()
+    cached = await (await page.request.get("/dashboard/api/sales")).json()  # the same cache entries the page drew
+    overview = cached["overview"]["data"]
+    revenue = page.locator("#sales-overview tr", has_text="revenue").locator("td")
+    await expect(revenue).to_have_text(str(overview["revenue"]))
+    orders = page.locator("#sales-overview tr", has=page.get_by_text("orders", exact=True)).locator("td")
+    await expect(orders).to_have_text(str(overview["orders"]))
+    products = [p["name"] for p in cached["top_products"]["data"]["products"]]
+    shown = await page.locator("#sales-top tbody tr td:first-child").all_inner_texts()
+    assert shown == (products or ["none"])
     await shot(page, "sales")
 
 
