@@ -93,6 +93,11 @@ class Context(BaseContext):
             self._principal = await self._authenticate()
         return self._principal
 
+    async def _authenticate(self) -> Principal:
+        if self.session_id and not self.authorization:
+            return await sessions.session_principal(self.redis, self.db, self.tokens, self.session_id)
+        return await self.tokens.authenticate(self.db, self.authorization)
+
     async def principal(self) -> Principal:
         """The caller, as a GraphQL error with its code when refused (docs/graphql.md)."""
         with auth_errors():

@@ -6,9 +6,9 @@ every enqueue that was acknowledged survives and runs."""
 from __future__ import annotations
 
 import asyncio
-import re
 import json
 import os
+import re
 import subprocess
 import sys
 import time
