@@ -5,12 +5,14 @@ arq `enqueue_job` loop and the job service's `enqueue_task` in this process, all
     .venv/bin/python bench/api.py [--seconds 10] [--connections 100] [--api-workers N (default: cores)]
                                   [--database-url postgresql://postgres@127.0.0.1:5432]
                                   [--redis-url redis://127.0.0.1:6379/15] [--api-root OTHER_CHECKOUT]
+                                  [--compare-root OTHER_CHECKOUT [--rounds 5]]
 
 A scratch database is created on the server of --database-url (tokens only) and dropped at the end; the
 --redis-url database is emptied before and after (FLUSHDB): give it one no running system uses. The API runs as
 `uvicorn api.main:app --workers N` with the trigger rate limit on but set out of reach, so its Lua runs on every
 trigger. Each scenario is warmed up for 2 s before it is measured. --api-root serves another checkout with its own
-.venv (e.g. the main branch before a change) against the same scratch database and Redis, to compare.
+.venv (e.g. the main branch before a change) against the same scratch database and Redis; --compare-root serves
+both at once and runs each path on each in turn, 3 s at a time, so the machine's load falls on both alike.
 """
 
 from __future__ import annotations
@@ -109,12 +111,15 @@ def cpu_seconds(pid: int) -> float:
     return sum(sum(p.cpu_times()[:2]) for p in [parent, *parent.children(recursive=True)])
 
 
-def run_wrk(name: str, url: str, script: str, seconds: int, connections: int, api_pid: int) -> Row:
+def run_wrk(
+    name: str, url: str, script: str, seconds: int, connections: int, api_pid: int, *, warm_up: bool = True
+) -> Row:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(script)
     try:
         base = ["wrk", "-t2", f"-c{connections}", "--latency", "-s", f.name, url]
-        subprocess.run([*base[:3], "-d2s", *base[3:]], check=True, capture_output=True, text=True)  # warm-up
+        if warm_up:
+            subprocess.run([*base[:3], "-d2s", *base[3:]], check=True, capture_output=True, text=True)
         cpu_before, began = cpu_seconds(api_pid), time.perf_counter()
         out = subprocess.run([*base[:3], f"-d{seconds}s", *base[3:]], check=True, capture_output=True, text=True)
         cpu, elapsed = cpu_seconds(api_pid) - cpu_before, time.perf_counter() - began
@@ -203,20 +208,55 @@ def start_api(database_url: str, redis_url: str, workers: int, port: int, root: 
     raise RuntimeError("the API did not come up within 60 s")
 
 
-def http_rows(base: str, token: str, seconds: int, connections: int, api_pid: int) -> list[Row]:
+def scenarios(base: str, token: str) -> list[tuple[str, str, str]]:
+    """(name, url, wrk script) of each measured path; GET asks for a job enqueued here."""
     auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     job = httpx.post(f"{base}/jobs", json={"task_name": TASK}, headers=auth, timeout=10)
     job.raise_for_status()
-    scenarios = [
-        ("POST /jobs", f"{base}/jobs", _wrk_script("POST", auth, json.dumps({"task_name": TASK}))),
-        (
-            "GraphQL triggerBackgroundTask",
-            f"{base}/graphql",
-            _wrk_script("POST", auth, json.dumps({"query": TRIGGER_QUERY})),
-        ),
-        ("GET /jobs/{id}", f"{base}/jobs/{job.json()['task_id']}", _wrk_script("GET", auth, None)),
+    return [
+        ("POST /jobs", "/jobs", _wrk_script("POST", auth, json.dumps({"task_name": TASK}))),
+        ("GraphQL triggerBackgroundTask", "/graphql", _wrk_script("POST", auth, json.dumps({"query": TRIGGER_QUERY}))),
+        ("GET /jobs/{id}", f"/jobs/{job.json()['task_id']}", _wrk_script("GET", auth, None)),
     ]
-    return [run_wrk(name, url, script, seconds, connections, api_pid) for name, url, script in scenarios]
+
+
+def http_rows(base: str, token: str, seconds: int, connections: int, api_pid: int) -> list[Row]:
+    return [
+        run_wrk(name, base + path, script, seconds, connections, api_pid)
+        for name, path, script in scenarios(base, token)
+    ]
+
+
+def interleaved(apis: list[tuple[str, int]], token: str, rounds: int, connections: int) -> list[list[str]]:
+    """Each path on each API in turn, `rounds` times 3 s (after a warm-up round): the machine's load falls on
+    both alike. One table row per path: per API, mean req/s, CPU ms/req and cores."""
+    paths = scenarios(apis[0][0], token)
+    table = []
+    for name, path, script in paths:
+        runs: list[list[Row]] = [[] for _ in apis]
+        for round_no in range(rounds + 1):
+            for i, (base, pid) in enumerate(apis):
+                row = run_wrk(name, base + path, script, 3, connections, pid, warm_up=False)
+                if round_no:
+                    runs[i].append(row)
+        cells = [name]
+        for rows in runs:
+            rate = sum(r.per_s for r in rows) / len(rows)
+            cpu = sum((r.cpu_ms or 0) * r.per_s for r in rows) / sum(r.per_s for r in rows)
+            cells += [f"{rate:,.0f}", f"{cpu:.2f}", f"{sum(r.cores or 0 for r in rows) / len(rows):.2f}"]
+        table.append(cells)
+    return table
+
+
+def print_comparison(labels: list[str], rows: list[list[str]], rounds: int) -> None:
+    table = Table(title=f"Interleaved, {rounds} rounds of 3 s per path and API (side by side, same load)")
+    table.add_column("path")
+    for label in labels:
+        for what in ("req/s", "CPU ms/req", "cores"):
+            table.add_column(f"{label} {what}", justify="right")
+    for cells in rows:
+        table.add_row(*cells)
+    Console(width=180).print(table)
 
 
 async def create_database(server: str) -> str:
@@ -282,13 +322,27 @@ def print_table(rows: list[Row], workers: int, connections: int, seconds: int) -
     )
 
 
+def compare(args: argparse.Namespace, url: str, token: str, ours: tuple[str, int]) -> None:
+    other_port = _free_port()
+    other = start_api(url, args.redis_url, args.api_workers, other_port, os.path.abspath(args.compare_root))
+    labels = [os.path.basename(os.path.abspath(args.api_root)), os.path.basename(os.path.abspath(args.compare_root))]
+    try:
+        apis = [ours, (f"http://127.0.0.1:{other_port}", other.pid)]
+        print_comparison(labels, interleaved(apis, token, args.rounds, args.connections), args.rounds)
+    finally:
+        other.terminate()
+        other.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=100)
     parser.add_argument("--api-workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL", DEFAULT_SERVER))
-    parser.add_argument("--api-root", default=ROOT, help="serve another checkout (its .venv) to compare")
+    parser.add_argument("--api-root", default=ROOT, help="serve another checkout (its .venv) instead")
+    parser.add_argument("--compare-root", help="also serve this checkout and compare the two, interleaved")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per path (--compare-root)")
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15"))
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -303,6 +357,8 @@ def main() -> None:
         api = start_api(url, args.redis_url, args.api_workers, port, os.path.abspath(args.api_root))
         try:
             rows = http_rows(f"http://127.0.0.1:{port}", token, args.seconds, args.connections, api.pid)
+            if args.compare_root:
+                compare(args, url, token, (f"http://127.0.0.1:{port}", api.pid))
         finally:
             api.terminate()
             api.wait(30)
