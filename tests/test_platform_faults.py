@@ -224,7 +224,7 @@ async def _complete_rows(conn: asyncpg.Connection, ids: list[str]) -> list[Any] 
 async def test_a_dependency_down_past_the_budget_spends_tries(
     clean_redis: Redis, db: asyncpg.Pool, spawn_worker: Any
 ) -> None:
-    env = {**FAST_FAULTS, "SALESDASH_DEPENDENCY_WAIT_SECONDS": "3", "SALESDASH_DEPENDENCY_BACKOFF_CAP_SECONDS": "1"}
+    env = {**FAST_FAULTS, "SALESDASH_DEPENDENCY_WAIT_SECONDS": "1.5", "SALESDASH_DEPENDENCY_BACKOFF_CAP_SECONDS": "1"}
     spawn_worker(SETTINGS, extra_env=env)
     job_id = await enqueue_job(clean_redis, "needs_missing_db", QUEUE, {"port": free_port()})
 
@@ -253,6 +253,9 @@ async def test_no_job_is_lost_when_redis_restarts_under_load(db: asyncpg.Pool, s
     try:
         await asyncio.to_thread(server.start)
         worker = spawn_worker(SETTINGS, extra_env={**FAST_FAULTS, "REDIS_URL": server.url()})
+        async with _client_of(server) as redis:  # the worker is up and serving before the load starts
+            warm_up = await enqueue_job(redis, "record", QUEUE, {"tag": "warm-up"})
+            assert (await finished(redis, db, warm_up, timeout=30))["status"] == "complete"
         acked, unsure = await _enqueue_through_a_restart(server)
         assert len(acked) > 100
         async with _client_of(server) as redis:

@@ -300,10 +300,8 @@ class SalesdashWorker(arq.worker.Worker):
     # ---- claiming and running --------------------------------------------------------------------------
     async def _claim(self, limit: int) -> tuple[int, int]:
         st = self._state
-        first_lease, st.next_lease = (
-            st.next_lease,
-            st.next_lease + limit,
-        )  # tokens never reused, even if a reply is lost
+        first_lease = st.next_lease
+        st.next_lease += limit  # a token is never reused, even when a claim's reply is lost
         async with asyncio.timeout(st.faults.reply_timeout_s):
             claimed, next_due = await js.claim(
                 self.pool, st.keys, limit, st.worker_id, lease_ms=st.faults.lease_ms, first_lease=first_lease
@@ -584,12 +582,14 @@ class SalesdashWorker(arq.worker.Worker):
             return
         batch, st.outcomes = st.outcomes, []
         try:
-            async with asyncio.timeout(st.faults.reply_timeout_s):  # no reply: maybe applied; retried, and the
-                refused = await js.finish(  # script tells a write already applied from a fenced one
+            async with asyncio.timeout(st.faults.reply_timeout_s):
+                refused = await js.finish(
                     self.pool, st.keys, [o for o, _ in batch], self.job_serializer or js.serialize_json
                 )
         except BaseException:
-            st.outcomes[:0] = batch  # nothing was applied (one script): keep them for the next attempt
+            # all or nothing was applied (one script); unknown only when the reply was lost. Either way the batch is
+            # sent again: a write already there is recognised by the script, not refused
+            st.outcomes[:0] = batch
             raise
         for outcome in refused:
             logger.warning(
