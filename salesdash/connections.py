@@ -63,11 +63,15 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
-async def open_db_pool(settings: Settings | None = None, max_size: int | None = None) -> asyncpg.Pool:
+async def open_db_pool(
+    settings: Settings | None = None, max_size: int | None = None, *, connect_now: bool = True
+) -> asyncpg.Pool:
+    """`connect_now=False`: open no connection yet (the first query connects), for a process that must start while
+    PostgreSQL is down."""
     settings = settings or get_settings()
     pool = await asyncpg.create_pool(
         database_url(settings),
-        min_size=1,
+        min_size=1 if connect_now else 0,
         max_size=max_size or settings.db_pool_max,
         init=_init_connection,
         command_timeout=None,

