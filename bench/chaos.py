@@ -357,7 +357,10 @@ async def _flow(
     for i in range(args.workers):
         workers.spawn(i)
     redis = await open_redis(Settings(DATABASE_URL=pg.url(), REDIS_URL=cluster.url()))
-    await asyncio.sleep(5)  # workers registered: the baseline includes their fleet-wide keys
+    deadline = time.monotonic() + 60
+    while len(await jobstore.live_workers(redis)) < args.workers and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(2)  # every worker registered and through its first heartbeat: the baseline has their keys
     baseline_keys = {k.decode() async for k in redis.scan_iter(count=1000)}
     flow, faults, stop, rss = Flow(), Faults(cluster, pg, workers), asyncio.Event(), []
     side = [asyncio.create_task(supervise(workers, stop)), asyncio.create_task(rss_of_first_worker(workers, rss, stop))]

@@ -1,6 +1,6 @@
 """Private Redis servers for fault tests and bench/chaos.py: plain, AOF, or a master with replicas under three
-Sentinels (`redis-server --sentinel`), each on a loopback port of its own in a temporary directory, so a test can
-kill -9 them at will without touching the machine's Redis."""
+Sentinels (`redis-server --sentinel`, the binary tests/private_servers.py picks), each on a loopback port of its
+own in a temporary directory, so a test can kill -9 them at will without touching the machine's Redis."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import redis as sync_redis
 
-from tests.private_servers import free_port
+from tests.private_servers import _redis_server, free_port
 
 SERVICE = "sdmaster"
 
@@ -79,7 +79,7 @@ def redis_server(workdir: Path, name: str, *, aof: bool = False, replica_of: int
         lines += [f"replicaof 127.0.0.1 {replica_of}"]
     conf = workdir / f"{name}.conf"
     conf.write_text("\n".join(lines) + "\n")
-    return RedisProc(name, port, workdir, ["redis-server", str(conf)])
+    return RedisProc(name, port, workdir, [_redis_server(), str(conf)])
 
 
 def sentinel_server(workdir: Path, name: str, master_port: int, *, down_after_ms: int) -> RedisProc:
@@ -92,7 +92,7 @@ def sentinel_server(workdir: Path, name: str, master_port: int, *, down_after_ms
         f"sentinel failover-timeout {SERVICE} {max(down_after_ms * 3, 3000)}\n"
         f"sentinel parallel-syncs {SERVICE} 1\n"
     )
-    return RedisProc(name, port, workdir, ["redis-server", str(conf), "--sentinel"])
+    return RedisProc(name, port, workdir, [_redis_server(), str(conf), "--sentinel"])
 
 
 @dataclass

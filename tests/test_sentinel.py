@@ -184,6 +184,25 @@ async def test_enqueue_reports_when_no_replica_acknowledges(
         assert "no replica acknowledged it within 50 ms" in detail
         queued = re.search(r"job (\w+) was stored", detail)
         assert queued is not None and await redis.exists(jobstore.job_key(queued.group(1))) == 1
+
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            query = 'mutation { triggerBackgroundTask(taskName: "refresh_all_materialized_views") '
+            query += "{ success taskId message } }"
+            answer = (await http.post("/graphql", json={"query": query}, headers=auth["admin"])).json()
+        triggered = answer["data"]["triggerBackgroundTask"]
+        assert triggered["success"] is False and "no replica acknowledged it" in triggered["message"]
+        assert await redis.exists(jobstore.job_key(triggered["taskId"])) == 1
+
+        env = {**os.environ, "REDIS_URL": server.url, "SALESDASH_ENQUEUE_REPLICA_WAIT_MS": "50"}
+        called = subprocess.run(
+            [sys.executable, "-m", "cli", "call", "refresh_all_materialized_views"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert called.returncode == 3 and "no replica acknowledged it within 50 ms" in called.stderr, called.stderr
         await redis.aclose(close_connection_pool=True)
     finally:
         server.kill()
