@@ -31,9 +31,14 @@ _LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('salesdash:lifetime_values'))
 # Sorting the revenue orders by (customer, day) and aggregating twice as they stream by beats hashing: there are
 # about as many (customer, day) groups as orders, and a hash table of millions of groups spills to disk. The
 # planner's default costs doubt that splitting that sort over the parallel workers pays for gathering its rows; it
-# does (about 1.4x faster with two workers).
+# does (about 1.4x faster with two workers). The per-customer rows come out of that sort in id order: a merge join
+# with the customers' primary key takes them as they are, where a hash join gathers every customer from the workers
+# and hashes all the buyers first (10% less CPU without it at 1,000,000 customers, 5,000,000 orders).
 _TUNE = """SELECT set_config('jit', 'off', true), set_config('work_mem', '256MB', true),
-       set_config('enable_hashagg', 'off', true), set_config('parallel_tuple_cost', '0.001', true)"""
+       set_config('enable_hashagg', 'off', true), set_config('parallel_tuple_cost', '0.001', true),
+       set_config('enable_hashjoin', 'off', true)"""
+# The write-back's join is the planner's choice again.
+_UNTUNE = "SELECT set_config('enable_hashjoin', 'on', true)"
 
 # $1: timezone, $2: the last local day observed, $3: the end of that day. One scan of the orders up to then. Per
 # customer with revenue: the purchase days, the days from the first to the last of them and from the first to $2,
@@ -211,6 +216,7 @@ async def write_values(conn: asyncpg.Connection, values: CustomerValues) -> int:
         ]
     )
     rows = _encode(layout, {name: getattr(values, name) for name in CustomerValues.__dataclass_fields__})
+    await conn.execute(_UNTUNE)
     await conn.execute(_STAGING)
     await conn.copy_to_table("lifetime_values_staging", source=_pieces(rows), format="binary")
     status = await conn.execute(_UPDATE)
