@@ -13,10 +13,27 @@ if pace > 0 then
   end
 end
 
+-- A 200 carrying GraphQL errors is a failure too: every body must hold the payload.
+local threads = {}
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+wrong = 0
+function response(status, headers, body)
+  if status ~= 200 or not body:find('"salesOverview":{"revenue":', 1, true) then
+    wrong = wrong + 1
+  end
+end
+
 function done(summary, latency, requests)
   local e = summary.errors
-  -- requests, errors (connect, read, write, timeout, non-2xx), µs: p50, p99, max; run µs
+  local bad = 0
+  for _, thread in ipairs(threads) do
+    bad = bad + thread:get("wrong")
+  end
+  -- requests, failed (connect, read, write, timeout, non-2xx, or no payload), µs: p50, p99, max; run µs
   io.write(string.format("RESULT %d %d %d %d %d %d\n", summary.requests,
-    e.connect + e.read + e.write + e.timeout + e.status,
+    e.connect + e.read + e.write + e.timeout + e.status + bad,
     latency:percentile(50), latency:percentile(99), latency.max, summary.duration))
 end

@@ -137,7 +137,8 @@ async def test_cdnow_summary_and_fit_reproduce_the_published_estimates(db: async
 
 
 def _rows(summary: queries.PurchaseSummary, index: np.ndarray) -> queries.PurchaseSummary:
-    return queries.PurchaseSummary(**{name: getattr(summary, name)[index] for name in summary.__dataclass_fields__})
+    fields = [name for name in summary.__dataclass_fields__ if name != "stored"]
+    return queries.PurchaseSummary(**{name: getattr(summary, name)[index] for name in fields})
 
 
 def test_likelihood_gradients_match_finite_differences() -> None:
@@ -353,3 +354,22 @@ async def test_values_as_of_an_earlier_day_count_the_orders_up_to_its_end(db: as
     assert today["as_of"] == datetime.now(UTC).date().isoformat() and (await crafted(db))[2][
         "lifetime_value"
     ] == Decimal("120.75")
+
+
+def test_only_values_that_differ_from_the_stored_ones_are_sent_back() -> None:
+    nan = float("nan")
+    ids = np.array([1, 2, 3, 4, 5], dtype=np.int64)
+    stored = queries.CustomerValues(
+        ids, np.array([100, 200, 300, 400, -1]), np.array([0.5, nan, 0.25, 0.1, nan]),
+        np.array([1.5, nan, 2.0, 0.3, nan]), np.array([900, -1, 50, 7, -1]),
+    )  # fmt: skip
+    new = queries.CustomerValues(
+        ids, np.array([100, 200, 300, 400, 0]), np.array([0.5, nan, 0.25, nan, nan]),
+        np.array([1.5, nan, 2.5, 0.3, nan]), np.array([900, -1, 50, 7, -1]),
+    )  # fmt: skip
+    # 1, 2 unchanged (two missing scores are equal); 3 a new expectation; 4 a score gone; 5 a first revenue
+    assert new.changed_from(stored).customer_id.tolist() == [3, 4, 5]
+    assert new.changed_from(new).customer_id.tolist() == []
+    with pytest.raises(ValueError, match="same customers"):
+        new.changed_from(queries.CustomerValues(ids[::-1], *(getattr(stored, n) for n in ("revenue_cents",
+            "probability_alive", "expected_purchases", "predicted_cents"))))  # fmt: skip

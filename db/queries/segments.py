@@ -51,7 +51,7 @@ WITH purchases AS (
     SELECT o.customer_id,
            (max(o.created_at) AT TIME ZONE $3)::date AS last_day,
            count(*) AS orders,
-           sum(o.total_amount) AS revenue
+           sum((o.total_amount * 100)::int8) AS revenue_cents  -- orders buyers as the amounts do; cheaper to sum
       FROM orders o
      WHERE o.status = ANY ($4::text[])
        AND o.created_at >= $1::timestamptz - make_interval(days => $2) AND o.created_at < $1::timestamptz
@@ -60,7 +60,7 @@ scored AS (
     SELECT customer_id,
            {_quintile("last_day")} AS r,
            {_quintile("orders")} AS f,
-           {_quintile("revenue")} AS m
+           {_quintile("revenue_cents")} AS m
       FROM purchases),
 target AS (
     SELECT c.id, c.segment AS old_segment, coalesce(g.segment, '{PROSPECT}') AS segment, s.r, s.f, s.m

@@ -85,7 +85,8 @@ async def _run(ctx: dict[str, Any], conn: asyncpg.Connection, as_of: date) -> Li
     clock.lap("fit_and_score")
     await report_progress(ctx, 0.7, "writing the values back")
     model = await queries.save_model(conn, scored.fit, ctx.get("job_id")) if scored.fit else previous
-    updated = await queries.write_values(conn, scored.values)
+    values = scored.values if summary.stored is None else scored.values.changed_from(summary.stored)
+    updated = await queries.write_values(conn, values)
     clock.lap("write")
     return LifetimeValuesResult(
         as_of=as_of,
