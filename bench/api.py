@@ -31,6 +31,7 @@ import json  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -196,7 +197,10 @@ def start_api(database_url: str, redis_url: str, workers: int, port: int, root: 
     python = os.path.join(root, ".venv", "bin", "python") if root != ROOT else sys.executable
     command = [python, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--workers", str(workers), "--no-access-log", "--log-level", "warning"]
-    proc = subprocess.Popen(command, env=env, cwd=root)
+    # wrk drops its connections mid-request when it stops; the API logs each as an error: keep that out of the table
+    log = tempfile.NamedTemporaryFile("wb", prefix="bench-api-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(command, env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -205,7 +209,7 @@ def start_api(database_url: str, redis_url: str, workers: int, port: int, root: 
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("the API did not come up within 60 s")
+    raise RuntimeError(f"the API did not come up within 60 s; its output is in {log.name}")
 
 
 def scenarios(base: str, token: str) -> list[tuple[str, str, str]]:
@@ -229,7 +233,7 @@ def http_rows(base: str, token: str, seconds: int, connections: int, api_pid: in
 
 def interleaved(apis: list[tuple[str, int]], token: str, rounds: int, connections: int) -> list[list[str]]:
     """Each path on each API in turn, `rounds` times 3 s (after a warm-up round): the machine's load falls on
-    both alike. One table row per path: per API, mean req/s, CPU ms/req and cores."""
+    both alike. One table row per path: per API, mean req/s, median p99, CPU ms/req and cores."""
     paths = scenarios(apis[0][0], token)
     table = []
     for name, path, script in paths:
@@ -243,7 +247,8 @@ def interleaved(apis: list[tuple[str, int]], token: str, rounds: int, connection
         for rows in runs:
             rate = sum(r.per_s for r in rows) / len(rows)
             cpu = sum((r.cpu_ms or 0) * r.per_s for r in rows) / sum(r.per_s for r in rows)
-            cells += [f"{rate:,.0f}", f"{cpu:.2f}", f"{sum(r.cores or 0 for r in rows) / len(rows):.2f}"]
+            p99 = statistics.median(r.p99_ms for r in rows)
+            cells += [f"{rate:,.0f}", f"{p99:.0f}", f"{cpu:.2f}", f"{sum(r.cores or 0 for r in rows) / len(rows):.2f}"]
         table.append(cells)
     return table
 
@@ -252,7 +257,7 @@ def print_comparison(labels: list[str], rows: list[list[str]], rounds: int) -> N
     table = Table(title=f"Interleaved, {rounds} rounds of 3 s per path and API (side by side, same load)")
     table.add_column("path")
     for label in labels:
-        for what in ("req/s", "CPU ms/req", "cores"):
+        for what in ("req/s", "p99 ms", "CPU ms/req", "cores"):
             table.add_column(f"{label} {what}", justify="right")
     for cells in rows:
         table.add_row(*cells)

@@ -30,6 +30,13 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _cmdline(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # a PostgreSQL backend that ended meanwhile
+        return ""
+
+
 def test_up_serves_runs_a_job_and_stops_cleanly(tmp_path: Path) -> None:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
@@ -38,7 +45,7 @@ def test_up_serves_runs_a_job_and_stops_cleanly(tmp_path: Path) -> None:
     started = time.monotonic()
     with log_path.open("wb") as log:
         up = subprocess.Popen(
-            [sys.executable, "-m", "cli", "up", "--port", str(port)],
+            [sys.executable, "-m", "cli", "up", "--port", str(port), "--api-workers", "2"],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -64,7 +71,9 @@ def test_up_serves_runs_a_job_and_stops_cleanly(tmp_path: Path) -> None:
         (mail,) = _wait_mail(tmp_path / "data" / "mail" / "new")  # sent by the job, or by the minute's sender
         assert b"Subject: Daily summary for" in mail.read_bytes()
         family = psutil.Process(up.pid).children(recursive=True)
-        assert len(family) >= 6  # postgres (+ its backends), redis, api, three workers
+        assert len(family) >= 7  # postgres (+ its backends), redis, api, three workers
+        api_servers = [p for p in family if "spawn_main" in _cmdline(p)]  # uvicorn's workers
+        assert len(api_servers) == 2 and "API processes: 2" in log_path.read_text()  # --api-workers 2
     finally:
         up.send_signal(signal.SIGTERM)
         code = up.wait(timeout=60)
