@@ -4,8 +4,8 @@ every GraphQL query and mutation must answer a GraphQL response without a server
 enqueued but by an accepted trigger (the jobs in Redis afterwards are exactly the accepted ones).
 
 Bounded for `make test`: derandomized (the same cases each run) and SALESDASH_FUZZ_EXAMPLES examples per
-operation and mode (default 40: positive + negative = 80 per REST operation, 40 per GraphQL field, about 30 s on
-an idle 2-core machine); raise it for a deeper run."""
+operation and mode (default 150: positive + negative = 300 per REST operation, 150 per GraphQL field, about 50 s
+on an idle 2-core machine); raise it for a deeper run."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from tests.api_server import api_server
 from tests.test_api import queue_snapshot
 from worker import jobstore as js
 
-EXAMPLES = int(os.environ.get("SALESDASH_FUZZ_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("SALESDASH_FUZZ_EXAMPLES", "150"))
 OPENAPI_CHECKS = [
     not_a_server_error,
     status_code_conformance,
