@@ -18,12 +18,12 @@ from arq.utils import to_unix_ms
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from db.queries.history import get_job_run, minute_stats, runs_by_id, search_job_runs
+from db.queries.history import get_job_run, job_tries, minute_stats, runs_by_id, search_job_runs
 from salesdash.auth import Principal, Scope, scope_to_operate
 from salesdash.config import get_settings
 from worker import client
 from worker import jobstore as js
-from worker.records import JOB_STATES, JobStatus, WorkerInfo
+from worker.records import JOB_STATES, JobStatus, TryInfo, WorkerInfo
 from worker.registry import TASKS, TaskSpec
 
 WINDOW_MINUTES = 60
@@ -93,6 +93,7 @@ class JobDetail(BaseModel):  # type: ignore[no-redef]  # the pydantic plugin tri
     traceback_hidden: bool  # there is one, and this principal may not see it
     can_abort: bool
     can_retry: bool
+    tries: list[TryInfo] = []  # every try that ended, oldest first, as far as the history has been flushed
 
 
 class TaskForm(BaseModel):
@@ -330,6 +331,7 @@ async def job_detail(redis: Redis, db: asyncpg.Pool, principal: Principal, job_i
         traceback_hidden=bool(job.traceback) and not admin,
         can_abort=may_operate and job.status in ("queued", "deferred", "in_progress"),
         can_retry=may_operate and spec is not None and job.status in ("failed", "aborted"),
+        tries=[TryInfo.model_validate(row) for row in await job_tries(db, job_id)],
     )
 
 
