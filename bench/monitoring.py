@@ -34,6 +34,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from db.migrate import upgrade  # noqa: E402
+from db.queries import history  # noqa: E402
 from salesdash.auth import OPERATOR  # noqa: E402
 from salesdash.config import get_settings  # noqa: E402
 from salesdash.connections import open_db_pool  # noqa: E402
@@ -137,7 +138,9 @@ async def _run(pool: asyncpg.Pool, redis: Redis, args: argparse.Namespace) -> No
         ("jobs, search arguments (last 30 days)", lambda: _search(redis, pool, text="batch 77", since=month_ago)),
         ("jobs, search id prefix (last 7 days)", lambda: _search(redis, pool, text="job:123")),
         ("jobs, search a whole id", lambda: _search(redis, pool, text=some_job)),
-        ("job detail", lambda: monitoring.job_detail(redis, pool, OPERATOR, some_job)),
+        ("REST GET /jobs (list_job_runs, the index's order)", lambda: _rest_list(pool)),
+        ("REST GET /jobs, ordered NULLS LAST (before)", lambda: pool.fetch(_REST_NULLS_LAST, 50)),
+        ("job detail (with its tries)", lambda: monitoring.job_detail(redis, pool, OPERATOR, some_job)),
         ("last runs: by the ticks' job ids (used)", lambda: monitoring.schedule_rows(pool, now)),
         ("last runs: DISTINCT ON over the history", lambda: pool.fetch(_DISTINCT_ON, names)),
     ]
@@ -154,11 +157,21 @@ async def _run(pool: asyncpg.Pool, redis: Redis, args: argparse.Namespace) -> No
     Console().print(f"last runs, DISTINCT ON / by tick ids = {ratio:.1f}")
     ratio = medians["jobs, page 1, ordered NULLS LAST (before)"] / medians["jobs, page 1, no filter"]
     Console().print(f"job list page 1, NULLS LAST order / the index's order = {ratio:.1f}")
+    ratio = (
+        medians["REST GET /jobs, ordered NULLS LAST (before)"]
+        / medians["REST GET /jobs (list_job_runs, the index's order)"]
+    )
+    Console().print(f"REST GET /jobs, NULLS LAST order / the index's order = {ratio:.1f}")
+
+
+def _rest_list(pool: asyncpg.Pool) -> Awaitable[Any]:
+    return history.list_job_runs(pool, queue=None, status=None, limit=50)
 
 
 # The job list as first written: its ORDER BY did not match job_runs_recent_idx (enqueued_at DESC, nulls first), so
 # every poll sorted the whole table.
 _NULLS_LAST = """SELECT * FROM job_runs ORDER BY enqueued_at DESC NULLS LAST, job_id LIMIT $1"""
+_REST_NULLS_LAST = """SELECT * FROM job_runs ORDER BY enqueued_at DESC NULLS LAST LIMIT $1"""
 _DISTINCT_ON = """SELECT DISTINCT ON (task_name) task_name, job_id, status, finished_at, error FROM job_runs
                    WHERE task_name = ANY($1::text[]) ORDER BY task_name, enqueued_at DESC NULLS LAST"""
 
