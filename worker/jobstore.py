@@ -432,17 +432,19 @@ def decode_history_entry(raw: bytes | str) -> JobRecord | TryRecord:
         data = json.loads(raw)
         if not isinstance(data, dict) or data.get("kind") != "try":
             return decode_record(raw)
-        outcome = data["outcome"]
+        outcome, worker_id, error = data["outcome"], data.get("worker_id"), data.get("error")
         if outcome not in ("lost", "fenced", "waiting"):
             raise ValueError(f"unknown try outcome {outcome!r}")
+        if not all(v is None or isinstance(v, str) for v in (worker_id, error)):
+            raise TypeError("worker_id and error must be strings or null")
         return TryRecord(
             job_id=str(data["id"]),
             try_no=int(data["t"]),
             outcome=outcome,
             finished_ms=int(data["finished_ms"]),
             started_ms=_int_or_none(data.get("started_ms")),
-            worker_id=data.get("worker_id"),
-            error=data.get("error"),
+            worker_id=worker_id,
+            error=error,
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise BadPayload(f"stored try entry is unreadable ({type(exc).__name__}: {exc})") from None
@@ -717,7 +719,8 @@ for _, id in ipairs(expired) do
     local ok, job = pcall(cjson.decode, raw)
     if ok and type(job) == 'table' and tonumber(job['t']) then tries = tonumber(job['t']) end
   end
-  local worker = token and string.match(token, '^(.*)#%d+$')
+  local worker = nil
+  if token then worker = string.match(token, '^(.*)#%d+$') end
   if started and started < 1e12 then started = nil end  -- a key written before starts were kept
   redis.call('LPUSH', KEYS[6], cjson.encode({kind = 'try', id = id, t = tries + lost, outcome = 'lost',
     started_ms = started, finished_ms = now, worker_id = worker,

@@ -59,7 +59,7 @@ TRY_COLUMNS = ("job_id", "try_no", "outcome", "worker_id", "started_at", "finish
 # The runs' upsert and the tries' insert in one statement (one round trip, one transaction): every try of the
 # batch, each once (a flush rewritten after a crash meets the primary key and inserts nothing).
 _WRITE_HISTORY = f"""
-WITH runs AS ({_UPSERT} RETURNING 1)
+WITH runs AS ({_UPSERT})
 INSERT INTO job_tries ({", ".join(TRY_COLUMNS)}, host)
 SELECT t.*, split_part(t.worker_id, ':', 1)
   FROM unnest($18::text[], $19::int[], $20::text[], $21::text[], $22::timestamptz[], $23::timestamptz[],
@@ -113,17 +113,19 @@ async def job_run_counts(conn: asyncpg.Connection | asyncpg.Pool) -> list[dict[s
     return [dict(r) for r in rows]
 
 
-# Old runs go with their tries, in one statement; so do old tries whose run was never recorded (a job lost, then
-# expired). The count returned is the runs'.
+# Old runs go with their tries (by primary key), in one statement; so do old tries whose run was never recorded (a
+# job lost, then expired). The two sets are disjoint: a try is in one only if its job had a run row. The count
+# returned is the runs'.
 _PRUNE = """
 WITH runs AS (
     DELETE FROM job_runs WHERE coalesce(finished_at, enqueued_at) < now() - make_interval(days => $1)
     RETURNING job_id
 ), tries AS (
+    DELETE FROM job_tries t USING runs WHERE t.job_id = runs.job_id
+), orphans AS (
     DELETE FROM job_tries t
-     WHERE t.job_id IN (SELECT job_id FROM runs)
-        OR (t.finished_at < now() - make_interval(days => $1)
-            AND NOT EXISTS (SELECT 1 FROM job_runs r WHERE r.job_id = t.job_id))
+     WHERE t.finished_at < now() - make_interval(days => $1)
+       AND NOT EXISTS (SELECT 1 FROM job_runs r WHERE r.job_id = t.job_id)
 )
 SELECT count(*) FROM runs
 """
