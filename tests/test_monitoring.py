@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from db.queries.history import upsert_job_runs
 from salesdash.auth import OPERATOR, Principal, Scope
 from tests.conftest import enqueue_job, wait_for
+from tests.private_servers import free_port
 from worker import client, monitoring
 from worker import jobstore as js
 from worker.history import flush_history, record_to_row
@@ -268,3 +269,15 @@ async def test_a_try_whose_worker_was_killed_shows_as_lost(
     assert "stopped renewing the lease" in lost["error"] and lost["started_at"] < lost["finished_at"]
     assert (done["try_no"], done["outcome"]) == (2, "complete") and done["worker_id"].split(":")[1] == str(survivor.pid)
     assert done["duration_ms"] >= 1500 and done["started_at"] >= lost["finished_at"]
+
+
+async def test_a_live_jobs_detail_answers_without_postgresql_and_says_its_tries_are_unknown(
+    clean_redis: Redis,
+) -> None:
+    job_id = await enqueue_job(clean_redis, "noop", "platform")
+    nowhere = await asyncpg.create_pool(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", min_size=0)
+    try:
+        detail = await monitoring.job_detail(clean_redis, nowhere, OPERATOR, job_id)
+    finally:
+        await nowhere.close()
+    assert detail.job.status == "queued" and detail.tries is None

@@ -190,7 +190,7 @@ function detailFields(d) {
   ];
   if (j.traceback) rows.push(field("traceback", j.traceback, true));
   else if (d.traceback_hidden) rows.push(field("traceback", "hidden: tracebacks are shown to admin tokens only"));
-  rows.push(field("every try", triesTable(d.tries || [])));
+  rows.push(field("every try", d.tries === null ? "unavailable: PostgreSQL cannot be reached" : triesTable(d.tries)));
   return rows.flat();
 }
 
