@@ -1,6 +1,7 @@
 """Benchmark of what the monitoring page polls every 2 s, over a job history of realistic size: a scratch database
 whose `job_runs` holds 30 days of the schedule's runs (about 1,200 a day) plus --on-demand other jobs, then each
-read the page makes, timed, and the schedule's last-run lookup done two ways side by side.
+read the page makes, timed, and side by side: the schedule's last-run lookup done two ways, the job lists in and out
+of their index's order, and a history flush of 1,000 records with and without its tries (`job_tries`).
 
     .venv/bin/python bench/monitoring.py [--on-demand 300000] [--runs 30]
                                          [--database-url postgresql://postgres@127.0.0.1:5432]
@@ -24,7 +25,7 @@ import asyncio  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
-from collections.abc import Awaitable, Callable  # noqa: E402
+from collections.abc import Awaitable, Callable, Iterator  # noqa: E402
 from datetime import UTC, datetime, timedelta  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -34,10 +35,13 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from db.migrate import upgrade  # noqa: E402
+from db.queries import history  # noqa: E402
 from salesdash.auth import OPERATOR  # noqa: E402
 from salesdash.config import get_settings  # noqa: E402
 from salesdash.connections import open_db_pool  # noqa: E402
 from worker import monitoring  # noqa: E402
+from worker.history import record_to_row, try_to_row  # noqa: E402
+from worker.records import JobRecord, TryRecord  # noqa: E402
 from worker.registry import TASKS  # noqa: E402
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432"
@@ -75,7 +79,8 @@ async def _fill(pool: asyncpg.Pool, on_demand: int) -> int:
     per_day = [_per_day(s.schedule.text) if s.schedule else 0 for s in scheduled]
     await pool.execute(_CRON_HISTORY, [s.name for s in scheduled], [s.queue.value for s in scheduled], per_day)
     await pool.execute(_ON_DEMAND, on_demand)
-    await pool.execute("ANALYZE job_runs")
+    await pool.execute(_TRIES)
+    await pool.execute("ANALYZE job_runs; ANALYZE job_tries")
     return int(await pool.fetchval("SELECT count(*) FROM job_runs"))
 
 
@@ -87,6 +92,17 @@ async def _time(runs: int, call: Callable[[], Awaitable[Any]]) -> list[float]:
         await call()
         samples.append(time.perf_counter() - started)
     return samples
+
+
+def _flush_batches(count: int) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    """Batches of FLUSH_BATCH new records as a flush writes them: (job_runs rows, job_tries rows)."""
+    for _ in range(count):
+        now = int(time.time() * 1000)
+        records = [
+            JobRecord(uuid.uuid4().hex, "noop", "maintenance", "complete", [], {}, now - 9, now, 1, 5, now - 3, 1)
+            for _ in range(FLUSH_BATCH)
+        ]
+        yield [record_to_row(r) for r in records], [try_to_row(TryRecord.of_record(r)) for r in records]
 
 
 def _search(redis: Redis, pool: asyncpg.Pool, **wanted: Any) -> Awaitable[monitoring.JobPage]:
@@ -125,6 +141,7 @@ async def _run(pool: asyncpg.Pool, redis: Redis, args: argparse.Namespace) -> No
     some_job = await pool.fetchval("SELECT job_id FROM job_runs WHERE status = 'failed' LIMIT 1")
     names = [s.name for s in TASKS.values() if s.schedule]
     month_ago = now - timedelta(days=30)
+    before, after = _flush_batches(args.runs + 1), _flush_batches(args.runs + 1)
     reads: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
         ("overview (queues, workers, schedule)", lambda: monitoring.overview(redis, pool)),
         ("  queue panels (per-minute figures)", lambda: monitoring.queue_panels(redis, pool, now)),
@@ -137,7 +154,17 @@ async def _run(pool: asyncpg.Pool, redis: Redis, args: argparse.Namespace) -> No
         ("jobs, search arguments (last 30 days)", lambda: _search(redis, pool, text="batch 77", since=month_ago)),
         ("jobs, search id prefix (last 7 days)", lambda: _search(redis, pool, text="job:123")),
         ("jobs, search a whole id", lambda: _search(redis, pool, text=some_job)),
-        ("job detail", lambda: monitoring.job_detail(redis, pool, OPERATOR, some_job)),
+        ("REST GET /jobs (list_job_runs, the index's order)", lambda: _rest_list(pool)),
+        ("REST GET /jobs, ordered NULLS LAST (before)", lambda: pool.fetch(_REST_NULLS_LAST, 50)),
+        ("job detail (with its tries)", lambda: monitoring.job_detail(redis, pool, OPERATOR, some_job)),
+        (
+            f"flush {FLUSH_BATCH:,} records: job_runs only (before)",
+            lambda: history.upsert_job_runs(pool, next(before)[0]),
+        ),
+        (
+            f"flush {FLUSH_BATCH:,} records: + job_tries, one statement",
+            lambda: history.write_history(pool, *next(after)),
+        ),
         ("last runs: by the ticks' job ids (used)", lambda: monitoring.schedule_rows(pool, now)),
         ("last runs: DISTINCT ON over the history", lambda: pool.fetch(_DISTINCT_ON, names)),
     ]
@@ -154,11 +181,35 @@ async def _run(pool: asyncpg.Pool, redis: Redis, args: argparse.Namespace) -> No
     Console().print(f"last runs, DISTINCT ON / by tick ids = {ratio:.1f}")
     ratio = medians["jobs, page 1, ordered NULLS LAST (before)"] / medians["jobs, page 1, no filter"]
     Console().print(f"job list page 1, NULLS LAST order / the index's order = {ratio:.1f}")
+    ratio = (
+        medians["REST GET /jobs, ordered NULLS LAST (before)"]
+        / medians["REST GET /jobs (list_job_runs, the index's order)"]
+    )
+    Console().print(f"REST GET /jobs, NULLS LAST order / the index's order = {ratio:.1f}")
+    ratio = (
+        medians[f"flush {FLUSH_BATCH:,} records: + job_tries, one statement"]
+        / medians[f"flush {FLUSH_BATCH:,} records: job_runs only (before)"]
+    )
+    Console().print(f"history flush with every try / without = {ratio:.2f}")
+
+
+def _rest_list(pool: asyncpg.Pool) -> Awaitable[Any]:
+    return history.list_job_runs(pool, queue=None, status=None, limit=50)
 
 
 # The job list as first written: its ORDER BY did not match job_runs_recent_idx (enqueued_at DESC, nulls first), so
 # every poll sorted the whole table.
 _NULLS_LAST = """SELECT * FROM job_runs ORDER BY enqueued_at DESC NULLS LAST, job_id LIMIT $1"""
+FLUSH_BATCH = 1000  # worker/history.py's BATCH
+# One try per recorded run that started, as the flush would have written them
+_TRIES = """
+INSERT INTO job_tries (job_id, try_no, outcome, worker_id, host, started_at, finished_at, duration_ms, error)
+SELECT job_id, greatest(tries, 1), CASE status WHEN 'deferred' THEN 'retried' ELSE status END, worker_id,
+       split_part(worker_id, ':', 1), started_at, finished_at, duration_ms, error
+  FROM job_runs WHERE started_at IS NOT NULL AND finished_at IS NOT NULL
+   AND status IN ('complete', 'failed', 'aborted', 'deferred')
+"""
+_REST_NULLS_LAST = """SELECT * FROM job_runs ORDER BY enqueued_at DESC NULLS LAST LIMIT $1"""
 _DISTINCT_ON = """SELECT DISTINCT ON (task_name) task_name, job_id, status, finished_at, error FROM job_runs
                    WHERE task_name = ANY($1::text[]) ORDER BY task_name, enqueued_at DESC NULLS LAST"""
 

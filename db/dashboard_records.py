@@ -141,11 +141,11 @@ class LowStockProduct(_Record):
     name: str
     category: str
     stock_quantity: int
-    reorder_point: int
-    shortfall: int  # reorder point - stock: how far under (0 = exactly at it)
+    reorder_point: int  # demand-based, as check_low_stock_products found it (or its fixed threshold - 1)
+    shortfall: int  # reorder point - stock: how far under (0 = exactly at it, or restocked since the check)
     lead_time_days: int
 
 
 class LowStockProducts(_Record):
-    total: int  # products at or under their reorder point
+    total: int  # products the last check_low_stock_products run found low (`low_stock_state`)
     products: list[LowStockProduct]  # the largest shortfall first, at most LOW_STOCK_LIMIT

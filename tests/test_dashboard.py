@@ -261,27 +261,40 @@ async def test_customer_segments_count_every_customer(seeded: None, db: asyncpg.
     assert [s.customers for s in segments.segments] == sorted(expected.values(), reverse=True)
 
 
-async def test_low_stock_products_are_at_or_under_their_reorder_point(seeded: None, db: asyncpg.Pool) -> None:
+async def test_low_stock_panel_lists_the_products_the_check_found_low(seeded: None, db: asyncpg.Pool) -> None:
+    """The panel reads `low_stock_state` (check_low_stock_products' demand-based verdict), not the seed's fixed
+    `products.reorder_point`; tests/test_stock.py runs the check itself and compares."""
     async with db.acquire() as conn:
         changes = conn.transaction()  # rolled back: other tests see the seeded stock
         await changes.start()
         try:
-            # one product exactly at its reorder point, one far under: both count, the far one first
-            at, under = await conn.fetch("SELECT id FROM products ORDER BY id LIMIT 2")
-            await conn.execute("UPDATE products SET stock_quantity = reorder_point WHERE id = $1", at["id"])
-            await conn.execute("UPDATE products SET reorder_point = 500, stock_quantity = 0 WHERE id = $1", under["id"])
+            await conn.execute("DELETE FROM low_stock_state")
+            at, under, threshold, fixed = await conn.fetch("SELECT id FROM products ORDER BY id LIMIT 4")
+            # at a demand-based point of 12.4 (12 whole units); far under 500; under a fixed threshold of 10 only;
+            # and one under the seed's fixed reorder point the check did not name: not listed
+            await conn.execute("UPDATE products SET stock_quantity = 12 WHERE id = $1", at["id"])
+            await conn.execute("UPDATE products SET stock_quantity = 0 WHERE id = $1", under["id"])
+            await conn.execute(
+                "UPDATE products SET stock_quantity = 4, low_stock_threshold = 10 WHERE id = $1", threshold["id"]
+            )
+            await conn.execute("UPDATE products SET reorder_point = 900, stock_quantity = 1 WHERE id = $1", fixed["id"])
+            await conn.execute(
+                "INSERT INTO low_stock_state (product_id, stock_quantity, reorder_point) "
+                "VALUES ($1, 12, 12.4), ($2, 0, 500), ($3, 4, 0)",
+                at["id"],
+                under["id"],
+                threshold["id"],
+            )
             req = dashboard.request(dashboard.LOW_STOCK_PRODUCTS, {}, Moment.current(UTC_ZONE))
             data = (await dashboard.compute_in(conn, req, datetime.now(UTC))).data
-            expected = await conn.fetch(
-                "SELECT id, reorder_point - stock_quantity AS shortfall FROM products "
-                "WHERE stock_quantity <= reorder_point"
-            )
         finally:
             await changes.rollback()
-    assert data.total == len(expected) >= 2
-    assert {(p.product_id, p.shortfall) for p in data.products} == {(r["id"], r["shortfall"]) for r in expected}
-    assert data.products[0].product_id == under["id"] and data.products[0].shortfall == 500
-    assert [p.shortfall for p in data.products] == sorted((p.shortfall for p in data.products), reverse=True)
+    assert data.total == 3
+    assert [(p.product_id, p.reorder_point, p.shortfall) for p in data.products] == [
+        (under["id"], 500, 500),
+        (threshold["id"], 9, 5),  # under 10 is at or under 9
+        (at["id"], 12, 0),
+    ]
 
 
 # ---- GraphQL ---------------------------------------------------------------------------------------------------

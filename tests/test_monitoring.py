@@ -1,9 +1,12 @@
 """What the monitoring page reads (worker/monitoring.py) and its JSON routes, without a browser: per-minute figures
 from job_runs and the depth samples, workers alive and gone, the schedule's next runs, search and paging, tracebacks
-by scope, and the routes' refusals."""
+by scope, every try of a job (run by real workers: a retried one, one lost with a SIGKILLed worker), and the routes'
+refusals."""
 
 from __future__ import annotations
 
+import os
+import signal
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,9 +17,11 @@ from redis.asyncio import Redis
 
 from db.queries.history import upsert_job_runs
 from salesdash.auth import OPERATOR, Principal, Scope
+from tests.conftest import enqueue_job, wait_for
+from tests.private_servers import free_port
 from worker import client, monitoring
 from worker import jobstore as js
-from worker.history import record_to_row
+from worker.history import flush_history, record_to_row
 from worker.records import JobRecord, WorkerInfo
 from worker.registry import get_task
 
@@ -210,3 +215,69 @@ async def test_routes_refuse_bad_filters_unknown_jobs_and_strangers(
     assert wrong.status_code == 422 and "month" in wrong.json()["detail"] and "future" in wrong.json()["detail"]
     page = await app_client.get("/dashboard", headers=auth["read"])
     assert 'data-can-trigger="no"' in page.text and 'id="trigger"' not in page.text
+
+
+# ---- every try, from real workers -------------------------------------------------------------------------------
+PLATFORM = "tests.platform_worker.Settings"
+
+
+async def _tries_when(
+    app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]], job_id: str, count: int
+) -> list[dict[str, Any]]:
+    detail = (await app_client.get(f"/dashboard/api/jobs/{job_id}", headers=auth["read"])).json()
+    tries: list[dict[str, Any]] = detail["tries"]
+    return tries if detail["job"]["status"] == "complete" and len(tries) >= count else []
+
+
+async def test_a_job_failing_once_shows_both_tries_with_outcome_and_timing(
+    clean_redis: Redis, db: asyncpg.Pool, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]],
+    spawn_worker: Any,
+) -> None:  # fmt: skip
+    key = f"test:flaky:{uuid.uuid4().hex}"
+    job_id = await enqueue_job(clean_redis, "flaky", "platform", {"key": key, "failures": 1})
+    worker = spawn_worker(PLATFORM, args=["--burst"])
+    assert worker.wait(timeout=60) == 0  # burst: runs both tries, flushes history on the way out
+    first, second = await wait_for(lambda: _tries_when(app_client, auth, job_id, 2), timeout=10)
+    assert (first["try_no"], first["outcome"]) == (1, "retried")
+    assert first["error"] == "ConnectionError: transient fault on attempt 1"
+    assert (second["try_no"], second["outcome"], second["error"]) == (2, "complete", None)
+    for t in (first, second):
+        started, finished = datetime.fromisoformat(t["started_at"]), datetime.fromisoformat(t["finished_at"])
+        assert started <= finished and t["duration_ms"] == (finished - started).total_seconds() * 1000
+        assert t["worker_id"].split(":")[1] == str(worker.pid) and t["host"] == t["worker_id"].split(":")[0]
+    assert second["started_at"] > first["finished_at"]  # the retry waited out its backoff
+
+
+async def test_a_try_whose_worker_was_killed_shows_as_lost(
+    clean_redis: Redis, db: asyncpg.Pool, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]],
+    spawn_worker: Any,
+) -> None:  # fmt: skip
+    fast = {"SALESDASH_LEASE_SECONDS": "2"}
+    job_id = await enqueue_job(clean_redis, "sleep", "platform", {"seconds": 1.5, "tag": "killed"})
+    doomed = spawn_worker(PLATFORM, extra_env=fast)
+    await wait_for(lambda: clean_redis.llen("test:started"), timeout=30, interval=0.05)
+    os.kill(doomed.pid, signal.SIGKILL)
+    doomed.wait(timeout=10)
+    survivor = spawn_worker(PLATFORM, extra_env=fast)  # sweeps the expired lease, runs the job again
+
+    async def flushed() -> list[dict[str, Any]]:
+        await flush_history(clean_redis, db, "test")
+        return await _tries_when(app_client, auth, job_id, 2)
+
+    lost, done = await wait_for(flushed, timeout=40, interval=0.3)
+    assert (lost["try_no"], lost["outcome"]) == (1, "lost") and lost["worker_id"].split(":")[1] == str(doomed.pid)
+    assert "stopped renewing the lease" in lost["error"] and lost["started_at"] < lost["finished_at"]
+    assert (done["try_no"], done["outcome"]) == (2, "complete") and done["worker_id"].split(":")[1] == str(survivor.pid)
+    assert done["duration_ms"] >= 1500 and done["started_at"] >= lost["finished_at"]
+
+
+async def test_a_live_jobs_detail_answers_without_postgresql_and_says_its_tries_are_unknown(
+    clean_redis: Redis,
+) -> None:
+    job_id = await enqueue_job(clean_redis, "noop", "platform")
+    nowhere = await asyncpg.create_pool(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", min_size=0)
+    try:
+        detail = await monitoring.job_detail(clean_redis, nowhere, OPERATOR, job_id)
+    finally:
+        await nowhere.close()
+    assert detail.job.status == "queued" and detail.tries is None

@@ -24,13 +24,13 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from db.queries.history import upsert_job_runs
+from db.queries.history import write_history
 from db.queries.views import lock_rollups
 from salesdash.auth import OPERATOR
 from tests.conftest import ROOT, enqueue_job
 from worker import client
-from worker.history import record_to_row
-from worker.records import JobRecord
+from worker.history import record_to_row, try_to_row
+from worker.records import JobRecord, TryRecord
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 EXPECT_MS = 30_000  # generous: the machine is shared; a wait only lasts this long when something is wrong
@@ -122,13 +122,13 @@ def job_row(page: Page, job_id: str) -> Any:
 
 
 async def history_job(db: asyncpg.Pool, task: str, status: Any, **fields: Any) -> str:
-    """A finished job as the workers' history flush writes it into job_runs."""
+    """A finished job as the workers' history flush writes it into job_runs and job_tries (its one try)."""
     now = int(datetime.now(UTC).timestamp() * 1000)
     job_id = uuid.uuid4().hex
     record = JobRecord(
         job_id, task, "maintenance", status, [], {}, now - 2000, now, 1, 5, started_ms=now - 1500, **fields
     )
-    await upsert_job_runs(db, [record_to_row(record)])
+    await write_history(db, [record_to_row(record)], [try_to_row(TryRecord.of_record(record))])
     return job_id
 
 
@@ -233,6 +233,10 @@ async def test_a_failed_jobs_traceback_is_shown_to_admin_and_not_to_read(
         await job_row(page, job_id).locator("a.job-link").click()
         detail = page.locator("#detail")
         await expect(detail.locator("[data-field=error]")).to_have_text(f"ValueError: {marker}")
+        tries = detail.locator("#detail-tries tbody tr")  # every try, for any scope: its error is no secret
+        await expect(tries).to_have_count(1)
+        await expect(tries.locator("td").nth(1)).to_have_text("failed")
+        await expect(tries.locator("td").nth(6)).to_have_text("1.5 s")  # started 1500 ms before it finished
         if sees:
             await expect(detail.locator("[data-field=traceback]")).to_contain_text(
                 f'stock.py", line 9\nValueError: {marker}'
@@ -371,6 +375,8 @@ async def test_html_in_arguments_errors_and_results_is_shown_as_text_everywhere(
         await expect(page.locator("#detail [data-field=error]")).to_have_text(HTML)
         await expect(page.locator("#detail [data-field=result]")).to_contain_text('"html": "<img src=x')
         await expect(page.locator("#detail [data-field=traceback]")).to_have_text(f"Traceback\n{HTML}")
+        failed_try = page.locator("#detail-tries tbody tr[data-outcome=failed]")
+        await expect(failed_try.locator("td").nth(7)).to_have_text(HTML)  # the try's error, as text
         await page.wait_for_timeout(2500)  # one more poll redraws everything
         assert await page.locator(".injected, img, i").count() == 0
         assert await page.evaluate("window.__injected") is None

@@ -23,7 +23,7 @@ from tests.conftest import enqueue_job, wait_for
 from tests.private_servers import PrivatePostgres, PrivateRedis, free_port
 from worker import client
 from worker import jobstore as js
-from worker.records import JobPayload, Progress
+from worker.records import JobPayload, JobRecord, Progress, TryRecord
 from worker.retry import dependency_backoff_s, dependency_down
 
 QUEUE = "platform"
@@ -112,8 +112,13 @@ async def test_a_try_that_lost_its_lease_cannot_write(clean_redis: Redis) -> Non
     assert await js.finish(clean_redis, keys, [loser], js.serialize_json) == [loser]
     record = await js.read_record(clean_redis, job_id)
     assert record is not None and record.result == "b's result" and record.worker_id == "host-b:2:bbbbbb"
-    history = [js.decode_record(e) for e in await clean_redis.lrange(js.HISTORY_KEY, 0, -1)]  # type: ignore[misc]
+    entries = [js.decode_history_entry(e) for e in await clean_redis.lrange(js.HISTORY_KEY, 0, -1)]  # type: ignore[misc]
+    history = [h for h in entries if isinstance(h, JobRecord)]  # the rest: tries alone (a's lost, then fenced, try)
     assert [(h.job_id, h.result) for h in history] == [(job_id, "b's result")]
+    assert [(t.outcome, t.worker_id) for t in entries if isinstance(t, TryRecord)] == [
+        ("fenced", "host-a:1:aaaaaa"),
+        ("lost", "host-a:1:aaaaaa"),
+    ]
 
 
 def _final(job: JobPayload, worker_id: str, result: str, lease: str) -> js.Outcome:

@@ -7,9 +7,10 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import AsyncIterator, Iterator
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from statistics import NormalDist
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
@@ -19,7 +20,8 @@ from salesdash.auth import OPERATOR
 from salesdash.config import get_settings
 from tests.conftest import arq_burst
 from tests.notify_servers import HOST, MailSink, running_sink
-from worker import client
+from worker import client, dashboard
+from worker.dashboard import Moment
 from worker.jobs.stock import check_low_stock_products
 
 LEAD = {"LS-STEADY-LOW": 7, "LS-STEADY-OK": 7, "LS-SPIKY": 4, "LS-THRESH-LOW": 7, "LS-THRESH-EDGE": 7}
@@ -149,3 +151,27 @@ async def test_crafted_demand_alerts_each_crossing_once_in_one_digest(
     assert state["stock_quantity"] == 73 and float(state["reorder_point"]) == pytest.approx(
         expected_reorder_point(window, 4), abs=0.01
     )
+
+
+async def test_the_dashboards_low_stock_panel_names_the_products_the_check_names(
+    db: asyncpg.Pool, catalogue: dict[str, int], sink: MailSink
+) -> None:
+    today = datetime.now(get_settings().tzinfo).date()
+    await sell(db, catalogue["LS-STEADY-LOW"], STEADY, today)
+    # the seed's fixed reorder points say the opposite of demand: the panel must not follow them
+    await db.execute("UPDATE products SET reorder_point = 0 WHERE id = $1", catalogue["LS-STEADY-LOW"])
+    await db.execute("UPDATE products SET reorder_point = 1000 WHERE id = $1", catalogue["LS-THRESH-EDGE"])
+    checked = await check_low_stock_products(job_ctx(db, sink), as_of=today + timedelta(days=1))
+
+    async with db.acquire() as conn, conn.transaction(readonly=True, isolation="repeatable_read"):
+        req = dashboard.request(dashboard.LOW_STOCK_PRODUCTS, {}, Moment.current(ZoneInfo("UTC")))
+        panel = (await dashboard.compute_in(conn, req, datetime.now(UTC))).data
+    named = {p.sku for p in panel.products}
+    assert named == set(checked["newly_low"])  # the state was empty: every low product is newly low
+    assert panel.total == checked["low_stock_products"] == len(named)
+    assert {"LS-STEADY-LOW", "LS-THRESH-LOW"} <= named and "LS-THRESH-EDGE" not in named
+    state = await db.fetchval(
+        "SELECT reorder_point FROM low_stock_state WHERE product_id = $1", catalogue["LS-STEADY-LOW"]
+    )
+    steady = next(p for p in panel.products if p.sku == "LS-STEADY-LOW")
+    assert steady.reorder_point == math.floor(state) >= 70 and steady.shortfall == steady.reorder_point - 69

@@ -530,7 +530,10 @@ class SalesdashWorker(arq.worker.Worker):
         waiting = replace(
             job, last_error=error, due_ms=due, waiting_for=dependency, waiting_since_ms=since, waits=waits
         )
-        return js.Outcome(waiting, "wait", retry_at_ms=due)
+        record = js.job_record(  # for history only: a try that waited (spent none)
+            job, "deferred", tries=job.tries + 1, started_ms=running.started_ms, worker_id=self._state.worker_id
+        )
+        return js.Outcome(waiting, "wait", replace(record, error=error), retry_at_ms=due)
 
     def _fail_now(self, running: _Running, exc: Exception, log: dict[str, Any]) -> js.Outcome:
         logger.error("job failed", extra={**log, "error": f"{type(exc).__name__}: {exc}"})
@@ -756,7 +759,7 @@ class SalesdashWorker(arq.worker.Worker):
 
 def _span_outcome(outcome: js.Outcome) -> tuple[str, str | None]:
     record = outcome.record
-    return (record.status, record.error) if record is not None else (outcome.kind, None)
+    return (record.status, record.error) if record is not None and outcome.kind != "wait" else (outcome.kind, None)
 
 
 # ---- building and installing ---------------------------------------------------------------------------------

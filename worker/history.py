@@ -1,8 +1,9 @@
 """Moving job records from Redis into PostgreSQL `job_runs`, in batches, off the job path.
 
 Workers LPUSH a record in the same Redis call that stores a result, so history survives a worker dying before
-its next flush. One flusher at a time (a short Redis lock) reads the oldest records, upserts them in one
-statement, and only then trims them: a crash in between just rewrites the same rows.
+its next flush. One flusher at a time (a short Redis lock) reads the oldest records, writes them in one statement
+(each job's newest record to `job_runs`, every try to `job_tries`), and only then trims them: a crash in between
+just rewrites the same rows.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from db.queries.history import upsert_job_runs
+from db.queries.history import write_history
 from worker import jobstore as js
-from worker.records import JobRecord, ms_to_dt
+from worker.records import JobRecord, TryRecord, ms_to_dt
 
 logger = logging.getLogger("salesdash.worker")
 BATCH = 1000
@@ -47,17 +48,38 @@ def record_to_row(record: JobRecord) -> dict[str, Any]:
     }
 
 
-def _rows(raw: list[bytes]) -> list[dict[str, Any]]:
+def try_to_row(record: TryRecord) -> dict[str, Any]:
+    started, finished = record.started_ms, record.finished_ms
+    return {
+        "job_id": record.job_id,
+        "try_no": record.try_no,
+        "outcome": record.outcome,
+        "worker_id": record.worker_id,
+        "started_at": ms_to_dt(started),
+        "finished_at": ms_to_dt(finished),
+        "duration_ms": finished - started if started is not None else None,
+        "error": record.error,
+    }
+
+
+def _rows(raw: list[bytes]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The batch's run rows (each job's newest record) and try rows (every try that ran)."""
     latest: dict[str, dict[str, Any]] = {}
+    tries: list[dict[str, Any]] = []
     for item in reversed(raw):  # oldest first, so a job's newest record wins
         try:
-            record = js.decode_record(item)
+            entry = js.decode_history_entry(item)
         except js.BadPayload as exc:  # not ours to repair; say so and keep the rest flowing
-            entry = item[:200].decode(errors="replace")
-            logger.error("history entry dropped", extra={"error": str(exc), "entry": entry})
+            text = item[:200].decode(errors="replace")
+            logger.error("history entry dropped", extra={"error": str(exc), "entry": text})
             continue
-        latest[record.job_id] = record_to_row(record)
-    return list(latest.values())
+        if isinstance(entry, JobRecord):
+            latest[entry.job_id] = record_to_row(entry)
+            if entry.started_ms is None:  # never ran (aborted while waiting, refused): no try
+                continue
+            entry = TryRecord.of_record(entry)
+        tries.append(try_to_row(entry))
+    return list(latest.values()), tries
 
 
 async def flush_history(redis: Redis, db: asyncpg.Pool | None, owner: str) -> int:
@@ -69,7 +91,7 @@ async def flush_history(redis: Redis, db: asyncpg.Pool | None, owner: str) -> in
     written = 0
     try:
         while raw := await redis.lrange(js.HISTORY_KEY, -BATCH, -1):  # type: ignore[misc]
-            await upsert_job_runs(db, _rows(raw))
+            await write_history(db, *_rows(raw))
             await redis.ltrim(js.HISTORY_KEY, 0, -len(raw) - 1)  # type: ignore[misc]
             written += len(raw)
             if len(raw) < BATCH:

@@ -52,6 +52,7 @@ from worker.records import (
     JobState,
     JobStatus,
     Progress,
+    TryRecord,
     WorkerInfo,
     ms_to_dt,
 )
@@ -403,8 +404,50 @@ def job_record(
 
 
 def history_entry(record: JobRecord) -> bytes:
-    """A record on its way to `job_runs`: always JSON, whatever the queue's job serializer."""
+    """A record on its way to `job_runs` (and, as a try, to `job_tries`): always JSON, whatever the queue's job
+    serializer."""
     return serialize_json(encode_record(record))
+
+
+def try_entry(record: TryRecord) -> bytes:
+    """A try that leaves no job record (waiting, fenced) on its way to `job_tries`; the sweep writes the same
+    shape for a lost try in Lua (`_SWEEP`)."""
+    return serialize_json(
+        {
+            "kind": "try",
+            "id": record.job_id,
+            "t": record.try_no,
+            "outcome": record.outcome,
+            "started_ms": record.started_ms,
+            "finished_ms": record.finished_ms,
+            "worker_id": record.worker_id,
+            "error": record.error,
+        }
+    )
+
+
+def decode_history_entry(raw: bytes | str) -> JobRecord | TryRecord:
+    """An entry of the history list: a try's record (`history_entry`) or a try alone (`try_entry`)."""
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict) or data.get("kind") != "try":
+            return decode_record(raw)
+        outcome, worker_id, error = data["outcome"], data.get("worker_id"), data.get("error")
+        if outcome not in ("lost", "fenced", "waiting"):
+            raise ValueError(f"unknown try outcome {outcome!r}")
+        if not all(v is None or isinstance(v, str) for v in (worker_id, error)):
+            raise TypeError("worker_id and error must be strings or null")
+        return TryRecord(
+            job_id=str(data["id"]),
+            try_no=int(data["t"]),
+            outcome=outcome,
+            finished_ms=int(data["finished_ms"]),
+            started_ms=_int_or_none(data.get("started_ms")),
+            worker_id=worker_id,
+            error=error,
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadPayload(f"stored try entry is unreadable ({type(exc).__name__}: {exc})") from None
 
 
 # ---- Lua -----------------------------------------------------------------------------------------------------
@@ -541,7 +584,7 @@ if limit > 0 then
     local token = ARGV[12] .. '#' .. string.format('%.0f', tonumber(ARGV[13]) + (i - 1) / 2)
     redis.call('ZADD', KEYS[3], ARGV[11], id)
     redis.call('HSET', KEYS[4], id, token)
-    redis.call('SET', P_RUN .. id, '1', 'PX', JOB_TTL)
+    redis.call('SET', P_RUN .. id, ARGV[9], 'PX', JOB_TTL)  -- when the try began: a lost try's start (`_SWEEP`)
     out[#out + 1] = id
     out[#out + 1] = redis.call('GET', P_JOB .. id)
     out[#out + 1] = exists(KEYS[6]) and redis.call('HGET', KEYS[6], id)
@@ -654,18 +697,34 @@ return nil
 """
 )
 
-# Re-queue jobs whose lease ran out (their worker died); the lost try is counted in `lost`.
-# KEYS: ready, running, owners, wake, lost   ARGV: prelude(8), now ms   returns the re-queued ids
+# Re-queue jobs whose lease ran out (their worker died); the lost try is counted in `lost` and goes to history as a
+# try entry (`try_entry`'s shape): its worker from the lease token, its start from the in-progress key.
+# KEYS: ready, running, owners, wake, lost, history   ARGV: prelude(8), now ms   returns the re-queued ids
 _SWEEP = (
     _PRELUDE
     + """
+local now = tonumber(ARGV[9])
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[9], 'LIMIT', 0, 1000)
 for _, id in ipairs(expired) do
+  local token = redis.call('HGET', KEYS[3], id)
+  local started = tonumber(redis.call('GET', P_RUN .. id))
+  local raw = redis.call('GET', P_JOB .. id)
   redis.call('ZREM', KEYS[2], id)
   redis.call('HDEL', KEYS[3], id)
   redis.call('DEL', P_RUN .. id)
-  redis.call('HINCRBY', KEYS[5], id, 1)
-  redis.call('ZADD', KEYS[1], ready_score(priority_of(redis.call('GET', P_JOB .. id)), tonumber(ARGV[9])), id)
+  local lost = redis.call('HINCRBY', KEYS[5], id, 1)
+  redis.call('ZADD', KEYS[1], ready_score(priority_of(raw), now), id)
+  local tries = 0  -- a payload of another serializer: the count of lost tries alone numbers this one
+  if raw then
+    local ok, job = pcall(cjson.decode, raw)
+    if ok and type(job) == 'table' and tonumber(job['t']) then tries = tonumber(job['t']) end
+  end
+  local worker = nil
+  if token then worker = string.match(token, '^(.*)#%d+$') end
+  if started and started < 1e12 then started = nil end  -- a key written before starts were kept
+  redis.call('LPUSH', KEYS[6], cjson.encode({kind = 'try', id = id, t = tries + lost, outcome = 'lost',
+    started_ms = started, finished_ms = now, worker_id = worker,
+    error = 'lost: its worker stopped renewing the lease (died or cut off); the job was re-queued'}))
 end
 if #expired > 0 then wake(KEYS[4]) end
 return expired
@@ -898,7 +957,7 @@ async def finish(redis: Redis, keys: QueueKeys, outcomes: Sequence[Outcome], ser
     argv: list[object] = []
     for o in outcomes:
         job, record = o.job, o.record
-        entry = history_entry(record) if record is not None and o.kind != "wait" else b""
+        entry = b"" if record is None else _entry_of(o.kind, record)
         if o.kind == "final" and record is not None:
             result = entry if serializer is serialize_json else serializer(encode_record(record))
             argv += ["final", job.id, o.lease, result, max(o.keep_result_ms, 1000), "1" if job.notify else "0", entry]
@@ -910,12 +969,22 @@ async def finish(redis: Redis, keys: QueueKeys, outcomes: Sequence[Outcome], ser
         redis, _FINISH, [keys.schedule, keys.running, keys.owners, keys.lost, HISTORY_KEY, keys.ready, keys.wake], argv
     )
     refused = {f.decode() for f in fenced}
-    return [o for o in outcomes if o.job.id in refused]
+    lost = [o for o in outcomes if o.job.id in refused]
+    if entries := [try_entry(TryRecord.of_record(o.record, "fenced")) for o in lost if o.record is not None]:
+        await redis.lpush(HISTORY_KEY, *entries)  # type: ignore[misc]  # rare: only a fenced try pays this call
+    return lost
+
+
+def _entry_of(kind: str, record: JobRecord) -> bytes:
+    """The history entry of a finished try: its record, or for a wait (no try spent) a `waiting` try alone."""
+    return try_entry(TryRecord.of_record(record, "waiting")) if kind == "wait" else history_entry(record)
 
 
 async def sweep(redis: Redis, keys: QueueKeys) -> list[str]:
     """Re-queue the jobs of workers whose lease ran out; returns their ids."""
-    moved = await _run(redis, _SWEEP, [keys.ready, keys.running, keys.owners, keys.wake, keys.lost], [now_ms()])
+    moved = await _run(
+        redis, _SWEEP, [keys.ready, keys.running, keys.owners, keys.wake, keys.lost, HISTORY_KEY], [now_ms()]
+    )
     return [m.decode() for m in moved]
 
 

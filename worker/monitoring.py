@@ -18,13 +18,14 @@ from arq.utils import to_unix_ms
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from db.queries.history import get_job_run, minute_stats, runs_by_id, search_job_runs
+from db.queries.history import get_job_run, job_tries, minute_stats, runs_by_id, search_job_runs
 from salesdash.auth import Principal, Scope, scope_to_operate
 from salesdash.config import get_settings
 from worker import client
 from worker import jobstore as js
-from worker.records import JOB_STATES, JobStatus, WorkerInfo
+from worker.records import JOB_STATES, JobStatus, TryInfo, WorkerInfo
 from worker.registry import TASKS, TaskSpec
+from worker.retry import dependency_down
 
 WINDOW_MINUTES = 60
 PAGE_SIZE = 25
@@ -93,6 +94,9 @@ class JobDetail(BaseModel):  # type: ignore[no-redef]  # the pydantic plugin tri
     traceback_hidden: bool  # there is one, and this principal may not see it
     can_abort: bool
     can_retry: bool
+    # every try that ended, oldest first, as far as the history has been flushed; None while PostgreSQL is
+    # unreachable (a live job's detail still answers from Redis)
+    tries: list[TryInfo] | None = None
 
 
 class TaskForm(BaseModel):
@@ -330,7 +334,18 @@ async def job_detail(redis: Redis, db: asyncpg.Pool, principal: Principal, job_i
         traceback_hidden=bool(job.traceback) and not admin,
         can_abort=may_operate and job.status in ("queued", "deferred", "in_progress"),
         can_retry=may_operate and spec is not None and job.status in ("failed", "aborted"),
+        tries=await _tries(db, job_id),
     )
+
+
+async def _tries(db: asyncpg.Pool, job_id: str) -> list[TryInfo] | None:
+    try:
+        rows = await job_tries(db, job_id)
+    except Exception as exc:
+        if dependency_down(exc) != "postgresql":
+            raise
+        return None
+    return [TryInfo.model_validate(row) for row in rows]
 
 
 def task_forms(principal: Principal) -> list[TaskForm]:

@@ -68,6 +68,55 @@ class JobRecord:
         return self.status == "complete"
 
 
+TryOutcome = Literal["complete", "failed", "retried", "aborted", "lost", "fenced", "waiting"]
+# a try's outcome from the record its worker wrote ("deferred": it failed and the job will retry)
+TRY_OUTCOME_OF_STATUS: dict[str, TryOutcome] = {
+    "complete": "complete",
+    "failed": "failed",
+    "aborted": "aborted",
+    "deferred": "retried",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TryRecord:
+    """One try of a job as `job_tries` keeps it. Finished tries come from their JobRecord; a try lost with a dead
+    worker (written by the sweep that noticed it), a fenced one and a wait for a dependency have only this."""
+
+    job_id: str
+    try_no: int
+    outcome: TryOutcome
+    finished_ms: int  # for a lost try: when its lease was found expired
+    started_ms: int | None = None
+    worker_id: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def of_record(cls, record: JobRecord, outcome: TryOutcome | None = None) -> TryRecord:
+        return cls(
+            job_id=record.job_id,
+            try_no=record.tries,
+            outcome=outcome or TRY_OUTCOME_OF_STATUS[record.status],
+            finished_ms=record.finished_ms,
+            started_ms=record.started_ms,
+            worker_id=record.worker_id,
+            error=record.error,
+        )
+
+
+class TryInfo(BaseModel):
+    """A try as the job detail shows it."""
+
+    try_no: int
+    outcome: TryOutcome
+    worker_id: str | None = None
+    host: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime
+    duration_ms: float | None = None
+    error: str | None = None
+
+
 class Progress(BaseModel):
     fraction: float
     message: str = ""

@@ -190,7 +190,19 @@ function detailFields(d) {
   ];
   if (j.traceback) rows.push(field("traceback", j.traceback, true));
   else if (d.traceback_hidden) rows.push(field("traceback", "hidden: tracebacks are shown to admin tokens only"));
+  rows.push(field("every try", d.tries === null ? "unavailable: PostgreSQL cannot be reached" : triesTable(d.tries)));
   return rows.flat();
+}
+
+function triesTable(tries) {
+  if (!tries.length) return el("span", { class: "muted" }, "none recorded yet");
+  const head = el("tr", {}, ...["try", "outcome", "worker", "host", "started", "finished", "duration", "error"].map((h) => el("th", {}, h)));
+  const rows = tries.map((t) => el("tr", { "data-outcome": t.outcome },
+    el("td", {}, String(t.try_no)), el("td", {}, t.outcome), el("td", {}, t.worker_id || ""), el("td", {}, t.host || ""),
+    el("td", {}, time(t.started_at, true)), el("td", {}, time(t.finished_at, true)),
+    el("td", {}, t.duration_ms === null || t.duration_ms === undefined ? "" : seconds(t.duration_ms / 1000)),
+    el("td", {}, t.error || "")));
+  return el("table", { id: "detail-tries" }, el("thead", {}, head), el("tbody", {}, ...rows));
 }
 
 async function refreshDetail() {

@@ -137,12 +137,17 @@ SELECT coalesce(segment, 'unsegmented') AS segment, count(*) AS customers,
  ORDER BY customers DESC, segment
 """
 
+# The products `check_low_stock_products` last found low (`low_stock_state`, db/queries/stock.py: demand-based
+# reorder point, or under the fixed threshold), with their stock now. Stock is whole units, so "at or under a
+# reorder point of 12.4" is "at or under 12", and "under a threshold of 10" is "at or under 9": the panel's
+# reorder point is the larger of the two, and the shortfall is never negative for a product the check named.
 _LOW_STOCK = """
-SELECT id AS product_id, sku, name, category, stock_quantity, reorder_point,
-       reorder_point - stock_quantity AS shortfall, lead_time_days, count(*) OVER () AS total
-  FROM products
- WHERE stock_quantity <= reorder_point
- ORDER BY shortfall DESC, id
+SELECT product_id, sku, name, category, stock_quantity, reorder_point,
+       greatest(reorder_point - stock_quantity, 0) AS shortfall, lead_time_days, count(*) OVER () AS total
+  FROM (SELECT p.id AS product_id, p.sku, p.name, p.category, p.stock_quantity, p.lead_time_days,
+               greatest(floor(s.reorder_point)::int, p.low_stock_threshold - 1) AS reorder_point
+          FROM low_stock_state s JOIN products p ON p.id = s.product_id) low
+ ORDER BY shortfall DESC, product_id
  LIMIT $1
 """
 

@@ -54,6 +54,41 @@ async def upsert_job_runs(conn: asyncpg.Connection | asyncpg.Pool, rows: Sequenc
         await conn.execute(_UPSERT, *([row[c] for row in rows] for c in _COLUMNS))
 
 
+TRY_COLUMNS = ("job_id", "try_no", "outcome", "worker_id", "started_at", "finished_at", "duration_ms", "error")
+
+# The runs' upsert and the tries' insert in one statement (one round trip, one transaction): every try of the
+# batch, each once (a flush rewritten after a crash meets the primary key and inserts nothing).
+_WRITE_HISTORY = f"""
+WITH runs AS ({_UPSERT})
+INSERT INTO job_tries ({", ".join(TRY_COLUMNS)}, host)
+SELECT t.*, split_part(t.worker_id, ':', 1)
+  FROM unnest($18::text[], $19::int[], $20::text[], $21::text[], $22::timestamptz[], $23::timestamptz[],
+              $24::numeric[], $25::text[]) AS t({", ".join(TRY_COLUMNS)})
+ON CONFLICT DO NOTHING
+"""
+
+
+async def write_history(
+    conn: asyncpg.Connection | asyncpg.Pool, runs: Sequence[dict[str, Any]], tries: Sequence[dict[str, Any]]
+) -> None:
+    """A flushed batch: run records (as `upsert_job_runs`) and the tries (`TRY_COLUMNS`) in one statement."""
+    if runs or tries:
+        await conn.execute(
+            _WRITE_HISTORY,
+            *([row[c] for row in runs] for c in _COLUMNS),
+            *([row[c] for row in tries] for c in TRY_COLUMNS),
+        )
+
+
+async def job_tries(conn: asyncpg.Connection | asyncpg.Pool, job_id: str) -> list[dict[str, Any]]:
+    """A job's tries, in the order they ended."""
+    rows = await conn.fetch(
+        f"SELECT {', '.join(TRY_COLUMNS)}, host FROM job_tries WHERE job_id = $1 ORDER BY finished_at, try_no",
+        job_id,
+    )
+    return [dict(r) for r in rows]
+
+
 async def get_job_run(conn: asyncpg.Connection | asyncpg.Pool, job_id: str) -> dict[str, Any] | None:
     row = await conn.fetchrow("SELECT * FROM job_runs WHERE job_id = $1", job_id)
     return dict(row) if row else None
@@ -65,7 +100,7 @@ async def list_job_runs(
     rows = await conn.fetch(
         """SELECT * FROM job_runs
             WHERE ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
-            ORDER BY enqueued_at DESC NULLS LAST LIMIT $3""",
+            ORDER BY enqueued_at DESC LIMIT $3""",
         queue,
         status,
         limit,
@@ -78,12 +113,26 @@ async def job_run_counts(conn: asyncpg.Connection | asyncpg.Pool) -> list[dict[s
     return [dict(r) for r in rows]
 
 
+# Old runs go with their tries (by primary key), in one statement; so do old tries whose run was never recorded (a
+# job lost, then expired). The two sets are disjoint: a try is in one only if its job had a run row. The count
+# returned is the runs'.
+_PRUNE = """
+WITH runs AS (
+    DELETE FROM job_runs WHERE coalesce(finished_at, enqueued_at) < now() - make_interval(days => $1)
+    RETURNING job_id
+), tries AS (
+    DELETE FROM job_tries t USING runs WHERE t.job_id = runs.job_id
+), orphans AS (
+    DELETE FROM job_tries t
+     WHERE t.finished_at < now() - make_interval(days => $1)
+       AND NOT EXISTS (SELECT 1 FROM job_runs r WHERE r.job_id = t.job_id)
+)
+SELECT count(*) FROM runs
+"""
+
+
 async def prune_job_runs(conn: asyncpg.Connection | asyncpg.Pool, older_than_days: int) -> int:
-    status = await conn.execute(
-        "DELETE FROM job_runs WHERE coalesce(finished_at, enqueued_at) < now() - make_interval(days => $1)",
-        older_than_days,
-    )
-    return int(status.split()[-1])
+    return int(await conn.fetchval(_PRUNE, older_than_days))
 
 
 async def search_job_runs(
