@@ -8,6 +8,8 @@ Who the caller is comes from one dependency, `page_principal`: how a browser sig
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -177,27 +179,34 @@ class Done(BaseModel):
     message: str
 
 
-@router.post("/dashboard/api/jobs", status_code=202, responses=error_responses(401, 403, 409, 422, 429))
-async def trigger(body: Trigger, redis: RedisDep, principal: PagePrincipal) -> Done:
+@contextlib.contextmanager
+def _refusals() -> Iterator[None]:
+    """The job service's refusals of an action, as the answers the page shows."""
     try:
-        job = await client.enqueue_task(redis, principal, body.task_name, [], body.kwargs, body.priority)
+        yield
+    except client.JobNotFoundError as exc:
+        raise HTTPException(404, detail=str(exc)) from None
+    except client.JobStateError as exc:
+        raise HTTPException(409, detail=str(exc)) from None
     except (UnknownTaskError, ValueError) as exc:
         raise HTTPException(422, detail=str(exc)) from None
     except (client.RateLimitedError, client.IdempotencyConflictError) as exc:
         raise trigger_refusal(exc) from None
     except client.NotReplicatedError as exc:
         raise HTTPException(503, detail=str(exc)) from None
+
+
+@router.post("/dashboard/api/jobs", status_code=202, responses=error_responses(401, 403, 409, 422, 429))
+async def trigger(body: Trigger, redis: RedisDep, principal: PagePrincipal) -> Done:
+    with _refusals():
+        job = await client.enqueue_task(redis, principal, body.task_name, [], body.kwargs, body.priority)
     return Done(task_id=job.task_id, message=f"{job.task_name} queued on {job.queue}")
 
 
 @router.post("/dashboard/api/jobs/{job_id}/abort", responses=error_responses(401, 403, 404, 409, 422))
 async def abort(job_id: TaskId, redis: RedisDep, db: DbDep, principal: PagePrincipal) -> Done:
-    try:
+    with _refusals():
         previous = await client.abort_job(redis, db, principal, job_id)
-    except client.JobNotFoundError as exc:
-        raise HTTPException(404, detail=str(exc)) from None
-    except client.JobStateError as exc:
-        raise HTTPException(409, detail=str(exc)) from None
     return Done(task_id=job_id, message=f"aborted (it was {previous})")
 
 
@@ -205,18 +214,8 @@ async def abort(job_id: TaskId, redis: RedisDep, db: DbDep, principal: PagePrinc
     "/dashboard/api/jobs/{job_id}/retry", status_code=202, responses=error_responses(401, 403, 404, 409, 422, 429)
 )
 async def retry(job_id: TaskId, redis: RedisDep, db: DbDep, principal: PagePrincipal) -> Done:
-    try:
+    with _refusals():
         job = await client.retry_job(redis, db, principal, job_id)
-    except client.JobNotFoundError as exc:
-        raise HTTPException(404, detail=str(exc)) from None
-    except client.JobStateError as exc:
-        raise HTTPException(409, detail=str(exc)) from None
-    except (UnknownTaskError, ValueError) as exc:
-        raise HTTPException(422, detail=str(exc)) from None
-    except (client.RateLimitedError, client.IdempotencyConflictError) as exc:
-        raise trigger_refusal(exc) from None
-    except client.NotReplicatedError as exc:
-        raise HTTPException(503, detail=str(exc)) from None
     return Done(task_id=job.task_id, message=f"retrying as {job.task_id}")
 
 

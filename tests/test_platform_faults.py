@@ -21,29 +21,15 @@ from salesdash.config import Settings
 from salesdash.connections import open_redis
 from tests.conftest import enqueue_job, wait_for
 from tests.private_servers import PrivatePostgres, PrivateRedis, free_port
+from tests.test_platform import QUEUE, SETTINGS, finished, status_of
 from worker import client
 from worker import jobstore as js
 from worker.records import JobPayload, JobRecord, Progress, TryRecord
 from worker.retry import dependency_backoff_s, dependency_down
 
-QUEUE = "platform"
-SETTINGS = "tests.platform_worker.Settings"
 OUTAGE_S = float(os.environ.get("SALESDASH_TEST_OUTAGE_SECONDS", "60"))
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 FAST_FAULTS = {"SALESDASH_LEASE_SECONDS": "2", "SALESDASH_DEPENDENCY_BACKOFF_CAP_SECONDS": "2"}
-
-
-async def status_of(redis: Redis, db: asyncpg.Pool, job_id: str) -> dict[str, Any]:
-    return (await client.job_status(redis, db, job_id)).model_dump()
-
-
-async def finished(redis: Redis, db: asyncpg.Pool, job_id: str, timeout: float = 30) -> dict[str, Any]:
-    async def done() -> dict[str, Any] | None:
-        status = await status_of(redis, db, job_id)
-        return status if status["status"] in ("complete", "failed", "aborted") else None
-
-    result: dict[str, Any] = await wait_for(done, timeout)
-    return result
 
 
 async def _started(redis: Redis, n: int) -> bool:
