@@ -13,24 +13,26 @@ from typing import Annotated, Any, TypeVar
 
 import asyncpg
 import strawberry
-from fastapi import Depends, Request
-from fastapi.responses import HTMLResponse, JSONResponse
-from graphql import DocumentNode, FieldNode, GraphQLError, Visitor, visit
+from graphql import ASTValidationRule, DocumentNode, FieldNode, GraphQLError, GraphQLSchema, Visitor, parse, visit
 from pydantic import BaseModel
 from redis.asyncio import Redis
-from strawberry.extensions import DisableIntrospection, ParserCache, SchemaExtension, ValidationCache
-from strawberry.fastapi import BaseContext, GraphQLRouter
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.websockets import WebSocket
+from strawberry.asgi import GraphQL
+from strawberry.extensions import SchemaExtension
+from strawberry.fastapi import BaseContext
 from strawberry.http import GraphQLHTTPResponse
 from strawberry.scalars import JSON
+from strawberry.schema.schema import validate_document
 from strawberry.types import ExecutionContext, ExecutionResult
 
 from api import dashboard_types as dt
 from api import sessions
 from api.auth import TokenVerifier
-from api.deps import get_db, get_redis, get_tokens
 from api.errors import DEPENDENCY_NAMES, DependencyDownError, log_unexpected, request_id, unreachable_dependency
 from api.graphql_memo import RECORDER, Recorder
-from api.limits import graphql_limits
+from api.limits import check_query_size, validation_rules
 from salesdash.auth import AuthError, Principal, Scope, require
 from salesdash.config import Settings, get_settings
 from worker import client, dashboard
@@ -110,28 +112,17 @@ class Context(BaseContext):
             require(principal, needed)
 
 
-async def get_context(
-    request: Request,
-    db: asyncpg.Pool = Depends(get_db),
-    redis: Redis = Depends(get_redis),
-    tokens: TokenVerifier = Depends(get_tokens),
-) -> Context:
-    """Authenticates first: a request without a valid token or session costs one lookup, whatever the size of its
-    query, which is never parsed. Only GraphiQL's page (a GET without a query) is let through, to its sign-in."""
-    context = Context(
-        db,
-        redis,
-        tokens,
+def request_context(request: Request) -> Context:
+    """The request's context, over the pools the app's lifespan opened."""
+    state = request.app.state
+    return Context(
+        state.db,
+        state.redis,
+        state.tokens,
         request.headers.get("authorization"),
         request.cookies.get(sessions.COOKIE),
         request.scope.get(RECORDER),
     )
-    if request.method != "GET" or "query" in request.query_params:
-        try:
-            await context.authenticate()
-        except AuthError as exc:
-            raise GraphQLRefusedError(exc) from None
-    return context
 
 
 async def refused_answer(_: Request, exc: GraphQLRefusedError) -> JSONResponse:
@@ -369,17 +360,6 @@ def _unexpected(error: GraphQLError) -> bool:
     return error.path is not None and not isinstance(error.original_error, GraphQLError | None)
 
 
-class MaskInternalErrors(SchemaExtension):
-    """Unexpected exceptions reach the client as a generic message with a code and the request id under which
-    the server logged the detail (docs/graphql.md#errors)."""
-
-    def on_operation(self) -> Iterator[None]:
-        yield
-        result = self.execution_context.result
-        if result is not None and result.errors:
-            result.errors = [_masked(e) if _unexpected(e) else e for e in result.errors]
-
-
 def _masked(error: GraphQLError) -> GraphQLError:
     original = error.original_error
     dependency = unreachable_dependency(original) if original else None
@@ -403,8 +383,7 @@ class Schema(strawberry.Schema):
 
 @functools.lru_cache(maxsize=256)
 def _asks_for_the_schema(document: DocumentNode) -> bool:
-    """Whether an operation reads `__schema` or `__type` (`__typename` is harmless). Cached: ParserCache hands
-    the same document object to every request with the same query text."""
+    """Whether an operation reads `__schema` or `__type` (`__typename` is harmless)."""
     asked = False
 
     class Finder(Visitor):
@@ -416,8 +395,56 @@ def _asks_for_the_schema(document: DocumentNode) -> bool:
     return asked
 
 
-class IntrospectionNeedsAToken(SchemaExtension):
-    """Introspection is for callers with a valid token (read scope), checked before anything is executed."""
+@functools.lru_cache(maxsize=256)
+def _parsed(query: str, max_tokens: int) -> DocumentNode:
+    """The same query text parses to the same document object, which the caches below and _asks_for_the_schema
+    then recognise."""
+    return parse(query, max_tokens=max_tokens)
+
+
+@functools.lru_cache(maxsize=256)
+def _validation_errors(
+    schema: GraphQLSchema, document: DocumentNode, rules: tuple[type[ASTValidationRule], ...]
+) -> list[GraphQLError]:
+    return validate_document(schema, document, rules)
+
+
+class RequestRules(SchemaExtension):
+    """Every rule of a GraphQL request in one extension (strawberry enters and leaves each extension's hooks on
+    every request: seven of them cost as much CPU as executing a trigger; bench/api.py):
+    - the limits (api.limits): the query's size before it is parsed, its tokens while it is, its aliases, depth and
+      fields in validation; no introspection at all when it is switched off;
+    - parsing and validation cached, per query text and per set of rules: a repeated operation is neither parsed
+      nor validated again;
+    - introspection needs a token (read scope), checked before anything is executed;
+    - unexpected exceptions reach the client as a generic message with a code and the request id under which the
+      server logged the detail (docs/graphql.md#errors)."""
+
+    def __init__(self, introspection: bool) -> None:
+        self.introspection = introspection
+
+    def on_operation(self) -> Iterator[None]:
+        context = self.execution_context
+        check_query_size(context.query)
+        context.validation_rules = (*context.validation_rules, *validation_rules(self.introspection))
+        yield
+        result = context.result
+        if result is not None and result.errors:
+            result.errors = [_masked(e) if _unexpected(e) else e for e in result.errors]
+
+    def on_parse(self) -> Iterator[None]:
+        context = self.execution_context
+        if context.query is not None:
+            context.graphql_document = _parsed(context.query, get_settings().graphql_max_tokens)
+        yield
+
+    def on_validate(self) -> Iterator[None]:
+        context = self.execution_context
+        assert context.graphql_document is not None  # parsed, or strawberry stops before validating
+        context.pre_execution_errors = _validation_errors(
+            context.schema._schema, context.graphql_document, tuple(context.validation_rules)
+        )
+        yield
 
     async def on_execute(self) -> AsyncIterator[None]:
         document = self.execution_context.graphql_document
@@ -427,27 +454,31 @@ class IntrospectionNeedsAToken(SchemaExtension):
 
 
 def make_schema(introspection: bool = True) -> strawberry.Schema:
-    # the limits first (a query over them is never parsed or validated); the parser and validation caches halve
-    # the cost of a repeated operation (bench/api.py)
-    extensions: list[Any] = [
-        *graphql_limits(),
-        lambda: ParserCache(maxsize=256),
-        lambda: ValidationCache(maxsize=256),
-        IntrospectionNeedsAToken,
-        MaskInternalErrors,
-    ]
-    if not introspection:
-        extensions.append(DisableIntrospection)
-    return Schema(query=Query, mutation=Mutation, extensions=extensions)
+    return Schema(query=Query, mutation=Mutation, extensions=[lambda: RequestRules(introspection)])
 
 
 schema = make_schema()
 
 
-class Router(GraphQLRouter[Context, None]):
-    """GraphiQL only for a caller with a token or a dashboard session; the page says where to sign in."""
+class GraphQLView(GraphQL[Context, None]):
+    """Strawberry's view for plain Starlette, routed to without FastAPI's request handling (dependency injection,
+    response wrapping): through strawberry's FastAPI router that was a third of a trigger's CPU (bench/api.py).
 
-    async def render_graphql_ide(self, request: Request) -> HTMLResponse:
+    It authenticates first: a request without a valid token or session costs one lookup, whatever the size of its
+    query, which is never parsed. Only GraphiQL's page (a GET without a query) is let through, to its sign-in.
+    GraphiQL itself is for a caller with a token or a dashboard session; the page says where to sign in."""
+
+    async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> Context:
+        assert isinstance(request, Request)  # no subscriptions: strawberry routes no websocket here
+        context = request_context(request)
+        if request.method != "GET" or "query" in request.query_params:
+            try:
+                await context.authenticate()
+            except AuthError as exc:
+                raise GraphQLRefusedError(exc) from None
+        return context
+
+    async def render_graphql_ide(self, request: Request) -> Response:
         try:
             require(await sessions.request_principal(request), Scope.READ)
         except AuthError as exc:
@@ -468,11 +499,7 @@ _GRAPHIQL_SIGN_IN = """<!doctype html><meta charset="utf-8"><title>salesdash · 
 <a href="/dashboard">sign in on the dashboard</a>, then come back.</p>"""
 
 
-def graphql_router(settings: Settings | None = None) -> GraphQLRouter[Context, None]:
+def graphql_view(settings: Settings | None = None) -> GraphQLView:
     settings = settings or get_settings()
-    return Router(
-        make_schema(settings.graphql_introspection),
-        context_getter=get_context,
-        graphql_ide="graphiql" if settings.graphiql else None,
-        include_in_schema=False,  # GraphQL has its own schema (docs/graphql.md); the OpenAPI document is REST's
-    )
+    schema = make_schema(settings.graphql_introspection)
+    return GraphQLView(schema, graphql_ide="graphiql" if settings.graphiql else None)

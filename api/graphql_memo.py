@@ -141,7 +141,8 @@ class GraphQLMemo:
         scope[RECORDER] = recorder
         response = _Captured(send)
         await self.app(scope, _replay(body, receive), response.send)
-        if complete and response.memoizable() and recorder.reads and is_dashboard_only(body):
+        # reads first: only dashboard fields record any, and a trigger should not pay for decoding its answer
+        if complete and recorder.reads and response.memoizable() and is_dashboard_only(body):
             if len(self.memos) >= MAX_ENTRIES:
                 del self.memos[next(iter(self.memos))]
             self.memos[body] = Memo(tuple(recorder.reads), bytes(response.body))

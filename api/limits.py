@@ -5,7 +5,7 @@ fields. Every limit is a setting; a request over one is refused with a message n
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 
 from graphql import (
     ASTValidationRule,
@@ -14,6 +14,7 @@ from graphql import (
     FragmentSpreadNode,
     GraphQLError,
     InlineFragmentNode,
+    NoSchemaIntrospectionCustomRule,
     OperationDefinitionNode,
     SelectionSetNode,
     ValidationContext,
@@ -21,13 +22,7 @@ from graphql import (
 )
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from strawberry.extensions import (
-    AddValidationRules,
-    MaxAliasesLimiter,
-    MaxTokensLimiter,
-    QueryDepthLimiter,
-    SchemaExtension,
-)
+from strawberry.extensions import MaxAliasesLimiter, QueryDepthLimiter
 
 from api.errors import error_response
 from salesdash.config import get_settings
@@ -73,18 +68,15 @@ class BodyLimit:
 
 
 # ---- GraphQL ---------------------------------------------------------------------------------------------------
-class QuerySizeLimiter(SchemaExtension):
-    """Refuses a query text over the limit before it is parsed."""
-
-    def on_operation(self) -> Iterator[None]:
-        limit = get_settings().graphql_max_query_bytes
-        size = len((self.execution_context.query or "").encode())
-        if size > limit:
-            raise GraphQLError(
-                f"query: {size} bytes, over the limit of {limit} (SALESDASH_GRAPHQL_MAX_QUERY_BYTES)",
-                extensions={"code": "QUERY_TOO_LARGE"},
-            )
-        yield
+def check_query_size(query: str | None) -> None:
+    """Refuses a query text over the limit, before it is parsed."""
+    limit = get_settings().graphql_max_query_bytes
+    size = len((query or "").encode())
+    if size > limit:
+        raise GraphQLError(
+            f"query: {size} bytes, over the limit of {limit} (SALESDASH_GRAPHQL_MAX_QUERY_BYTES)",
+            extensions={"code": "QUERY_TOO_LARGE"},
+        )
 
 
 # `ofType` (introspection's chain from a wrapper type to the type it wraps) is linear: one object per level, however
@@ -164,29 +156,22 @@ def cost_rule(max_fields: int, max_depth: int) -> type[ValidationRule]:
 
 
 @functools.lru_cache
-def validation_rules(max_aliases: int, max_depth: int, max_fields: int) -> tuple[type[ASTValidationRule], ...]:
-    """The rule classes, made once per set of limits: the same classes every request, so strawberry's
-    ValidationCache recognises a repeated operation."""
+def _validation_rules(
+    max_aliases: int, max_depth: int, max_fields: int, introspection: bool
+) -> tuple[type[ASTValidationRule], ...]:
+    # made once per set of limits: the same classes every request, so that the validation of a repeated operation
+    # is found in api.graphql's cache
     return (
         *MaxAliasesLimiter(max_alias_count=max_aliases).validation_rules,
         *QueryDepthLimiter(max_depth=max_depth).validation_rules,
         cost_rule(max_fields, max_depth),
+        *(() if introspection else (NoSchemaIntrospectionCustomRule,)),
     )
 
 
-class ValidationLimits(AddValidationRules):
-    """Aliases, depth (strawberry's limiters) and fields and introspection depth (cost_rule), from the settings."""
-
-    def __init__(self) -> None:
-        settings = get_settings()
-        limits = (settings.graphql_max_aliases, settings.graphql_max_depth, settings.graphql_max_fields)
-        super().__init__(list(validation_rules(*limits)))
-
-
-def graphql_limits() -> list[Callable[[], SchemaExtension]]:
-    """Extension factories, one set per request, each reading its limit from the settings."""
-    return [
-        QuerySizeLimiter,
-        lambda: MaxTokensLimiter(max_token_count=get_settings().graphql_max_tokens),
-        ValidationLimits,
-    ]
+def validation_rules(introspection: bool) -> tuple[type[ASTValidationRule], ...]:
+    """Aliases, depth (strawberry's limiters), fields and introspection depth (cost_rule), from the settings; and
+    no introspection at all when it is switched off."""
+    settings = get_settings()
+    limits = (settings.graphql_max_aliases, settings.graphql_max_depth, settings.graphql_max_fields)
+    return _validation_rules(*limits, introspection)

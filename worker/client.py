@@ -162,13 +162,16 @@ def _guard(
         0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX and idempotency_key.isprintable() and idempotency_key.isascii()
     ):
         raise ValueError(f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} printable ASCII characters")
+    rate_key = js.trigger_rate_key(owner) if owner is not None and rate > 0 else None
+    interval_ms = 60_000 / rate if rate > 0 else 0
+    if idempotency_key is None:  # nothing to fingerprint or replay (two JSON encodings and a hash a trigger saves)
+        return js.TriggerGuard(rate_key=rate_key, interval_ms=interval_ms, burst=settings.trigger_burst)
     request = [enqueued.task_name, bound, enqueued.priority, defer_ms]
-    owner_name = "operator" if owner is None else str(owner)
     return js.TriggerGuard(
-        rate_key=js.trigger_rate_key(owner) if owner is not None and rate > 0 else None,
-        interval_ms=60_000 / rate if rate > 0 else 0,
+        rate_key=rate_key,
+        interval_ms=interval_ms,
         burst=settings.trigger_burst,
-        idempotency_key=js.idempotency_key(owner_name, idempotency_key) if idempotency_key else None,
+        idempotency_key=js.idempotency_key("operator" if owner is None else str(owner), idempotency_key),
         fingerprint=hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest(),
         window_ms=settings.idempotency_window_s * 1000,
         replay=json.dumps({k: v for k, v in asdict(enqueued).items() if k != "replayed"}),
