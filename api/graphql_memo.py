@@ -13,14 +13,17 @@ A memoized body is served when, for this request:
   to strawberry, which answers it as usual);
 - every field's cache key, derived again for this moment (a new local day is a new key), holds in Redis byte for
   byte the entry it was built from (one MGET), and none of them is past its TTL. A memo that passed that check for
-  the same keys less than REVALIDATE_S ago is not checked against Redis again: a newer entry written by
-  warm_dashboard_cache (every two minutes) is answered at most that late, and an entry is never answered past its
-  TTL. The Redis round trip was about a quarter of a memo hit's CPU.
+  the same keys less than REVALIDATE_S ago is not checked against Redis again; one checked less than STALE_S ago
+  is answered while one request's look (the only one under way for that memo) runs. A newer entry written by
+  warm_dashboard_cache (every two minutes) is answered at most about STALE_S late, and an entry is never answered
+  past its TTL. The Redis round trip was about a quarter of a memo hit's CPU; at 100 clients, every request
+  waiting for its own look put a tail of hundreds of ms on the answers (bench/analytics.py).
 Anything else (a miss, an expired or rewritten entry, another query) goes to strawberry as before.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -48,6 +51,7 @@ PATH = "/graphql"
 MAX_BODY = 16 * 1024  # larger request bodies are never memoized
 MAX_ENTRIES = 256  # distinct bodies remembered; the oldest goes first
 REVALIDATE_S = 0.1  # a memo checked against Redis this recently, for the same keys, is served without a look
+STALE_S = 1.0  # and one checked this recently is served while the next look is under way
 # Top-level fields whose answer is a cache entry and nothing else (api.graphql's DashboardQueries).
 DASHBOARD_FIELDS = frozenset(
     {
@@ -98,6 +102,7 @@ class Memo:
     reads: tuple[Read, ...]
     response: bytes
     checked: tuple[tuple[str, ...], float] = ((), float("-inf"))  # keys found unchanged in Redis, and when
+    checking: tuple[tuple[str, ...], asyncio.Future[bool]] | None = None  # the look in Redis under way, if any
 
 
 def is_dashboard_only(body: bytes) -> bool:
@@ -159,14 +164,36 @@ async def _still_valid(scope: AsgiScope, memo: Memo) -> bool:
     if any(read.expires_at_ms <= time.time() * 1000 for read in memo.reads):
         return False
     checked_keys, checked_at = memo.checked
-    if keys == checked_keys and time.monotonic() - checked_at < REVALIDATE_S:
+    age = time.monotonic() - checked_at if keys == checked_keys else float("inf")
+    if age < REVALIDATE_S:
         return True
-    redis: Redis = state.redis
-    stored = await redis.mget(keys)
+    # One look in Redis per memo at a time (at 100 clients, each request due sending its own MGET held up the event
+    # loop for hundreds of ms); while it is under way, a memo confirmed less than STALE_S ago is still answered
+    if memo.checking is None or memo.checking[0] != keys:
+        look = asyncio.ensure_future(_unchanged(state.redis, memo, keys))
+        look.add_done_callback(_retrieved)  # when no request waited for it, its failure is the next look's business
+        memo.checking = (keys, look)
+    if age < STALE_S:
+        return True
+    return await asyncio.shield(memo.checking[1])
+
+
+async def _unchanged(redis: Redis, memo: Memo, keys: tuple[str, ...]) -> bool:
+    try:
+        stored = await redis.mget(keys)
+    finally:
+        if memo.checking is not None and memo.checking[0] == keys:
+            memo.checking = None
     if all(raw == read.raw for raw, read in zip(stored, memo.reads, strict=True)):
         memo.checked = (keys, time.monotonic())
         return True
+    memo.checked = ((), float("-inf"))  # found rewritten: answered no more, not even while the next look runs
     return False
+
+
+def _retrieved(look: asyncio.Future[bool]) -> None:
+    if not look.cancelled():
+        look.exception()
 
 
 def _header(scope: AsgiScope, name: bytes) -> str | None:

@@ -5,6 +5,7 @@ real worker's warm_dashboard_cache fills every key."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, time, timedelta
@@ -521,8 +522,9 @@ async def test_warm_dashboard_cache_run_by_a_real_worker_fills_every_key(
 # ---- the GraphQL response memo (api/graphql_memo.py) -----------------------------------------------------------
 @pytest.fixture
 def always_revalidate(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every memo hit looks at Redis (the tests below change entries between two requests)."""
+    """Every memo hit looks at Redis, and waits for the look (the tests below change entries between two requests)."""
     monkeypatch.setattr("api.graphql_memo.REVALIDATE_S", 0.0)
+    monkeypatch.setattr("api.graphql_memo.STALE_S", 0.0)
 
 
 @pytest.mark.usefixtures("always_revalidate")
@@ -602,5 +604,95 @@ async def test_a_memo_checked_recently_is_served_without_a_look_at_redis(
     assert stats.hits == hits + 1
     # ... and once the window is over, it looks, finds the entry gone, and the query is executed again
     monkeypatch.setattr("api.graphql_memo.REVALIDATE_S", 0.0)
+    monkeypatch.setattr("api.graphql_memo.STALE_S", 0.0)
     await gql(app_client, OVERVIEW_GQL, auth["read"], range="month_to_date")
     assert stats.hits == hits + 1 and await clean_redis.exists(key)
+
+
+class HeldMget:
+    """The app's Redis MGET, counted, and held until released: the memo's looks in Redis, caught in the act."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.mget = redis.mget
+        self.calls = 0
+        self.release = asyncio.Event()
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        await self.release.wait()
+        return await self.mget(*args, **kwargs)
+
+
+async def _memoized(
+    app_client: httpx.AsyncClient, headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> HeldMget:
+    """A memo for this week's overview, confirmed in Redis just now; every later hit is due for a look."""
+    monkeypatch.setattr("api.graphql_memo.REVALIDATE_S", 0.0)
+    for _ in range(2):  # the first executes and memoizes, the second is a hit that looks in Redis
+        await gql(app_client, OVERVIEW_GQL, headers, range="last_7_days")
+    held = HeldMget(app_client._transport.app.state.redis)  # type: ignore[attr-defined]
+    monkeypatch.setattr(app_client._transport.app.state.redis, "mget", held)  # type: ignore[attr-defined]
+    return held
+
+
+async def test_requests_due_together_share_one_look_in_redis(
+    seeded: None,
+    clean_redis: Redis,
+    app_client: httpx.AsyncClient,
+    auth: dict[str, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from api.graphql_memo import stats
+
+    held = await _memoized(app_client, auth["read"], monkeypatch)
+    monkeypatch.setattr("api.graphql_memo.STALE_S", 0.0)  # no stale answer: every request waits for the look
+    hits = stats.hits
+    requests = [
+        asyncio.ensure_future(gql(app_client, OVERVIEW_GQL, auth["read"], range="last_7_days")) for _ in range(20)
+    ]
+    while held.calls == 0:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    assert not any(r.done() for r in requests) and held.calls == 1  # all twenty wait on the one MGET
+    held.release.set()
+    answers = await asyncio.gather(*requests)
+    assert held.calls == 1 and stats.hits == hits + 20
+    assert len({json.dumps(a, sort_keys=True) for a in answers}) == 1
+
+
+async def test_a_memo_confirmed_recently_is_answered_while_its_next_look_runs(
+    seeded: None,
+    clean_redis: Redis,
+    app_client: httpx.AsyncClient,
+    auth: dict[str, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from api.graphql_memo import stats
+
+    held = await _memoized(app_client, auth["read"], monkeypatch)
+    monkeypatch.setattr("api.graphql_memo.STALE_S", 3600.0)
+    hits = stats.hits
+    # the look is held, yet twenty requests are answered from the memo meanwhile, and only one look was sent
+    first = await asyncio.gather(*(gql(app_client, OVERVIEW_GQL, auth["read"], range="last_7_days") for _ in range(20)))
+    assert held.calls == 1 and stats.hits == hits + 20
+    # warm_dashboard_cache writes a newer entry; the look under way finds it, and from then on the memo is answered
+    # no more, stale window or not: the newer numbers are
+    [entry] = await dashboard.compute_all(
+        app_client._transport.app.state.db,  # type: ignore[attr-defined]
+        [dashboard.request(dashboard.SALES_OVERVIEW, {"range": "last_7_days"})],
+    )
+    newer = entry.model_copy(update={"data": entry.data.model_copy(update={"orders": entry.data.orders + 1})})
+    await cache.store_all(clean_redis, [newer], get_settings().dashboard_cache_ttl_s)
+    held.release.set()
+    orders = first[0]["data"]["salesOverview"]["orders"]
+    answered = [orders]
+    for _ in range(100):  # until the look's answer is in (an answer stale for the hour the window allows: fails)
+        answered.append(
+            (await gql(app_client, OVERVIEW_GQL, auth["read"], range="last_7_days"))["data"]["salesOverview"]["orders"]
+        )
+        if answered[-1] != orders:
+            break
+        await asyncio.sleep(0.01)
+    assert answered[-1] == orders + 1
+    again = await gql(app_client, OVERVIEW_GQL, auth["read"], range="last_7_days")
+    assert again["data"]["salesOverview"]["orders"] == orders + 1
