@@ -34,6 +34,7 @@ _MAX_ENTRIES = 10_000  # unknown tokens are cached too; a flood of random ones o
 class _Entry:
     token: ActiveToken | None  # None: unknown, revoked or expired when checked
     checked_at: float  # time.monotonic()
+    principal: Principal | None = None  # the token's, made once per check rather than per request
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -63,14 +64,15 @@ class TokenVerifier:
 
     async def by_hash(self, db: asyncpg.Pool, token_hash: str) -> Principal:
         """The principal of a stored token hash (a dashboard session keeps the hash, never the token)."""
-        token = (await self._entry(db, token_hash)).token
+        entry = await self._entry(db, token_hash)
+        token, principal = entry.token, entry.principal
         now = datetime.now(UTC)
-        if token is None:
+        if token is None or principal is None:
             raise UnauthenticatedError("invalid, expired or revoked token")
         if token.expires_at is not None and token.expires_at <= now:
             raise UnauthenticatedError("token expired")
         self._used[token.id] = now
-        return Principal.of(token.scopes, token.id)
+        return principal
 
     async def _entry(self, db: asyncpg.Pool, token_hash: str) -> _Entry:
         now = time.monotonic()
@@ -85,7 +87,7 @@ class TokenVerifier:
             if cached is not None and trusted and now - cached.checked_at < self.cache_s + self.stale_s:
                 return cached
             raise
-        entry = _Entry(token, time.monotonic())
+        entry = _Entry(token, time.monotonic(), Principal.of(token.scopes, token.id) if token else None)
         self._cache.pop(token_hash, None)
         if len(self._cache) >= _MAX_ENTRIES:
             self._cache.pop(next(iter(self._cache)))  # the oldest checked

@@ -12,8 +12,8 @@ A memoized body is served when, for this request:
 - the caller authenticates with the read scope (the app's TokenVerifier, as every route; a refusal falls through
   to strawberry, which answers it as usual);
 - every field's cache key, derived again for this moment (a new local day is a new key), holds in Redis byte for
-  byte the entry it was built from (one MGET), and none of them is past its TTL. A memo that passed that check for
-  the same keys less than REVALIDATE_S ago is not checked against Redis again; one checked less than STALE_S ago
+  byte the entry it was built from (one MGET), and none of them is past its TTL. A memo that passed that check
+  less than REVALIDATE_S ago is not checked again (neither its keys nor Redis); one checked less than STALE_S ago
   is answered while one request's look (the only one under way for that memo) runs. A newer entry written by
   warm_dashboard_cache (every two minutes) is answered at most about STALE_S late, and an entry is never answered
   past its TTL. The Redis round trip was about a quarter of a memo hit's CPU; at 100 clients, every request
@@ -24,6 +24,7 @@ Anything else (a miss, an expired or rewritten entry, another query) goes to str
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -104,6 +105,10 @@ class Memo:
     checked: tuple[tuple[str, ...], float] = ((), float("-inf"))  # keys found unchanged in Redis, and when
     checking: tuple[tuple[str, ...], asyncio.Future[bool]] | None = None  # the look in Redis under way, if any
 
+    @functools.cached_property
+    def expires_at_ms(self) -> int:
+        return min(read.expires_at_ms for read in self.reads)
+
 
 def is_dashboard_only(body: bytes) -> bool:
     """One query operation, no fragments, every top-level selection a dashboard field."""
@@ -158,15 +163,18 @@ async def _still_valid(scope: AsgiScope, memo: Memo) -> bool:
     state = scope["app"].state
     try:
         require(await state.tokens.authenticate(state.db, _header(scope, b"authorization")), Scope.READ)
-        keys = tuple(dashboard.request(read.query, read.args).key for read in memo.reads)
-    except (AuthError, dashboard.DashboardArgumentError):
+    except AuthError:
         return False  # strawberry answers it, with the error it deserves
-    if any(read.expires_at_ms <= time.time() * 1000 for read in memo.reads):
+    if memo.expires_at_ms <= time.time() * 1000:
         return False
     checked_keys, checked_at = memo.checked
+    if time.monotonic() - checked_at < REVALIDATE_S:
+        return True  # the keys of this moment (a new local day is a new key) are derived again at the next look
+    try:
+        keys = tuple(dashboard.request(read.query, read.args).key for read in memo.reads)
+    except dashboard.DashboardArgumentError:
+        return False
     age = time.monotonic() - checked_at if keys == checked_keys else float("inf")
-    if age < REVALIDATE_S:
-        return True
     # One look in Redis per memo at a time (at 100 clients, each request due sending its own MGET held up the event
     # loop for hundreds of ms); while it is under way, a memo confirmed less than STALE_S ago is still answered
     if memo.checking is None or memo.checking[0] != keys:
