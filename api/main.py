@@ -99,16 +99,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="salesdash", lifespan=lifespan, responses=error_responses(503), telemetry=telemetry)
     app.state.tokens = TokenVerifier.from_settings(settings)
     harden(app, settings)
+    # GraphQL first: routes are matched in order, and a trigger through it should not try every REST route before.
+    # An ASGI app, which Starlette routes to as it is (its typing knows only request handlers); GraphQL has its own
+    # schema (docs/graphql.md), the OpenAPI document is REST's
+    graphql = graphql_view(settings)
+    app.add_route("/graphql", graphql, methods=["GET", "POST"], include_in_schema=False)  # type: ignore[arg-type]
     app.include_router(router)
     app.include_router(reports_router)
     app.include_router(exports_router)
     app.include_router(dashboard_router)
     app.include_router(customers_router)
     app.include_router(notifications_router)
-    # an ASGI app, which Starlette routes to as it is (its typing knows only request handlers); GraphQL has its own
-    # schema (docs/graphql.md), the OpenAPI document is REST's
-    graphql = graphql_view(settings)
-    app.add_route("/graphql", graphql, methods=["GET", "POST"], include_in_schema=False)  # type: ignore[arg-type]
     install_error_handlers(app)
     app.add_exception_handler(GraphQLRefusedError, refused_answer)  # type: ignore[arg-type]
     app.add_middleware(GraphQLMemo)  # dashboard-only queries answered again without executing them

@@ -243,6 +243,23 @@ async def _client_of(server: PrivateRedis) -> AsyncIterator[Redis]:
         await connection.aclose(close_connection_pool=True)
 
 
+async def test_a_redis_that_lost_its_scripts_gets_them_again() -> None:
+    """Scripts live in the server's memory only (a restart, a failover, SCRIPT FLUSH): the next call loads its script
+    again and goes on."""
+    server = PrivateRedis()
+    try:
+        await asyncio.to_thread(server.start)
+        async with _client_of(server) as redis:
+            first = await enqueue_job(redis, "record", QUEUE, {"tag": "before"})
+            await redis.script_flush()
+            second = await enqueue_job(redis, "record", QUEUE, {"tag": "after"})
+            for job_id in (first, second):
+                status = await js.live_status(redis, job_id, [QUEUE])
+                assert status is not None and status.status == "queued"
+    finally:
+        server.close()
+
+
 async def test_no_job_is_lost_when_redis_restarts_under_load(db: asyncpg.Pool, spawn_worker: Any) -> None:
     server = PrivateRedis()
     try:
