@@ -4,35 +4,34 @@ success false and a message."""
 
 from __future__ import annotations
 
-import functools
 import html
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, overload
 
 import asyncpg
 import strawberry
-from graphql import ASTValidationRule, DocumentNode, FieldNode, GraphQLError, GraphQLSchema, Visitor, parse, visit
+from graphql import GraphQLError
 from pydantic import BaseModel
 from redis.asyncio import Redis
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
-from strawberry.extensions import SchemaExtension
 from strawberry.fastapi import BaseContext
 from strawberry.http import GraphQLHTTPResponse
+from strawberry.http.ides import GraphQL_IDE
 from strawberry.scalars import JSON
-from strawberry.schema.schema import validate_document
-from strawberry.types import ExecutionContext, ExecutionResult
+from strawberry.types import ExecutionResult
+from strawberry.types.unset import UNSET
 
 from api import dashboard_types as dt
-from api import sessions
+from api import graphql_direct, sessions
 from api.auth import TokenVerifier
-from api.errors import DEPENDENCY_NAMES, DependencyDownError, log_unexpected, request_id, unreachable_dependency
+from api.errors import DependencyDownError, unreachable_dependency
 from api.graphql_memo import RECORDER, Recorder
-from api.limits import check_query_size, validation_rules
+from api.graphql_rules import RequestRules, Schema
 from salesdash.auth import AuthError, Principal, Scope, require
 from salesdash.config import Settings, get_settings
 from worker import client, dashboard
@@ -354,105 +353,6 @@ class Mutation:
         return PurgeResult(success=True, message=f"{removed} waiting jobs dropped from {queue}", removed=removed)
 
 
-def _unexpected(error: GraphQLError) -> bool:
-    """An exception a resolver did not mean to raise (a GraphQLError it raised, a syntax, validation or variable
-    error names the problem and is shown as it is)."""
-    return error.path is not None and not isinstance(error.original_error, GraphQLError | None)
-
-
-def _masked(error: GraphQLError) -> GraphQLError:
-    original = error.original_error
-    dependency = unreachable_dependency(original) if original else None
-    if dependency is not None:
-        message, extensions = f"{DEPENDENCY_NAMES[dependency]} is unreachable", {"code": "UNAVAILABLE"}
-    else:
-        rid = request_id.get()
-        message, extensions = f"internal error (request id {rid})", {"code": "INTERNAL_SERVER_ERROR", "requestId": rid}
-    return GraphQLError(message, error.nodes, path=error.path, original_error=original, extensions=extensions)
-
-
-class Schema(strawberry.Schema):
-    def process_errors(self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None) -> None:
-        """Logs only what the client is not told: unexpected exceptions, with their traceback and request id
-        (a refused token or a bad argument is the caller's business, not the log's)."""
-        for error in errors:
-            original = error.original_error
-            if _unexpected(error) and original is not None and unreachable_dependency(original) is None:
-                log_unexpected(original, f"GraphQL field {'.'.join(map(str, error.path or []))}")
-
-
-@functools.lru_cache(maxsize=256)
-def _asks_for_the_schema(document: DocumentNode) -> bool:
-    """Whether an operation reads `__schema` or `__type` (`__typename` is harmless)."""
-    asked = False
-
-    class Finder(Visitor):
-        def enter_field(self, node: FieldNode, *_: Any) -> None:
-            nonlocal asked
-            asked = asked or node.name.value in ("__schema", "__type")
-
-    visit(document, Finder())
-    return asked
-
-
-@functools.lru_cache(maxsize=256)
-def _parsed(query: str, max_tokens: int) -> DocumentNode:
-    """The same query text parses to the same document object, which the caches below and _asks_for_the_schema
-    then recognise."""
-    return parse(query, max_tokens=max_tokens)
-
-
-@functools.lru_cache(maxsize=256)
-def _validation_errors(
-    schema: GraphQLSchema, document: DocumentNode, rules: tuple[type[ASTValidationRule], ...]
-) -> list[GraphQLError]:
-    return validate_document(schema, document, rules)
-
-
-class RequestRules(SchemaExtension):
-    """Every rule of a GraphQL request in one extension (strawberry enters and leaves each extension's hooks on
-    every request: seven of them cost as much CPU as executing a trigger; bench/api.py):
-    - the limits (api.limits): the query's size before it is parsed, its tokens while it is, its aliases, depth and
-      fields in validation; no introspection at all when it is switched off;
-    - parsing and validation cached, per query text and per set of rules: a repeated operation is neither parsed
-      nor validated again;
-    - introspection needs a token (read scope), checked before anything is executed;
-    - unexpected exceptions reach the client as a generic message with a code and the request id under which the
-      server logged the detail (docs/graphql.md#errors)."""
-
-    def __init__(self, introspection: bool) -> None:
-        self.introspection = introspection
-
-    def on_operation(self) -> Iterator[None]:
-        context = self.execution_context
-        check_query_size(context.query)
-        context.validation_rules = (*context.validation_rules, *validation_rules(self.introspection))
-        yield
-        result = context.result
-        if result is not None and result.errors:
-            result.errors = [_masked(e) if _unexpected(e) else e for e in result.errors]
-
-    def on_parse(self) -> Iterator[None]:
-        context = self.execution_context
-        if context.query is not None:
-            context.graphql_document = _parsed(context.query, get_settings().graphql_max_tokens)
-        yield
-
-    def on_validate(self) -> Iterator[None]:
-        context = self.execution_context
-        assert context.graphql_document is not None  # parsed, or strawberry stops before validating
-        context.pre_execution_errors = _validation_errors(
-            context.schema._schema, context.graphql_document, tuple(context.validation_rules)
-        )
-        yield
-
-    async def on_execute(self) -> AsyncIterator[None]:
-        document = self.execution_context.graphql_document
-        if document is not None and _asks_for_the_schema(document):
-            await self.execution_context.context.require(Scope.READ)
-        yield
-
-
 def make_schema(introspection: bool = True) -> strawberry.Schema:
     return Schema(query=Query, mutation=Mutation, extensions=[lambda: RequestRules(introspection)])
 
@@ -467,6 +367,32 @@ class GraphQLView(GraphQL[Context, None]):
     It authenticates first: a request without a valid token or session costs one lookup, whatever the size of its
     query, which is never parsed. Only GraphiQL's page (a GET without a query) is let through, to its sign-in.
     GraphiQL itself is for a caller with a token or a dashboard session; the page says where to sign in."""
+
+    def __init__(self, schema: strawberry.Schema, *, introspection: bool, graphql_ide: GraphQL_IDE | None) -> None:
+        super().__init__(schema, graphql_ide=graphql_ide)
+        self.strawberry_schema = schema
+        self.introspection = introspection
+
+    @overload
+    async def run(self, request: Request, context: Context = UNSET, root_value: None = UNSET) -> Response: ...
+
+    @overload
+    async def run(self, request: WebSocket, context: Context = UNSET, root_value: None = UNSET) -> WebSocket: ...
+
+    async def run(
+        self, request: Request | WebSocket, context: Context = UNSET, root_value: None = UNSET
+    ) -> Response | WebSocket:
+        """A plain request executed directly (api.graphql_direct); the rest as strawberry does."""
+        if isinstance(request, WebSocket):
+            return await super().run(request, context, root_value)
+        if graphql_direct.may_be_plain(request):
+            sub_response = await self.get_sub_response(request)
+            context = await self.get_context(request, sub_response)
+            answer = await graphql_direct.answer(request, self.strawberry_schema, self.introspection, context)
+            if answer is not None:
+                _raise_if_a_dependency_is_down(answer.errors)
+                return self.create_response(answer.body, sub_response)
+        return await super().run(request, context, root_value)
 
     async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> Context:
         assert isinstance(request, Request)  # no subscriptions: strawberry routes no websocket here
@@ -486,12 +412,16 @@ class GraphQLView(GraphQL[Context, None]):
         return await super().render_graphql_ide(request)
 
     async def process_result(self, request: Request, result: ExecutionResult) -> GraphQLHTTPResponse:
-        """A field that failed because PostgreSQL or Redis is unreachable makes the whole answer a 503."""
-        for error in result.errors or ():
-            dependency = unreachable_dependency(error.original_error) if error.original_error else None
-            if dependency is not None:
-                raise DependencyDownError(dependency)
+        _raise_if_a_dependency_is_down(result.errors or [])
         return await super().process_result(request, result)
+
+
+def _raise_if_a_dependency_is_down(errors: list[GraphQLError]) -> None:
+    """A field that failed because PostgreSQL or Redis is unreachable makes the whole answer a 503."""
+    for error in errors:
+        dependency = unreachable_dependency(error.original_error) if error.original_error else None
+        if dependency is not None:
+            raise DependencyDownError(dependency)
 
 
 _GRAPHIQL_SIGN_IN = """<!doctype html><meta charset="utf-8"><title>salesdash · GraphiQL</title>
@@ -501,5 +431,6 @@ _GRAPHIQL_SIGN_IN = """<!doctype html><meta charset="utf-8"><title>salesdash · 
 
 def graphql_view(settings: Settings | None = None) -> GraphQLView:
     settings = settings or get_settings()
-    schema = make_schema(settings.graphql_introspection)
-    return GraphQLView(schema, graphql_ide="graphiql" if settings.graphiql else None)
+    introspection = settings.graphql_introspection
+    ide: GraphQL_IDE | None = "graphiql" if settings.graphiql else None
+    return GraphQLView(make_schema(introspection), introspection=introspection, graphql_ide=ide)
