@@ -527,6 +527,16 @@ def always_revalidate(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("api.graphql_memo.STALE_S", 0.0)
 
 
+async def _store_a_newer_weekly_overview(app_client: httpx.AsyncClient, redis: Redis) -> None:
+    """What warm_dashboard_cache writes when the numbers have moved: this week's overview with one order more."""
+    [entry] = await dashboard.compute_all(
+        app_client._transport.app.state.db,  # type: ignore[attr-defined]
+        [dashboard.request(dashboard.SALES_OVERVIEW, {"range": "last_7_days"})],
+    )
+    newer = entry.model_copy(update={"data": entry.data.model_copy(update={"orders": entry.data.orders + 1})})
+    await cache.store_all(redis, [newer], get_settings().dashboard_cache_ttl_s)
+
+
 @pytest.mark.usefixtures("always_revalidate")
 async def test_a_dashboard_query_is_served_from_the_memo_until_its_entry_changes(
     seeded: None, clean_redis: Redis, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]]
@@ -538,12 +548,7 @@ async def test_a_dashboard_query_is_served_from_the_memo_until_its_entry_changes
     again = await gql(app_client, OVERVIEW_GQL, auth["read"], range="last_7_days")
     assert (again, stats.hits) == (first, hits + 1)
     # warm_dashboard_cache writes a newer entry: the memo is not served, the new numbers are
-    [entry] = await dashboard.compute_all(
-        app_client._transport.app.state.db,  # type: ignore[attr-defined]
-        [dashboard.request(dashboard.SALES_OVERVIEW, {"range": "last_7_days"})],
-    )
-    newer = entry.model_copy(update={"data": entry.data.model_copy(update={"orders": entry.data.orders + 1})})
-    await cache.store_all(clean_redis, [newer], get_settings().dashboard_cache_ttl_s)
+    await _store_a_newer_weekly_overview(app_client, clean_redis)
     fresh = await gql(app_client, OVERVIEW_GQL, auth["read"], range="last_7_days")
     assert fresh["data"]["salesOverview"]["orders"] == first["data"]["salesOverview"]["orders"] + 1
     assert fresh["data"]["salesOverview"]["generatedAt"] != first["data"]["salesOverview"]["generatedAt"]
@@ -677,12 +682,7 @@ async def test_a_memo_confirmed_recently_is_answered_while_its_next_look_runs(
     assert held.calls == 1 and stats.hits == hits + 20
     # warm_dashboard_cache writes a newer entry; the look under way finds it, and from then on the memo is answered
     # no more, stale window or not: the newer numbers are
-    [entry] = await dashboard.compute_all(
-        app_client._transport.app.state.db,  # type: ignore[attr-defined]
-        [dashboard.request(dashboard.SALES_OVERVIEW, {"range": "last_7_days"})],
-    )
-    newer = entry.model_copy(update={"data": entry.data.model_copy(update={"orders": entry.data.orders + 1})})
-    await cache.store_all(clean_redis, [newer], get_settings().dashboard_cache_ttl_s)
+    await _store_a_newer_weekly_overview(app_client, clean_redis)
     held.release.set()
     orders = first[0]["data"]["salesOverview"]["orders"]
     answered = [orders]
