@@ -6,8 +6,8 @@ Redis (`DependencyGuard`, an ASGI middleware around every route, GraphQL include
 from __future__ import annotations
 
 import logging
+import os
 import traceback
-import uuid
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from types import TracebackType
@@ -233,7 +233,7 @@ class DependencyGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        token = request_id.set(uuid.uuid4().hex[:16])
+        token = request_id.set(os.urandom(8).hex())
         started = False
 
         async def tracked_send(message: Message) -> None:
