@@ -3,7 +3,7 @@ over 24 months by default), then each job in its own worker process (`python -m 
 next to one plain scan of the orders measured just before it (the floor); one table.
 
     .venv/bin/python bench/maintenance.py [--customers 1000000] [--orders 5000000] [--database-url URL]
-                                          [--redis-url redis://127.0.0.1:6379/15]
+                                          [--redis-url redis://127.0.0.1:6379/15] [--keep-database NAME]
 
 The floor is `SELECT customer_id, count(*), sum(total_amount), max(created_at) FROM orders GROUP BY 1`, its rows
 streamed to this process (COPY ... TO STDOUT, the way the lifetime-value job reads its summary) and dropped; each
@@ -15,7 +15,9 @@ ROWS): as of yesterday on freshly seeded customers, as of today, and as of today
 runs (another database's long load), dead row versions cannot be pruned, updates stop being HOT, and the lifetime-value
 job's write slows down through nothing of its own. The scratch database is created on the server of --database-url
 (default $DATABASE_URL or the local server) and dropped at the end; jobs go through Redis --redis-url, where nothing is
-flushed.
+flushed. --keep-database NAME seeds into NAME and keeps it; a later run with the same NAME reuses it without seeding,
+after putting back what the jobs write (every customer unsegmented and unscored, no segment history, no fitted model)
+and a VACUUM ANALYZE, so that every row measures the same runs as on a fresh seed.
 """
 
 from __future__ import annotations
@@ -208,11 +210,33 @@ async def _seeded(args: argparse.Namespace, url: str, console: Console) -> None:
     console.print(f"seeded {summary.customers:,} customers, {summary.orders:,} orders in {summary.seconds:.0f}s")
 
 
+# What the jobs write, put back as the seed leaves it: a reused database's first runs are first runs again.
+_RESET = [
+    """UPDATE customers SET segment = NULL, rfm_recency = NULL, rfm_frequency = NULL, rfm_monetary = NULL,
+              segment_updated_at = NULL, lifetime_value = NULL, ltv_updated_at = NULL, probability_alive = NULL,
+              expected_purchases_12m = NULL, predicted_ltv_12m = NULL""",
+    "TRUNCATE customer_segment_history, lifetime_value_models",
+]
+
+
+async def _reset(url: str, console: Console) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        for statement in _RESET:
+            await conn.execute(statement)
+        await conn.execute("VACUUM ANALYZE")
+    finally:
+        await conn.close()
+    console.print("reusing the database as seeded by an earlier run (--keep-database), the jobs' output put back")
+
+
 async def _bench(args: argparse.Namespace, console: Console) -> list[Row]:
     server = _server(args.database_url)
-    name = f"salesdash_bench_maintenance_{uuid.uuid4().hex[:8]}"
+    name = args.keep_database or f"salesdash_bench_maintenance_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(f"{server}/postgres")
-    await admin.execute(f'CREATE DATABASE "{name}"')
+    reused = bool(await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
+    if not reused:
+        await admin.execute(f'CREATE DATABASE "{name}"')
     url = f"{server}/{name}"
     env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": args.redis_url, "SALESDASH_LOG_LEVEL": "WARNING"}
     os.environ.update(env)  # this process validates and enqueues with the same settings
@@ -220,7 +244,13 @@ async def _bench(args: argparse.Namespace, console: Console) -> list[Row]:
 
     get_settings.cache_clear()
     try:
-        await _seeded(args, url, console)
+        if reused:
+            from db.migrate import upgrade
+
+            await asyncio.to_thread(upgrade, url)
+            await _reset(url, console)
+        else:
+            await _seeded(args, url, console)
         async with asyncpg.create_pool(url, min_size=1, max_size=2) as db:
             redis = Redis.from_url(args.redis_url)
             try:
@@ -230,7 +260,8 @@ async def _bench(args: argparse.Namespace, console: Console) -> list[Row]:
             finally:
                 await redis.aclose()
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if not args.keep_database:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
 
 
@@ -265,6 +296,9 @@ def main() -> None:
     parser.add_argument("--orders", type=int, default=5_000_000)
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL") or DEFAULT_SERVER)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15", help="a Redis db of its own")
+    parser.add_argument(
+        "--keep-database", metavar="NAME", help="seed into this database and keep it; a later run reuses it (reset)"
+    )
     args = parser.parse_args()
     console = Console(width=160)
     rows = asyncio.run(_bench(args, console))

@@ -51,7 +51,9 @@ WITH purchases AS (
     SELECT o.customer_id,
            (max(o.created_at) AT TIME ZONE $3)::date AS last_day,
            count(*) AS orders,
-           sum((o.total_amount * 100)::int8) AS revenue_cents  -- orders buyers as the amounts do; cheaper to sum
+           -- whole cents order buyers as the amounts do; summed as float8 (exact below 2^53 cents): a by-value
+           -- running total, where int8's sum allocates a 128-bit state for each buyer
+           sum((o.total_amount * 100)::int8::float8) AS revenue_cents
       FROM orders o
      WHERE o.status = ANY ($4::text[])
        AND o.created_at >= $1::timestamptz - make_interval(days => $2) AND o.created_at < $1::timestamptz
@@ -62,13 +64,22 @@ scored AS (
            {_quintile("orders")} AS f,
            {_quintile("revenue_cents")} AS m
       FROM purchases),
+-- The grid as one array of its 25 cells, R-major (NULL for a missing cell, as a join would find it): a lookup per
+-- buyer instead of a join, which with hash joins off (below) would sort every buyer by cell.
+grid AS (
+    SELECT array_agg(g.segment ORDER BY r, f) AS cells
+      FROM generate_series(1, 5) AS r CROSS JOIN generate_series(1, 5) AS f
+      LEFT JOIN segment_grid g ON g.recency = r AND g.frequency = f),
+segmented AS (
+    SELECT s.customer_id, coalesce((SELECT cells FROM grid)[(s.r - 1) * 5 + s.f], '{PROSPECT}') AS segment,
+           s.r, s.f, s.m
+      FROM scored s),
 target AS (
-    SELECT c.id, c.segment AS old_segment, coalesce(g.segment, '{PROSPECT}') AS segment, s.r, s.f, s.m
+    SELECT c.id, c.segment AS old_segment, coalesce(s.segment, '{PROSPECT}') AS segment, s.r, s.f, s.m
       FROM customers c
-      LEFT JOIN scored s ON s.customer_id = c.id
-      LEFT JOIN segment_grid g ON g.recency = s.r AND g.frequency = s.f
+      LEFT JOIN segmented s ON s.customer_id = c.id
      WHERE (c.segment, c.rfm_recency, c.rfm_frequency, c.rfm_monetary)
-           IS DISTINCT FROM (coalesce(g.segment, '{PROSPECT}'), s.r, s.f, s.m)),
+           IS DISTINCT FROM (coalesce(s.segment, '{PROSPECT}'), s.r, s.f, s.m)),
 changed AS (
     UPDATE customers c
        SET segment = t.segment, rfm_recency = t.r, rfm_frequency = t.f, rfm_monetary = t.m,
@@ -84,12 +95,17 @@ logged AS (
 SELECT (SELECT count(*) FROM purchases) AS scored, (SELECT count(*) FROM changed) AS changed,
        (SELECT count(*) FROM logged) AS history_rows"""
 
-# Three window sorts of every buyer in memory; no JIT: compiling the plan costs more than it saves here. No hash
-# joins: with them the UPDATE meets the customers in the order of the scored buyers, at random, and on a table larger
-# than shared_buffers each row then reads and dirties a page of its own (46 s at 1,000,000 customers on the first
-# run). Merge joins over the primary key visit them in id order, which is the table's order (17 s).
+# The window's orders come in customer order from `orders_customer_idx`, which carries status and total_amount
+# (migration 0011): index-only scans merged across the months, grouped as they stream by, where hashing them (the
+# planner's choice) builds a table of every buyer. Three window sorts of every buyer in memory; no JIT: compiling
+# the plan costs more than it saves here. No hash joins: with them the UPDATE meets the customers in the order of the
+# scored buyers, at random, and on a table larger than shared_buffers each row then reads and dirties a page of its
+# own (46 s at 1,000,000 customers on the first run). Merge joins over the primary key visit them in id order, which
+# is the table's order (17 s). The commit need not wait for its WAL to reach the disk: a run lost in a crash is
+# redone by the next one.
 _TUNE = """SELECT set_config('work_mem', '128MB', true), set_config('jit', 'off', true),
-       set_config('enable_hashjoin', 'off', true)"""
+       set_config('enable_hashjoin', 'off', true), set_config('enable_hashagg', 'off', true),
+       set_config('synchronous_commit', 'off', true)"""
 _TRY_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('salesdash:segments'))"
 _SEGMENT_COUNTS = "SELECT segment, count(*) AS customers FROM customers GROUP BY segment ORDER BY customers DESC"
 
