@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -44,6 +45,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     setup_logging(settings.log_level, settings.log_json)
     app.state.db = await open_db_pool(settings)
     app.state.redis = await open_redis(settings)
+    # Everything made so far (modules, schemas, models, routes: ~120,000 objects) lives as long as the process:
+    # moved out of the collector's sight, a full collection walks only what requests made since, and stops the
+    # event loop for a few ms instead of ~110 ms, several times a second under load (bench/api.py: p99 halved)
+    gc.collect()
+    gc.freeze()
     try:
         async with app.state.tokens.flushing(app.state.db, settings.token_last_used_interval_s):
             yield
