@@ -696,3 +696,20 @@ async def test_a_memo_confirmed_recently_is_answered_while_its_next_look_runs(
     assert answered[-1] == orders + 1
     again = await gql(app_client, OVERVIEW_GQL, auth["read"], range="last_7_days")
     assert again["data"]["salesOverview"]["orders"] == orders + 1
+
+
+async def test_a_memoized_answer_carries_the_headers_of_the_executed_one(
+    seeded: None, clean_redis: Redis, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]]
+) -> None:
+    from api.graphql_memo import stats
+
+    body = {"query": OVERVIEW_GQL, "variables": {"range": "yesterday"}}
+    executed = await app_client.post("/graphql", json=body, headers=auth["read"])
+    hits = stats.hits
+    memoized = await app_client.post("/graphql", json=body, headers=auth["read"])
+    assert stats.hits == hits + 1 and memoized.content == executed.content
+    for name in ("content-type", "x-content-type-options", "referrer-policy"):
+        assert memoized.headers[name] == executed.headers[name], name
+    assert memoized.headers["content-length"] == str(len(memoized.content))
+    assert len(memoized.headers["x-request-id"]) == 16
+    assert memoized.headers["x-request-id"] != executed.headers["x-request-id"]
