@@ -160,7 +160,7 @@ def _validation_rules(
     max_aliases: int, max_depth: int, max_fields: int, introspection: bool
 ) -> tuple[type[ASTValidationRule], ...]:
     # made once per set of limits: the same classes every request, so that the validation of a repeated operation
-    # is found in api.graphql's cache
+    # is found in api.graphql_rules' cache
     return (
         *MaxAliasesLimiter(max_alias_count=max_aliases).validation_rules,
         *QueryDepthLimiter(max_depth=max_depth).validation_rules,
