@@ -388,10 +388,9 @@ class GraphQLView(GraphQL[Context, None]):
         if graphql_direct.may_be_plain(request):
             sub_response = await self.get_sub_response(request)
             context = await self.get_context(request, sub_response)
-            answer = await graphql_direct.answer(request, self.strawberry_schema, self.introspection, context)
-            if answer is not None:
-                _raise_if_a_dependency_is_down(answer.errors)
-                return self.create_response(answer.body, sub_response)
+            result = await graphql_direct.execute_plain(request, self.strawberry_schema, self.introspection, context)
+            if result is not None:
+                return self.create_response(await self.process_result(request, result), sub_response)
         return await super().run(request, context, root_value)
 
     async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> Context:
@@ -412,16 +411,12 @@ class GraphQLView(GraphQL[Context, None]):
         return await super().render_graphql_ide(request)
 
     async def process_result(self, request: Request, result: ExecutionResult) -> GraphQLHTTPResponse:
-        _raise_if_a_dependency_is_down(result.errors or [])
+        """A field that failed because PostgreSQL or Redis is unreachable makes the whole answer a 503."""
+        for error in result.errors or ():
+            dependency = unreachable_dependency(error.original_error) if error.original_error else None
+            if dependency is not None:
+                raise DependencyDownError(dependency)
         return await super().process_result(request, result)
-
-
-def _raise_if_a_dependency_is_down(errors: list[GraphQLError]) -> None:
-    """A field that failed because PostgreSQL or Redis is unreachable makes the whole answer a 503."""
-    for error in errors:
-        dependency = unreachable_dependency(error.original_error) if error.original_error else None
-        if dependency is not None:
-            raise DependencyDownError(dependency)
 
 
 _GRAPHIQL_SIGN_IN = """<!doctype html><meta charset="utf-8"><title>salesdash · GraphiQL</title>

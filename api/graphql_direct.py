@@ -10,7 +10,7 @@ Why: strawberry's view and Schema.execute around graphql-core (the request adapt
 extension runner and its hooks, a middleware manager, the result conversion) cost about as much CPU as the rest of
 a trigger through GraphQL (bench/api.py). What runs is the same: graphql-core's `execute` over strawberry's schema
 and resolvers with strawberry's execution context class, the same rules, error logging and masking
-(api.graphql_rules), and the same answer's shape (strawberry.http.process_result). tests/test_graphql_direct.py
+(api.graphql_rules), and the same answer (the view's own process_result). tests/test_graphql_direct.py
 sends the same requests both ways and compares the answers.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from inspect import isawaitable
 from typing import Any, TypeGuard, cast
 
@@ -26,7 +25,7 @@ import strawberry
 from graphql import ExecutionResult, GraphQLError, OperationType, execute, get_operation_ast
 from starlette.requests import Request
 from strawberry.execution import optimized_is_awaitable
-from strawberry.http import GraphQLHTTPResponse
+from strawberry.types import ExecutionResult as StrawberryResult
 
 from api import graphql_rules as rules
 from salesdash.auth import AuthError, Scope, require
@@ -34,12 +33,6 @@ from salesdash.auth import AuthError, Scope, require
 ENABLED = True  # tests switch it off to have strawberry answer the same requests
 _ONE_JSON_ANSWER = frozenset({None, "*/*", "application/json"})  # Accept headers
 _FIELDS = frozenset({"query", "variables", "operationName"})
-
-
-@dataclass(frozen=True)
-class Answer:
-    body: GraphQLHTTPResponse
-    errors: list[GraphQLError]  # as raised (unmasked), for the view to see a dependency that is down
 
 
 def may_be_plain(request: Request) -> bool:
@@ -53,8 +46,11 @@ def may_be_plain(request: Request) -> bool:
     )
 
 
-async def answer(request: Request, schema: strawberry.Schema, introspection: bool, context: Any) -> Answer | None:
-    """The answer to a plain request (context: the caller's, authenticated); None when it is not plain."""
+async def execute_plain(
+    request: Request, schema: strawberry.Schema, introspection: bool, context: Any
+) -> StrawberryResult | None:
+    """The result of a plain request (context: the caller's, authenticated), errors logged and masked as strawberry
+    would leave them; None when the request is not plain."""
     operation = await _plain_operation(request, schema, introspection)
     if operation is None:
         return None
@@ -80,10 +76,7 @@ async def answer(request: Request, schema: strawberry.Schema, introspection: boo
     assert isinstance(result, ExecutionResult)  # no @defer or @stream in this schema
     errors = list(result.errors or ())
     rules.log_errors(errors)
-    body: GraphQLHTTPResponse = {"data": result.data}
-    if errors:
-        body["errors"] = [e.formatted for e in rules.masked(errors)]
-    return Answer(body, errors)
+    return StrawberryResult(data=result.data, errors=rules.masked(errors) or None)
 
 
 async def _plain_operation(

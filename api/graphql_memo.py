@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from graphql import FieldNode, GraphQLError, OperationDefinitionNode, OperationT
 from redis.asyncio import Redis
 from starlette.exceptions import HTTPException
 
-from api.errors import error_response, unreachable_dependency
+from api.errors import error_response
 from salesdash.auth import AuthError, Scope, require
 from salesdash.config import get_settings
 from worker import cache, dashboard
@@ -103,7 +102,6 @@ stats = MemoStats()  # of this process (tests and benchmarks read it)
 class Memo:
     reads: tuple[Read, ...]
     response: bytes
-    headers: tuple[tuple[bytes, bytes], ...]  # as first answered, but its length and request id
     checked: tuple[tuple[str, ...], float] = ((), float("-inf"))  # keys found unchanged in Redis, and when
     checking: tuple[tuple[str, ...], asyncio.Future[bool]] | None = None  # the look in Redis under way, if any
 
@@ -145,9 +143,9 @@ class GraphQLMemo:
             await error_response(exc.status_code, exc.detail)(scope, receive, send)
             return
         memo = self.memos.get(body) if complete else None
-        if memo is not None and await _answerable(scope, memo):
+        if memo is not None and await _still_valid(scope, memo):
             stats.hits += 1
-            await _send_memo(send, memo)
+            await _send_json(send, memo.response)
             return
         recorder = Recorder()
         scope[RECORDER] = recorder
@@ -157,17 +155,8 @@ class GraphQLMemo:
         if complete and recorder.reads and response.memoizable() and is_dashboard_only(body):
             if len(self.memos) >= MAX_ENTRIES:
                 del self.memos[next(iter(self.memos))]
-            self.memos[body] = Memo(tuple(recorder.reads), bytes(response.body), tuple(response.headers))
+            self.memos[body] = Memo(tuple(recorder.reads), bytes(response.body))
             stats.stored += 1
-
-
-async def _answerable(scope: AsgiScope, memo: Memo) -> bool:
-    try:
-        return await _still_valid(scope, memo)
-    except Exception as exc:
-        if unreachable_dependency(exc) is None:
-            raise
-        return False  # Redis (or PostgreSQL) is down: the app answers, with the 503 that names it
 
 
 async def _still_valid(scope: AsgiScope, memo: Memo) -> bool:
@@ -253,9 +242,6 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-_PER_RESPONSE = frozenset({b"content-length", b"x-request-id"})
-
-
 class _Captured:
     """Passes the response through and keeps a copy of it."""
 
@@ -263,14 +249,12 @@ class _Captured:
         self._send = send
         self.status = 0
         self.content_type = b""
-        self.headers: list[tuple[bytes, bytes]] = []
         self.body = bytearray()
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
-            self.headers = [(k, v) for k, v in message.get("headers", []) if k not in _PER_RESPONSE]
-            self.content_type = dict(self.headers).get(b"content-type", b"")
+            self.content_type = dict(message.get("headers", [])).get(b"content-type", b"")
         elif message["type"] == "http.response.body" and len(self.body) <= MAX_BODY * 64:
             self.body += message.get("body", b"")
         await self._send(message)
@@ -285,12 +269,7 @@ class _Captured:
         return isinstance(answer, dict) and not answer.get("errors") and answer.get("data") is not None
 
 
-async def _send_memo(send: Send, memo: Memo) -> None:
-    """The response as first answered (its content type, the security headers), with a request id of its own."""
-    headers = [*memo.headers, (b"content-length", str(len(memo.response)).encode()), (b"x-request-id", _request_id())]
+async def _send_json(send: Send, body: bytes) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": memo.response})
-
-
-def _request_id() -> bytes:
-    return os.urandom(8).hex().encode()
+    await send({"type": "http.response.body", "body": body})

@@ -104,6 +104,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     telemetry: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
     app = FastAPI(title="salesdash", lifespan=lifespan, responses=error_responses(503), telemetry=telemetry)
     app.state.tokens = TokenVerifier.from_settings(settings)
+    # dashboard-only queries answered again without executing them; inside the security headers and the dependency
+    # guard, whose headers and 503s its answers share
+    app.add_middleware(GraphQLMemo)
     harden(app, settings)
     # GraphQL first: routes are matched in order, and a trigger through it should not try every REST route before.
     # An ASGI app, which Starlette routes to as it is (its typing knows only request handlers); GraphQL has its own
@@ -118,7 +121,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(notifications_router)
     install_error_handlers(app)
     app.add_exception_handler(GraphQLRefusedError, refused_answer)  # type: ignore[arg-type]
-    app.add_middleware(GraphQLMemo)  # dashboard-only queries answered again without executing them
     app.add_middleware(BodyLimit)
     tracing.configure("salesdash-api")  # off without OTEL_EXPORTER_OTLP_ENDPOINT
     tracing.instrument_app(app)

@@ -107,7 +107,7 @@ CALLS = [
         json=_gql('mutation { triggerBackgroundTask(taskName: "check_low_stock_products") { success } }'),
     ),
     # memoized by the healthy round (api/graphql_memo.py): answered from the memo while Redis confirms it, whatever
-    # PostgreSQL does; with Redis down, not from the memo but with the 503 naming it
+    # PostgreSQL does; with Redis down, the 503 naming it
     Call(
         "POST",
         "/graphql",

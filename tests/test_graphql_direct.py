@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 from redis.asyncio import Redis
+from strawberry.types import ExecutionResult as StrawberryResult
 
 from api import graphql_direct
 from tests.test_api import queue_snapshot
@@ -62,14 +63,14 @@ async def test_the_direct_path_answers_what_strawberry_answers(
     clean_redis: Redis, app_client: httpx.AsyncClient, auth: dict[str, dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     answered: list[bool] = []
-    answer = graphql_direct.answer
+    execute_plain = graphql_direct.execute_plain
 
-    async def counted(*args: Any, **kwargs: Any) -> graphql_direct.Answer | None:
-        result = await answer(*args, **kwargs)
+    async def counted(*args: Any, **kwargs: Any) -> StrawberryResult | None:
+        result = await execute_plain(*args, **kwargs)
         answered.append(result is not None)
         return result
 
-    monkeypatch.setattr(graphql_direct, "answer", counted)
+    monkeypatch.setattr(graphql_direct, "execute_plain", counted)
     strawberrys = await _answers(app_client, auth, direct=False)
     assert answered == []
     direct = await _answers(app_client, auth, direct=True)
