@@ -78,11 +78,12 @@ def _ctx(database: str, pool: asyncpg.Pool) -> dict[str, Any]:
     return {"db": pool, "settings": settings}
 
 
+# Each table's rows by what identifies them (segment history: one row per customer at a time, 300 customers)
+_KEYS = {"reports": "id", "notifications": "id", "customer_segment_history": "customer_id"}
+
+
 async def _survivors(pool: asyncpg.Pool) -> dict[str, set[int]]:
-    return {
-        table: {r["id"] for r in await pool.fetch(f"SELECT id FROM {table}")}
-        for table in ("reports", "notifications", "customer_segment_history")
-    }
+    return {table: {r[0] for r in await pool.fetch(f"SELECT {key} FROM {table}")} for table, key in _KEYS.items()}
 
 
 async def _expected_survivors(pool: asyncpg.Pool) -> dict[str, set[int]]:
@@ -93,7 +94,8 @@ async def _expected_survivors(pool: asyncpg.Pool) -> dict[str, set[int]]:
             r["id"] for r in await pool.fetch("SELECT id FROM notifications WHERE (payload->>'keep')::boolean")
         },
         "customer_segment_history": {
-            r["id"] for r in await pool.fetch("SELECT id FROM customer_segment_history WHERE customer_id % 2 = 1")
+            r["customer_id"]
+            for r in await pool.fetch("SELECT customer_id FROM customer_segment_history WHERE customer_id % 2 = 1")
         },
     }
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
@@ -184,7 +186,7 @@ async def test_a_second_run_writes_no_row(pool: asyncpg.Pool) -> None:
 async def test_the_history_records_each_change_once(pool: asyncpg.Pool) -> None:
     rows = await pool.fetch(
         """SELECT c.name, h.from_segment, h.to_segment, h.recency, h.frequency, h.monetary, h.changed_at
-             FROM customer_segment_history h JOIN customers c ON c.id = h.customer_id ORDER BY h.id"""
+             FROM customer_segment_history h JOIN customers c ON c.id = h.customer_id ORDER BY h.changed_at, c.name"""
     )
     assert sorted(r["name"] for r in rows) == sorted([*BUYERS, *PROSPECTS])  # once each, after two runs
     for row in rows:
@@ -266,6 +268,46 @@ async def test_recency_ties_are_local_days(pool: asyncpg.Pool) -> None:
             assert scores == {"UTC": {"c1": 3, "c2": 3, "c3": 1}, "Pacific/Pago_Pago": {"c1": 3, "c2": 5, "c3": 1}}
         finally:
             await tx.rollback()
+
+
+# Random buyers for the property test: (days since the last purchase, purchases, cents per purchase), each drawn from
+# a few values so that ties are common
+RANDOM_BUYER = st.tuples(st.sampled_from([0, 1, 2, 30, 200]), st.integers(1, 4), st.sampled_from([1, 250, 999, 5000]))
+
+
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(buyers=st.lists(RANDOM_BUYER, min_size=1, max_size=14))
+async def test_the_cuts_score_as_percent_rank_does(pool: asyncpg.Pool, buyers: list[tuple[int, int, int]]) -> None:
+    """The statement's cut-based scores against the documented rule counted in Python, on random buyers (in a
+    transaction rolled back): ties, a single buyer, every value equal."""
+    async with pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            await conn.execute("DELETE FROM orders")
+            ids = [r["id"] for r in await conn.fetch("SELECT id FROM customers ORDER BY id")][: len(buyers)]
+            await conn.executemany(
+                "INSERT INTO orders (customer_id, status, total_amount, created_at) VALUES ($1, 'paid', $2, $3)",
+                [
+                    (cid, Decimal(cents) / 100, _at(days + k, 12))
+                    for cid, (days, count, cents) in zip(ids, buyers, strict=False)
+                    for k in range(count)
+                ],
+            )
+            run = await update_segments(conn, as_of=AS_OF, window_days=365, timezone="UTC")
+            assert run is not None and run.scored == len(buyers)
+            rows = {r["id"]: r for r in await conn.fetch("SELECT * FROM customers WHERE id = ANY($1)", ids)}
+        finally:
+            await tx.rollback()
+    measures = [(-days, count, count * cents) for days, count, cents in buyers]  # a later day is a higher recency
+    for cid, (recency, frequency, monetary) in zip(ids, measures, strict=True):
+        expected = [_score(value, [m[i] for m in measures]) for i, value in enumerate((recency, frequency, monetary))]
+        row = rows[cid]
+        assert [row["rfm_recency"], row["rfm_frequency"], row["rfm_monetary"]] == expected, (buyers, cid)
+
+
+def _score(value: int, values: list[int]) -> int:
+    return 1 if len(values) == 1 else _quintile(value, values)
 
 
 async def test_the_task_runs_on_a_real_maintenance_worker(

@@ -16,6 +16,13 @@ the share of the other scored customers with a strictly smaller value, so EQUAL 
 share a rank). `ntile(5)` would not: it cuts the ordered rows into five equal runs and splits a run of ties between
 two scores by whatever order the sort left them in. The price of keeping ties together is uneven bins: when 60% of
 customers bought once, they all score F1 and the next value scores F4. The lowest value always scores 1.
+
+The statement gets those scores without ranking the buyers (three window sorts, each carrying every buyer's row):
+with n buyers and b(v) of them below a value v, the score exceeds k exactly when 5·b(v) ≥ k(n - 1), that is when
+b(v) ≥ c_k = ⌈k(n - 1)/5⌉, that is when v is greater than the c_k-th smallest value. So each measure's values are
+sorted once, bare, its four cuts read off at positions c_1..c_4, and a score is 1 plus the number of cuts the value
+exceeds (a single buyer has no cut and scores 1, as percent_rank gives it 0). tests/test_segments.py compares the
+two on random data, ties and single buyers included.
 """
 
 from __future__ import annotations
@@ -40,9 +47,11 @@ class SegmentRun:
     history_rows: int  # rows appended to customer_segment_history (one per changed customer)
 
 
-def _quintile(order_by: str) -> str:
-    # percent_rank gives every peer (equal value) the same rank, hence the same score; see the module docstring
-    return f"least(5, 1 + floor(5 * percent_rank() OVER (ORDER BY {order_by})))::smallint"
+def _score(value: str, cut: str) -> str:
+    """The 1-5 score of `value`: 1 plus how many of its measure's four cuts (columns cut1..cut4 of `cuts`) it
+    exceeds. A missing cut (a single buyer) is exceeded by nothing."""
+    ladder = " ".join(f"WHEN {value} > c.{cut}{k} THEN {k + 1}" for k in range(4, 0, -1))
+    return f"(CASE {ladder} ELSE 1 END)::smallint"
 
 
 # $1 as_of (timestamptz): the window is [as_of - $2 days, as_of); $3 the timezone recency days are read in.
@@ -58,19 +67,36 @@ WITH purchases AS (
      WHERE o.status = ANY ($4::text[])
        AND o.created_at >= $1::timestamptz - make_interval(days => $2) AND o.created_at < $1::timestamptz
      GROUP BY o.customer_id),
-scored AS (
-    SELECT customer_id,
-           {_quintile("last_day")} AS r,
-           {_quintile("orders")} AS f,
-           {_quintile("revenue_cents")} AS m
+-- Each measure's values sorted once, bare (no row carried along), and its four cuts read off at their positions
+-- (see the module docstring)
+sorted AS (
+    SELECT count(*) AS n,
+           array_agg(last_day ORDER BY last_day) AS days,
+           array_agg(orders ORDER BY orders) AS counts,
+           array_agg(revenue_cents ORDER BY revenue_cents) AS amounts
       FROM purchases),
+cuts AS (
+    SELECT days[c1] AS r1, days[c2] AS r2, days[c3] AS r3, days[c4] AS r4,
+           counts[c1] AS f1, counts[c2] AS f2, counts[c3] AS f3, counts[c4] AS f4,
+           amounts[c1] AS m1, amounts[c2] AS m2, amounts[c3] AS m3, amounts[c4] AS m4
+      FROM sorted CROSS JOIN LATERAL
+           (SELECT (n - 1 + 4) / 5 AS c1, (2 * (n - 1) + 4) / 5 AS c2, (3 * (n - 1) + 4) / 5 AS c3,
+                   (4 * (n - 1) + 4) / 5 AS c4) AS positions),
+-- Materialized: each score is computed once per buyer, where an inlined CTE would repeat its expression wherever
+-- the statement reads the score
+scored AS MATERIALIZED (
+    SELECT p.customer_id,
+           {_score("p.last_day", "r")} AS r,
+           {_score("p.orders", "f")} AS f,
+           {_score("p.revenue_cents", "m")} AS m
+      FROM purchases p CROSS JOIN cuts c),
 -- The grid as one array of its 25 cells, R-major (NULL for a missing cell, as a join would find it): a lookup per
 -- buyer instead of a join, which with hash joins off (below) would sort every buyer by cell.
 grid AS (
     SELECT array_agg(g.segment ORDER BY r, f) AS cells
       FROM generate_series(1, 5) AS r CROSS JOIN generate_series(1, 5) AS f
       LEFT JOIN segment_grid g ON g.recency = r AND g.frequency = f),
-segmented AS (
+segmented AS MATERIALIZED (
     SELECT s.customer_id, coalesce((SELECT cells FROM grid)[(s.r - 1) * 5 + s.f], '{PROSPECT}') AS segment,
            s.r, s.f, s.m
       FROM scored s),
