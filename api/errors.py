@@ -222,6 +222,11 @@ def log_unexpected(exc: BaseException, where: str) -> str:
     return rid
 
 
+def new_request_id() -> str:
+    """The id an answer carries in `x-request-id` (and a 500 in its body, the log with its traceback)."""
+    return os.urandom(8).hex()
+
+
 class DependencyGuard:
     """Around every route: PostgreSQL or Redis unreachable → 503 naming which, with Retry-After; any other
     exception → 500 with a request id (the traceback goes to the log, never to the client)."""
@@ -233,7 +238,7 @@ class DependencyGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        token = request_id.set(os.urandom(8).hex())
+        token = request_id.set(new_request_id())
         started = False
 
         async def tracked_send(message: Message) -> None:

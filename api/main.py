@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import BaseModel
+from starlette.types import ASGIApp
 
 from api.auth import TokenVerifier
 from api.customers import router as customers_router
@@ -22,7 +23,7 @@ from api.deps import DbDep, RedisDep
 from api.errors import error_responses, install_error_handlers
 from api.exports import router as exports_router
 from api.graphql import GraphQLRefusedError, graphql_view, refused_answer
-from api.graphql_memo import GraphQLMemo
+from api.graphql_memo import GraphQLMemo, Memo, MemoFront
 from api.limits import BodyLimit
 from api.notifications import router as notifications_router
 from api.reports import router as reports_router
@@ -97,6 +98,16 @@ async def _reachable(check: Awaitable[object]) -> Literal["ok", "unreachable"]:
     return "ok"
 
 
+def _in_front(app: FastAPI, front: Callable[..., ASGIApp], **options: Any) -> None:
+    """`front` before the whole middleware stack Starlette builds (ServerErrorMiddleware first), given the app."""
+    build = app.build_middleware_stack
+
+    def build_with_front() -> ASGIApp:
+        return front(build(), app, **options)
+
+    app.build_middleware_stack = build_with_front  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     # FastAPI's own telemetry off: salesdash.tracing instruments the app when tracing is on, and FastAPI's looks up
@@ -105,8 +116,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="salesdash", lifespan=lifespan, responses=error_responses(503), telemetry=telemetry)
     app.state.tokens = TokenVerifier.from_settings(settings)
     # dashboard-only queries answered again without executing them; inside the security headers and the dependency
-    # guard, whose headers and 503s its answers share
-    app.add_middleware(GraphQLMemo)
+    # guard, whose headers and 503s its answers share (a hit that needs no waiting is answered by MemoFront, below)
+    memos: dict[bytes, Memo] = {}
+    app.add_middleware(GraphQLMemo, memos=memos)
     harden(app, settings)
     # GraphQL first: routes are matched in order, and a trigger through it should not try every REST route before.
     # An ASGI app, which Starlette routes to as it is (its typing knows only request handlers); GraphQL has its own
@@ -124,6 +136,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit)
     tracing.configure("salesdash-api")  # off without OTEL_EXPORTER_OTLP_ENDPOINT
     tracing.instrument_app(app)
+    if not tracing.enabled():  # traced, a memo hit keeps its server span: answered inside the stack
+        _in_front(app, MemoFront, memos=memos, cors=bool(settings.cors_origin_list))
 
     @app.get("/healthz")
     async def healthz() -> Health:

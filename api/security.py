@@ -19,7 +19,8 @@ CONTENT_SECURITY_POLICY = (
     f"img-src 'self' data: https://fastapi.tiangolo.com; font-src 'self' data: {_CDNS}; connect-src 'self'; "
     "frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'"
 )
-_EVERY_ANSWER = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+# on every answer (api.graphql_memo answers a memo hit in front of this middleware with these too)
+EVERY_ANSWER = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
 _HTML_ANSWER = [
     (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
     (b"x-frame-options", b"DENY"),  # frame-ancestors for browsers that predate it
@@ -39,7 +40,7 @@ class SecurityHeaders:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
-                headers += _EVERY_ANSWER
+                headers += EVERY_ANSWER
                 if content_type.startswith(b"text/html"):
                     headers += _HTML_ANSWER
                 message = {**message, "headers": headers}

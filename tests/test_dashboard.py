@@ -713,3 +713,66 @@ async def test_a_memoized_answer_carries_the_headers_of_the_executed_one(
     assert memoized.headers["content-length"] == str(len(memoized.content))
     assert len(memoized.headers["x-request-id"]) == 16
     assert memoized.headers["x-request-id"] != executed.headers["x-request-id"]
+
+
+async def test_a_hit_answered_in_front_of_the_app_is_the_one_the_stack_gives(
+    seeded: None,
+    clean_redis: Redis,
+    app_client: httpx.AsyncClient,
+    auth: dict[str, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MemoFront answers a hit that needs no waiting ahead of the middleware stack: the status, bytes and headers
+    (names, order and values, the request id a fresh one) that the stack's GraphQLMemo gives the same hit."""
+    from api.graphql_memo import MemoFront, stats
+
+    monkeypatch.setattr("api.graphql_memo.REVALIDATE_S", 3600.0)
+    body = {"query": OVERVIEW_GQL, "variables": {"range": "last_30_days"}}
+    await app_client.post("/graphql", json=body, headers=auth["read"])  # executed and memoized
+    answerable = MemoFront._answerable
+    verdicts: list[bool] = []
+
+    def spied(front: MemoFront, *args: Any) -> bool:
+        verdicts.append(answerable(front, *args))
+        return verdicts[-1]
+
+    monkeypatch.setattr(MemoFront, "_answerable", lambda *_: False)
+    hits = stats.hits
+    by_stack = await app_client.post("/graphql", json=body, headers=auth["read"])  # confirmed in Redis by it
+    monkeypatch.setattr(MemoFront, "_answerable", spied)
+    in_front = await app_client.post("/graphql", json=body, headers=auth["read"])
+    assert verdicts == [True] and stats.hits == hits + 2
+    assert in_front.status_code == by_stack.status_code == 200 and in_front.content == by_stack.content
+    assert [k for k, _ in in_front.headers.raw] == [k for k, _ in by_stack.headers.raw]
+    assert [h for h in in_front.headers.raw if h[0] != b"x-request-id"] == [
+        h for h in by_stack.headers.raw if h[0] != b"x-request-id"
+    ]
+    assert (
+        len(in_front.headers["x-request-id"]) == 16
+        and in_front.headers["x-request-id"] != by_stack.headers["x-request-id"]
+    )
+    # a token the front cannot vouch for from the cache alone, or without the read scope, goes to the stack
+    for headers in ({}, {"Authorization": "Bearer sd_not_a_token"}):
+        refused = await app_client.post("/graphql", json=body, headers=headers)
+        assert refused.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+    assert verdicts == [True, False, False] and stats.hits == hits + 2
+
+
+async def test_with_cors_a_hit_from_another_origin_gets_the_cors_headers(
+    seeded: None, db: asyncpg.Pool, redis: Redis, clean_redis: Redis, auth: dict[str, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from api.graphql_memo import stats
+    from api.main import create_app
+
+    monkeypatch.setattr("api.graphql_memo.REVALIDATE_S", 3600.0)
+    app = create_app(get_settings().model_copy(update={"cors_origins": "https://ui.example"}))
+    app.state.db, app.state.redis = db, redis
+    body = {"query": OVERVIEW_GQL, "variables": {"range": "last_30_days"}}
+    headers = auth["read"] | {"Origin": "https://ui.example"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        hits = stats.hits
+        for _ in range(3):  # executed, then a hit confirmed in Redis, then a hit needing no look
+            answer = await http.post("/graphql", json=body, headers=headers)
+            assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "https://ui.example"
+        assert stats.hits == hits + 2
