@@ -7,7 +7,8 @@ next to one plain scan of the orders measured just before it (the floor); one ta
 
 The floor is `SELECT customer_id, count(*), sum(total_amount), max(created_at) FROM orders GROUP BY 1`, its rows
 streamed to this process (COPY ... TO STDOUT, the way the lifetime-value job reads its summary) and dropped; each
-row's floor is the median of three runs, two just before the job and one just after (the machine is shared). A job's
+row's floor is the median of three runs, two just before the job and one just after (the machine is shared).
+Each row starts on a quiet server: a CHECKPOINT, and no autovacuum worker left in the scratch database. A job's
 seconds are its run in the worker (started to finished, from its record); ratio = job / floor. Peak RSS is the
 worker process's high-water mark (VmHWM), start and imports included. The lifetime-value job runs three times (see
 ROWS): as of yesterday on freshly seeded customers, as of today, and as of today again.
@@ -128,6 +129,7 @@ class Bench:
         wanted = f"≤ {spec.target:g}x floor" if spec.target else ""
         if spec.task not in TASKS:
             return Row(spec.label, None, await _floor(self.db), wanted, spec.target, None, "not on this branch", 0.0)
+        await _settle(self.db)
         floors = [await _floor(self.db), await _floor(self.db)]
         oldest = await _oldest_transaction_s(self.db)
         seconds, rss_kib, result = await self.job(spec.task, spec.kwargs())
@@ -135,6 +137,19 @@ class Bench:
         floors.append(await _floor(self.db))
         floor = statistics.median(floors)
         return Row(spec.label, seconds, floor, wanted, spec.target, rss_kib / 1024, spec.note(result), oldest)
+
+
+async def _settle(db: asyncpg.Pool, timeout_s: float = 300) -> None:
+    """Each row starts on a quiet server, as the jobs do in production, hours apart: the dirty pages of what ran
+    before (the seed or the reset, the previous job) written out by a CHECKPOINT, and no autovacuum worker left in
+    this database (the previous job's updated rows wake it up; on 2 cores it would run beside the next job)."""
+    await db.execute("CHECKPOINT")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and await db.fetchval(
+        """SELECT count(*) FROM pg_stat_activity
+            WHERE backend_type = 'autovacuum worker' AND datname = current_database()"""
+    ):
+        await asyncio.sleep(0.5)
 
 
 async def _oldest_transaction_s(db: asyncpg.Pool) -> float:

@@ -82,9 +82,7 @@ cuts AS (
       FROM sorted CROSS JOIN LATERAL
            (SELECT (n - 1 + 4) / 5 AS c1, (2 * (n - 1) + 4) / 5 AS c2, (3 * (n - 1) + 4) / 5 AS c3,
                    (4 * (n - 1) + 4) / 5 AS c4) AS positions),
--- Materialized: each score is computed once per buyer, where an inlined CTE would repeat its expression wherever
--- the statement reads the score
-scored AS MATERIALIZED (
+scored AS (
     SELECT p.customer_id,
            {_score("p.last_day", "r")} AS r,
            {_score("p.orders", "f")} AS f,
@@ -96,6 +94,8 @@ grid AS (
     SELECT array_agg(g.segment ORDER BY r, f) AS cells
       FROM generate_series(1, 5) AS r CROSS JOIN generate_series(1, 5) AS f
       LEFT JOIN segment_grid g ON g.recency = r AND g.frequency = f),
+-- Materialized: each buyer's segment is looked up once, where an inlined CTE would repeat the lookup wherever the
+-- statement reads it
 segmented AS MATERIALIZED (
     SELECT s.customer_id, coalesce((SELECT cells FROM grid)[(s.r - 1) * 5 + s.f], '{PROSPECT}') AS segment,
            s.r, s.f, s.m
