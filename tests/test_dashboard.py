@@ -336,7 +336,7 @@ async def test_graphql_serves_exact_money_from_the_cache(
 ALL_FIELDS_GQL = """{
   hourlyMetrics(hours: 3) { hours buckets { hour orders revenue } }
   topProducts(range: "last_7_days", limit: 2, by: "units") { by limit products { productId units revenue } }
-  topCategories(range: "today") { categories { category revenue revenueShare } }
+  topCategories(range: "last_7_days") { categories { category revenue revenueShare } }
   categoryBreakdown(range: "month_to_date") { revenue categories { category } }
   customerSegments { customers segments { segment customers } }
   lowStockProducts { total products { productId shortfall } }
