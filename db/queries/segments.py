@@ -48,8 +48,8 @@ class SegmentRun:
 
 
 def _score(value: str, cut: str) -> str:
-    """The 1-5 score of `value`: 1 plus how many of its measure's four cuts (columns cut1..cut4 of `cuts`) it
-    exceeds. A missing cut (a single buyer) is exceeded by nothing."""
+    """The 1-5 score of `value`: 1 plus how many of its measure's four cuts it exceeds (`cuts` columns `<cut>1` to
+    `<cut>4`, e.g. r1..r4). A missing cut (a single buyer) is exceeded by nothing."""
     ladder = " ".join(f"WHEN {value} > c.{cut}{k} THEN {k + 1}" for k in range(4, 0, -1))
     return f"(CASE {ladder} ELSE 1 END)::smallint"
 
@@ -123,7 +123,7 @@ SELECT (SELECT count(*) FROM purchases) AS scored, (SELECT count(*) FROM changed
 
 # The window's orders come in customer order from `orders_customer_idx`, which carries status and total_amount
 # (migration 0011): index-only scans merged across the months, grouped as they stream by, where hashing them (the
-# planner's choice) builds a table of every buyer. Three window sorts of every buyer in memory; no JIT: compiling
+# planner's choice) builds a table of every buyer. Each measure's values sorted in memory; no JIT: compiling
 # the plan costs more than it saves here. No hash joins: with them the UPDATE meets the customers in the order of the
 # scored buyers, at random, and on a table larger than shared_buffers each row then reads and dirties a page of its
 # own (46 s at 1,000,000 customers on the first run). Merge joins over the primary key visit them in id order, which
