@@ -76,12 +76,16 @@ class TokenVerifier:
         except UnauthenticatedError:
             return None
         entry = self._cache.get(token_hash)
-        if entry is None or time.monotonic() - entry.checked_at >= self.cache_s:
+        if entry is None or not self._fresh(entry, time.monotonic()):
             return None
         try:
             return self._admit(entry)
         except UnauthenticatedError:
             return None
+
+    def _fresh(self, entry: _Entry, now: float) -> bool:
+        """Checked less than `token_cache_s` ago (`now` from time.monotonic())."""
+        return now - entry.checked_at < self.cache_s
 
     def _admit(self, entry: _Entry) -> Principal:
         token, principal = entry.token, entry.principal
@@ -96,7 +100,7 @@ class TokenVerifier:
     async def _entry(self, db: asyncpg.Pool, token_hash: str) -> _Entry:
         now = time.monotonic()
         cached = self._cache.get(token_hash)
-        if cached is not None and now - cached.checked_at < self.cache_s:
+        if cached is not None and self._fresh(cached, now):
             return cached
         try:
             token = await self._lookup(db, token_hash)

@@ -149,10 +149,11 @@ class GraphQLMemo:
             await self.app(scope, receive, send)
             return
         try:
-            body, complete = await _read_body(receive)
+            body, more_body = await _read_ahead(receive, MAX_BODY)
         except HTTPException as exc:  # the body limit (api.limits), met while reading ahead of the route
             await error_response(exc.status_code, exc.detail)(scope, receive, send)
             return
+        complete = not more_body and len(body) <= MAX_BODY  # larger bodies are never memoized
         memo = self.memos.get(body) if complete else None
         if memo is not None and await _still_valid(scope, memo):
             stats.hits += 1
@@ -161,7 +162,7 @@ class GraphQLMemo:
         recorder = Recorder()
         scope[RECORDER] = recorder
         response = _Captured(send)
-        await self.app(scope, _replay(body, receive), response.send)
+        await self.app(scope, _replay(body, receive, more_body), response.send)
         # reads first: only dashboard fields record any, and a trigger should not pay for decoding its answer
         if complete and recorder.reads and response.memoizable() and is_dashboard_only(body):
             if len(self.memos) >= MAX_ENTRIES:
@@ -208,9 +209,7 @@ class MemoFront:
         memo = None if more_body else self.memos.get(body)
         if memo is not None and self._answerable(memo, authorization):
             stats.hits += 1
-            headers = [*memo.headers, *EVERY_ANSWER, (b"x-request-id", new_request_id().encode())]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": memo.response})
+            await _send_json(send, memo, *EVERY_ANSWER, (b"x-request-id", new_request_id().encode()))
             return
         await self.app(scope, _replay(body, receive, more_body), send)
 
@@ -285,21 +284,6 @@ def _header(scope: AsgiScope, name: bytes) -> str | None:
     return None
 
 
-async def _read_body(receive: Receive) -> tuple[bytes, bool]:
-    """The request body; complete is False when it is larger than MAX_BODY (read on, but never memoized)."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return b"".join(chunks), False
-        chunk = message.get("body", b"")
-        chunks.append(chunk)
-        size += len(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks), size <= MAX_BODY
-
-
 async def _read_ahead(receive: Receive, limit: int) -> tuple[bytes, bool]:
     """The body, read until its end or past `limit` bytes (or the client gone): what was read, and whether more
     is to come (then it was not read)."""
@@ -357,6 +341,7 @@ class _Captured:
         return isinstance(answer, dict) and not answer.get("errors") and answer.get("data") is not None
 
 
-async def _send_json(send: Send, memo: Memo) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": list(memo.headers)})
+async def _send_json(send: Send, memo: Memo, *headers: tuple[bytes, bytes]) -> None:
+    """The memoized answer, with GraphQLMemo's headers and then `headers` (what MemoFront adds for the stack)."""
+    await send({"type": "http.response.start", "status": 200, "headers": [*memo.headers, *headers]})
     await send({"type": "http.response.body", "body": memo.response})
