@@ -39,6 +39,19 @@ async def seeded(db: asyncpg.Pool) -> None:
 
     async with db.acquire() as conn:
         await seed(conn, customers=300, products=40, orders=4_000, months=2, seed=11, progress=False)
+        # the seed may leave the first hours of the UTC day without an order: one placed halfway into today
+        now = datetime.now(UTC)
+        today = datetime.combine(now.date(), time(), UTC)
+        order_id = await conn.fetchval(
+            """INSERT INTO orders (customer_id, status, total_amount, created_at)
+               VALUES ((SELECT min(id) FROM customers), 'paid', 12.34, $1) RETURNING id""",
+            today + (now - today) / 2,
+        )
+        await conn.execute(
+            """INSERT INTO order_items (order_id, line_no, product_id, quantity, unit_price, created_at)
+               SELECT id, 1, (SELECT min(id) FROM products), 1, total_amount, created_at FROM orders WHERE id = $1""",
+            order_id,
+        )
         # every fourth customer stays unsegmented
         await conn.execute("UPDATE customers SET segment = ($1::text[])[id % 4] WHERE id % 4 > 0", list(SEGMENTS))
     await refresh_all_materialized_views({"db": db, "settings": get_settings()})
